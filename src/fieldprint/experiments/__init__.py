@@ -1,0 +1,1 @@
+"""Experiment entry points: each module is a Hydra app, ``python -m fieldprint.experiments.<name>``."""
