@@ -46,8 +46,9 @@ def source_label(manifest: dict[str, Any]) -> str:
 
 def save(fig, out_stem: str | Path) -> None:
     """Write ``out_stem``.pdf and .png with no timestamps inside, then close the figure."""
-    from fieldprint.experiments.common import atomic_write_bytes
     import io
+
+    from fieldprint.experiments.common import atomic_write_bytes
 
     out_stem = Path(out_stem)
     for ext, kwargs in (("pdf", {"metadata": {"CreationDate": None, "ModDate": None}}),
