@@ -57,3 +57,14 @@ def save(fig, out_stem: str | Path) -> None:
         fig.savefig(buf, format=ext, **kwargs)
         atomic_write_bytes(out_stem.with_suffix(f".{ext}"), buf.getvalue())
     plt.close(fig)
+
+
+def tokens_axis(ax) -> None:
+    """Log2 x axis labelled 512, 1K, 2K, ... 128K."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(LogLocator(base=2))
+    ax.xaxis.set_minor_locator(LogLocator(base=2, subs=[]))
+    ax.xaxis.set_major_formatter(FuncFormatter(
+        lambda x, _: f"{x / 1024 / 1024:g}M" if x >= 2**20 else f"{x / 1024:g}K" if x >= 1024 else f"{x:g}"))
