@@ -2,6 +2,8 @@
 
     python -m fieldprint.report macros <experiment> <results.csv> <out.tex>
     python -m fieldprint.report claims <out.md> <experiment>=<results.csv> ...
+    python -m fieldprint.report environment <gpu_results.csv> <local_results.csv> <out.tex>
+    python -m fieldprint.report reproduction <out.md> <reference_dir> <experiment>=<results.csv> ...
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 
 from fieldprint.experiments.common import atomic_write_text, read_csv
 from fieldprint.report import Claim, render_macros
+from fieldprint.report.provenance import environment_macros, reproduction_report
 
 
 def _load(csv_path: Path) -> tuple[list[dict[str, str]], dict]:
@@ -58,11 +61,24 @@ def main() -> None:
     c = sub.add_parser("claims")
     c.add_argument("out", type=Path)
     c.add_argument("inputs", nargs="+", help="experiment=results.csv")
+    e = sub.add_parser("environment")
+    e.add_argument("gpu_csv", type=Path)
+    e.add_argument("local_csv", type=Path)
+    e.add_argument("out", type=Path)
+    r = sub.add_parser("reproduction")
+    r.add_argument("out", type=Path)
+    r.add_argument("reference_dir", type=Path)
+    r.add_argument("inputs", nargs="+", help="experiment=results.csv")
     args = parser.parse_args()
     if args.command == "macros":
         write_macros(args.experiment, args.csv, args.out)
-    else:
+    elif args.command == "claims":
         write_claims(args.out, args.inputs)
+    elif args.command == "environment":
+        atomic_write_text(args.out, render_macros(environment_macros(args.gpu_csv, args.local_csv)))
+    else:
+        pairs = [(exp, Path(p)) for exp, _, p in (item.partition("=") for item in args.inputs)]
+        atomic_write_text(args.out, reproduction_report(args.reference_dir, pairs, _report))
 
 
 if __name__ == "__main__":

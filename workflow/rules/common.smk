@@ -1,0 +1,67 @@
+# Where each experiment's numbers come from, on this machine.
+
+import glob
+import subprocess
+
+
+def _has_cuda():
+    if config.get("gpu") in (True, False):
+        return config["gpu"]
+    probe = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+        capture_output=True,
+        text=True,
+    )
+    return probe.stdout.strip() == "True"
+
+
+HAS_CUDA = _has_cuda()
+SCALE = config.get("scale", "paper" if HAS_CUDA else "smoke")
+RESULTS = config.get("results", "results")
+PY = sys.executable
+REFERENCE = "data/reference/h200"
+PAPER_PDF = "paper/main.pdf"
+
+if not HAS_CUDA:
+    # Triton kernels run on the CPU only in the interpreter (slow: smoke shapes only).
+    os.environ["TRITON_INTERPRET"] = "1"
+
+# Experiments whose paper numbers need the H200; without CUDA the paper quotes the committed
+# reference measurements for these, and the smoke runs only check that the code works.
+GPU_EXPERIMENTS = ["e1_throughput", "e3_hash", "e4_stability", "e5_accuracy", "e6_commit"]
+# Experiments whose paper numbers are measured wherever the pipeline runs, at the given scale.
+LOCAL_EXPERIMENTS = {"e0_unfused": SCALE, "e2_sram": "paper"}
+PAPER_EXPERIMENTS = list(LOCAL_EXPERIMENTS) + GPU_EXPERIMENTS
+# Timed on a GPU: one at a time (resources gpu=1, capped by the profile).
+TIMED = ["e0_unfused", "e1_throughput", "e3_hash", "e5_train", "e6_commit"]
+SMOKE_FIGURES = GPU_EXPERIMENTS
+
+
+def result(exp, scale):
+    return f"{RESULTS}/{scale}/{exp}/{exp}.csv"
+
+
+def paper_source(exp):
+    """The results file the paper quotes for ``exp`` on this machine: fresh measurements where
+    this machine can make them, else the committed H200 reference, else (no reference yet) this
+    machine's smoke run, whose manifest then labels the numbers as such."""
+    if exp in LOCAL_EXPERIMENTS:
+        return result(exp, LOCAL_EXPERIMENTS[exp])
+    if HAS_CUDA:
+        return result(exp, "paper")
+    reference = f"{REFERENCE}/{exp}.csv"
+    return reference if os.path.exists(reference) else result(exp, "smoke")
+
+
+def hydra_inputs(exp, scale):
+    """The YAML files a Hydra run of ``exp`` at ``scale`` composes."""
+    return [
+        f"configs/{exp}.yaml",
+        f"configs/{exp}/{scale}.yaml",
+        f"configs/scale/{scale}.yaml",
+        "configs/common.yaml",
+    ]
+
+
+def gpu_slot(exp):
+    return 1 if HAS_CUDA and exp in TIMED else 0

@@ -1,0 +1,73 @@
+# One rule per kind of run; the experiment and scale are wildcards, Hydra does the rest.
+
+
+wildcard_constraints:
+    scale="smoke|paper",
+    exp="e0_unfused|e1_throughput|e2_sram|e3_hash|e4_stability|e6_commit",
+
+
+rule corpus:
+    output:
+        "data/corpus/train.txt",
+        "data/corpus/valid.txt",
+        "data/corpus/MANIFEST.json",
+    log:
+        f"{RESULTS}/logs/corpus.log",
+    shell:
+        "{PY} -m fieldprint.corpus data/corpus > {log} 2>&1"
+
+
+rule experiment:
+    input:
+        lambda wc: hydra_inputs(wc.exp, wc.scale),
+    output:
+        csv=f"{RESULTS}/{{scale}}/{{exp}}/{{exp}}.csv",
+        manifest=f"{RESULTS}/{{scale}}/{{exp}}/{{exp}}.manifest.json",
+    params:
+        out_dir=lambda wc: f"{RESULTS}/{wc.scale}/{wc.exp}",
+    resources:
+        gpu=lambda wc: gpu_slot(wc.exp),
+    log:
+        f"{RESULTS}/logs/{{exp}}.{{scale}}.log",
+    shell:
+        "{PY} -m fieldprint.experiments.{wildcards.exp} scale={wildcards.scale} "
+        "out_dir={params.out_dir} > {log} 2>&1"
+
+
+rule train:
+    input:
+        hydra_inputs("e5_train", "{scale}"),
+        "data/corpus/train.txt",
+        "data/corpus/valid.txt",
+    output:
+        checkpoint=f"{RESULTS}/{{scale}}/e5_train/model.pt",
+        csv=f"{RESULTS}/{{scale}}/e5_train/e5_train.csv",
+        manifest=f"{RESULTS}/{{scale}}/e5_train/e5_train.manifest.json",
+    params:
+        out_dir=lambda wc: f"{RESULTS}/{wc.scale}/e5_train",
+    resources:
+        gpu=lambda wc: gpu_slot("e5_train"),
+    log:
+        f"{RESULTS}/logs/e5_train.{{scale}}.log",
+    shell:
+        "{PY} -m fieldprint.experiments.e5_train scale={wildcards.scale} "
+        "out_dir={params.out_dir} > {log} 2>&1"
+
+
+rule accuracy:
+    input:
+        hydra_inputs("e5_accuracy", "{scale}"),
+        "data/corpus/valid.txt",
+        checkpoint=f"{RESULTS}/{{scale}}/e5_train/model.pt",
+    output:
+        csv=f"{RESULTS}/{{scale}}/e5_accuracy/e5_accuracy.csv",
+        manifest=f"{RESULTS}/{{scale}}/e5_accuracy/e5_accuracy.manifest.json",
+    params:
+        out_dir=lambda wc: f"{RESULTS}/{wc.scale}/e5_accuracy",
+    resources:
+        gpu=lambda wc: gpu_slot("e5_accuracy"),
+    log:
+        f"{RESULTS}/logs/e5_accuracy.{{scale}}.log",
+    shell:
+        "{PY} -m fieldprint.experiments.e5_accuracy scale={wildcards.scale} "
+        "checkpoint={input.checkpoint} out_dir={params.out_dir} > {log} 2>&1"

@@ -1,0 +1,25 @@
+# Figures: the paper's from the results it quotes; smoke figures from this machine's smoke runs.
+
+
+rule figure:
+    input:
+        lambda wc: paper_source(wc.exp),
+    output:
+        pdf="figures/{exp}.pdf",
+        png="figures/{exp}.png",
+    wildcard_constraints:
+        exp="|".join(PAPER_EXPERIMENTS),
+    shell:
+        "{PY} -m fieldprint.plots {wildcards.exp} {input} figures/{wildcards.exp}"
+
+
+rule smoke_figure:
+    input:
+        lambda wc: result(wc.exp, "smoke"),
+    output:
+        pdf="figures/smoke/{exp}.pdf",
+        png="figures/smoke/{exp}.png",
+    wildcard_constraints:
+        exp="|".join(PAPER_EXPERIMENTS),
+    shell:
+        "{PY} -m fieldprint.plots {wildcards.exp} {input} figures/smoke/{wildcards.exp}"
