@@ -18,13 +18,12 @@ def _has_cuda():
 HAS_CUDA = _has_cuda()
 SCALE = config.get("scale", "paper" if HAS_CUDA else "smoke")
 RESULTS = config.get("results", "results")
-PY = sys.executable
+ENV_FILE = "../../environment.yml"  # relative to the rule files
 REFERENCE = "data/reference/h200"
 PAPER_PDF = "paper/main.pdf"
 
-if not HAS_CUDA:
-    # Triton kernels run on the CPU only in the interpreter (slow: smoke shapes only).
-    os.environ["TRITON_INTERPRET"] = "1"
+# Without a GPU, Triton kernels run on the CPU only in the interpreter (slow: smoke shapes only).
+RUN_ENV = "" if HAS_CUDA else "TRITON_INTERPRET=1"
 
 # Experiments whose paper numbers need the H200; without CUDA the paper quotes the committed
 # reference measurements for these, and the smoke runs only check that the code works.

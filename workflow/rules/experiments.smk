@@ -13,8 +13,10 @@ rule corpus:
         "data/corpus/MANIFEST.json",
     log:
         f"{RESULTS}/logs/corpus.log",
+    conda:
+        ENV_FILE
     shell:
-        "{PY} -m fieldprint.corpus data/corpus > {log} 2>&1"
+        "python -m fieldprint.corpus data/corpus > {log} 2>&1"
 
 
 rule experiment:
@@ -24,13 +26,16 @@ rule experiment:
         csv=f"{RESULTS}/{{scale}}/{{exp}}/{{exp}}.csv",
         manifest=f"{RESULTS}/{{scale}}/{{exp}}/{{exp}}.manifest.json",
     params:
+        env=RUN_ENV,
         out_dir=lambda wc: f"{RESULTS}/{wc.scale}/{wc.exp}",
     resources:
         gpu=lambda wc: gpu_slot(wc.exp),
     log:
         f"{RESULTS}/logs/{{exp}}.{{scale}}.log",
+    conda:
+        ENV_FILE
     shell:
-        "{PY} -m fieldprint.experiments.{wildcards.exp} scale={wildcards.scale} "
+        "{params.env} python -m fieldprint.experiments.{wildcards.exp} scale={wildcards.scale} "
         "out_dir={params.out_dir} > {log} 2>&1"
 
 
@@ -44,13 +49,16 @@ rule train:
         csv=f"{RESULTS}/{{scale}}/e5_train/e5_train.csv",
         manifest=f"{RESULTS}/{{scale}}/e5_train/e5_train.manifest.json",
     params:
+        env=RUN_ENV,
         out_dir=lambda wc: f"{RESULTS}/{wc.scale}/e5_train",
     resources:
         gpu=lambda wc: gpu_slot("e5_train"),
     log:
         f"{RESULTS}/logs/e5_train.{{scale}}.log",
+    conda:
+        ENV_FILE
     shell:
-        "{PY} -m fieldprint.experiments.e5_train scale={wildcards.scale} "
+        "{params.env} python -m fieldprint.experiments.e5_train scale={wildcards.scale} "
         "out_dir={params.out_dir} > {log} 2>&1"
 
 
@@ -63,11 +71,14 @@ rule accuracy:
         csv=f"{RESULTS}/{{scale}}/e5_accuracy/e5_accuracy.csv",
         manifest=f"{RESULTS}/{{scale}}/e5_accuracy/e5_accuracy.manifest.json",
     params:
+        env=RUN_ENV,
         out_dir=lambda wc: f"{RESULTS}/{wc.scale}/e5_accuracy",
     resources:
         gpu=lambda wc: gpu_slot("e5_accuracy"),
     log:
         f"{RESULTS}/logs/e5_accuracy.{{scale}}.log",
+    conda:
+        ENV_FILE
     shell:
-        "{PY} -m fieldprint.experiments.e5_accuracy scale={wildcards.scale} "
+        "{params.env} python -m fieldprint.experiments.e5_accuracy scale={wildcards.scale} "
         "checkpoint={input.checkpoint} out_dir={params.out_dir} > {log} 2>&1"

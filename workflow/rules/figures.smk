@@ -9,8 +9,12 @@ rule figure:
         png="figures/{exp}.png",
     wildcard_constraints:
         exp="|".join(PAPER_EXPERIMENTS),
+    log:
+        f"{RESULTS}/logs/figure.{{exp}}.log",
+    conda:
+        ENV_FILE
     shell:
-        "{PY} -m fieldprint.plots {wildcards.exp} {input} figures/{wildcards.exp}"
+        "python -m fieldprint.plots {wildcards.exp} {input} figures/{wildcards.exp} > {log} 2>&1"
 
 
 rule smoke_figure:
@@ -21,5 +25,9 @@ rule smoke_figure:
         png="figures/smoke/{exp}.png",
     wildcard_constraints:
         exp="|".join(PAPER_EXPERIMENTS),
+    log:
+        f"{RESULTS}/logs/smoke_figure.{{exp}}.log",
+    conda:
+        ENV_FILE
     shell:
-        "{PY} -m fieldprint.plots {wildcards.exp} {input} figures/smoke/{wildcards.exp}"
+        "python -m fieldprint.plots {wildcards.exp} {input} figures/smoke/{wildcards.exp} > {log} 2>&1"

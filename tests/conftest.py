@@ -1,0 +1,21 @@
+"""Shared test set-up: without a GPU, Triton kernels run in the interpreter.
+
+TRITON_INTERPRET must be set before any module decorates a kernel, so it is set here, before
+test modules are imported.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
