@@ -1,0 +1,551 @@
+"""Every E1 baseline on the same inputs as :func:`paged_anchor_attention` (DESIGN.md §3, §4).
+
+Each baseline is a plain function with the kernel's arguments that returns ``out [T, Hq, D]``,
+and an entry ``name -> (setup, run)`` in :data:`REGISTRY`: ``setup(case)`` does the work an
+engine does once per batch (build a contiguous copy, a merged block table, a plan) and returns a
+state; ``run(state)`` is exactly what E1 times.
+
+* ``fused``: the project's kernel, one online softmax over ``[anchors; context]``.
+* ``cudnn_sdpa``, ``flash_sdpa``: PyTorch SDPA on contiguous ``[B, Hkv, A+L, D]`` K/V gathered
+  once in ``setup`` (no paging at all: the upper reference). Uniform batches only.
+* ``gather_sdpa``: gather pages + concatenate anchors + SDPA, all inside the timed region, as an
+  engine without a paged kernel would do.
+* ``naive``, ``two_softmax``: the materialized forms of :mod:`fieldprint.attention.reference`.
+* ``cascade``: the kernel over the anchors and over the context separately, each returning its
+  LSE, merged exactly in fp32 (FlashInfer's cascade attention).
+* ``prefix_blocks``: the kernel with the anchor block ids prepended to every block table and
+  ``seq_lens += A`` (what prefix caching does; block-aligned anchors only).
+* ``flex``: FlexAttention over the paged pool with a mask_mod that reads the block tables.
+
+Causal alignment: query j of sequence b sits at ``p = L - q_len + j`` and sees anchors plus
+context ``0..p``; in the concatenated key order ``[A; L]`` that is the *lower-right* causal mask
+of a ``q_len x (A + L)`` score matrix. Decode (``q_len = 1``) needs no mask.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from fieldprint.attention.inputs import FP8_DTYPES, check_shapes, check_values
+from fieldprint.attention.paged_inputs import PagedCase
+from fieldprint.attention.reference import naive_attention, two_softmax_attention
+
+
+def _kernel():
+    from fieldprint.attention.kernel import paged_anchor_attention
+
+    return paged_anchor_attention
+
+
+def _as_case(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_block_table,
+             anchor_lens) -> PagedCase:
+    return PagedCase(q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
+                     anchor_block_table, anchor_lens)
+
+
+@dataclass
+class Scales:
+    """The keyword arguments every baseline shares."""
+
+    softmax_scale: float | None = None
+    k_scale: Any = None
+    v_scale: Any = None
+
+    def kwargs(self) -> dict:
+        return {"softmax_scale": self.softmax_scale, "k_scale": self.k_scale, "v_scale": self.v_scale}
+
+
+# ------------------------------------------------------------------------- uniform batch shapes
+
+
+@dataclass(frozen=True)
+class Uniform:
+    """A batch in which every sequence has the same query count, context and anchor length."""
+
+    B: int
+    q_len: int
+    L: int
+    A: int
+
+
+def uniform_shape(case: PagedCase, who: str) -> Uniform:
+    """Sizes of a uniform batch; a ragged one is a ValueError (contiguous SDPA pads nothing)."""
+    qsl = case.query_start_loc.tolist()
+    q_lens = {qsl[i + 1] - qsl[i] for i in range(len(qsl) - 1)}
+    lens = set(case.seq_lens.tolist())
+    alens = set(case.anchor_lens.tolist()) if case.anchor_lens is not None else {0}
+    for name, values in (("query_start_loc", q_lens), ("seq_lens", lens), ("anchor_lens", alens)):
+        if len(values) != 1:
+            raise ValueError(f"{who} needs a uniform batch: {name} gives lengths {sorted(values)}")
+    return Uniform(len(qsl) - 1, q_lens.pop(), lens.pop(), alens.pop())
+
+
+def _gather_batch(cache: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
+    """First ``length`` tokens of every table row: cache [N, bs, Hkv, D] -> [B, Hkv, length, D]."""
+    n = -(-length // cache.shape[1])
+    return cache[table[:, :n].long()].flatten(1, 2)[:, :length].transpose(1, 2)
+
+
+def _dequant(x: torch.Tensor, scale, dtype: torch.dtype) -> torch.Tensor:
+    """x: [B, Hkv, S, D] in the cache dtype -> ``dtype``, times a scalar or [Hkv] scale."""
+    x = x.to(dtype)
+    if scale is None:
+        return x
+    s = torch.as_tensor(scale, dtype=torch.float32, device=x.device).reshape(-1)
+    return (x.float() * s.view(1, -1, 1, 1)).to(dtype) if s.numel() > 1 else (x.float() * s).to(dtype)
+
+
+def concat_kv(case: PagedCase, shape: Uniform, k_scale=None, v_scale=None,
+              dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gathered contiguous ``[B, Hkv, A + L, D]`` K and V (anchors first), in ``dtype``
+    (default: q's dtype), fp8 scales applied."""
+    dtype = dtype or case.q.dtype
+    out = []
+    for cache, scale in ((case.k_cache, k_scale), (case.v_cache, v_scale)):
+        x = _gather_batch(cache, case.block_table, shape.L)
+        if shape.A:
+            x = torch.cat([_gather_batch(cache, case.anchor_block_table, shape.A), x], 2)
+        out.append(_dequant(x, scale, dtype))
+    return out[0], out[1]
+
+
+# ------------------------------------------------------------------------------------ SDPA
+
+
+BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "math": "MATH", "auto": None}
+
+
+def _sdpa(q4: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str,
+          gqa: bool) -> torch.Tensor:
+    """SDPA with the lower-right causal mask of module docstring.
+
+    q4: [B, Hq, q_len, D]; k, v: [B, Hkv, S, D] (Hkv == Hq unless ``gqa``) -> [B, Hq, q_len, D].
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+
+    q_len, S = q4.shape[2], k.shape[2]
+    mask, causal = None, False
+    if q_len == S:
+        causal = True
+    elif q_len > 1:
+        if backend == "cudnn":
+            # PyTorch routes lower-right causal masks to flash / mem-efficient / math only.
+            raise NotImplementedError("cuDNN SDPA has no lower-right causal mask in PyTorch "
+                                      f"(q_len={q_len} < keys={S})")
+        mask = causal_lower_right(q_len, S)
+    name = BACKENDS[backend]
+    if name is None:
+        return F.scaled_dot_product_attention(q4, k, v, attn_mask=mask, is_causal=causal,
+                                              scale=scale, enable_gqa=gqa)
+    with sdpa_kernel([getattr(SDPBackend, name)]):
+        return F.scaled_dot_product_attention(q4, k, v, attn_mask=mask, is_causal=causal,
+                                              scale=scale, enable_gqa=gqa)
+
+
+@dataclass
+class ContiguousState:
+    """Inputs of a contiguous SDPA call, prepared outside the timed region."""
+
+    q4: torch.Tensor  # [B, Hq, q_len, D]
+    k: torch.Tensor  # [B, Hkv or Hq, A + L, D]
+    v: torch.Tensor
+    scale: float
+    backend: str
+    gqa: bool
+    note: str = ""
+
+
+def _contiguous_setup(backend: str) -> Callable[[PagedCase, Scales], ContiguousState]:
+    def setup(case: PagedCase, scales: Scales) -> ContiguousState:
+        if case.k_cache.dtype in FP8_DTYPES:
+            raise TypeError(f"{backend} SDPA takes no float8 KV cache (got {case.k_cache.dtype})")
+        if backend == "flash" and case.q.device.type == "cuda":
+            _check_flash_lower_right(case)
+        shape = uniform_shape(case, f"{backend}_sdpa")
+        k, v = concat_kv(case, shape, scales.k_scale, scales.v_scale)
+        q4 = case.q.view(shape.B, shape.q_len, *case.q.shape[1:]).transpose(1, 2).contiguous()
+        scale = scales.softmax_scale or 1.0 / math.sqrt(case.q.shape[-1])
+        state = ContiguousState(q4, k.contiguous(), v.contiguous(), scale, backend, gqa=True,
+                                note="native GQA")
+        try:
+            _run_contiguous(state)
+        except RuntimeError as err:  # the backend may refuse GQA: give it one K/V per query head
+            group = case.q.shape[1] // k.shape[1]
+            state.k = k.repeat_interleave(group, 1).contiguous()
+            state.v = v.repeat_interleave(group, 1).contiguous()
+            state.gqa, state.note = False, f"K/V heads expanded x{group} ({str(err)[:60]})"
+            _run_contiguous(state)
+        return state
+
+    return setup
+
+
+def _check_flash_lower_right(case: PagedCase) -> None:
+    """The lower-right causal path of PyTorch silently falls back to another kernel when flash
+    cannot run; time flash only when it really runs."""
+    from torch.backends.cuda import SDPAParams, can_use_flash_attention
+
+    qsl = case.query_start_loc
+    if int(qsl[1] - qsl[0]) <= 1:
+        return
+    q = case.q[:1].unsqueeze(0).transpose(1, 2)
+    kv = q[:, : case.k_cache.shape[2]]
+    if not can_use_flash_attention(SDPAParams(q, kv, kv, None, 0.0, False, True), True):
+        raise RuntimeError("flash attention cannot run these shapes/dtypes on this GPU")
+
+
+def _run_contiguous(state: ContiguousState) -> torch.Tensor:
+    out = _sdpa(state.q4, state.k, state.v, state.scale, state.backend, state.gqa)
+    return out.transpose(1, 2).flatten(0, 1)  # [B, q_len, Hq, D] -> [T, Hq, D]
+
+
+def _contiguous_fn(backend: str):
+    def fn(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_block_table=None,
+           anchor_lens=None, *, softmax_scale=None, k_scale=None, v_scale=None):
+        case = _as_case(q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
+                        anchor_block_table, anchor_lens)
+        return _run_contiguous(_contiguous_setup(backend)(case, Scales(softmax_scale, k_scale, v_scale)))
+
+    fn.__name__ = f"{backend}_sdpa"
+    fn.__doc__ = (f"{backend} SDPA over contiguous K/V gathered from the pages (the gather is "
+                  "setup, not timed). Uniform batches; out [T, Hq, D].")
+    return fn
+
+
+cudnn_sdpa = _contiguous_fn("cudnn")
+flash_sdpa = _contiguous_fn("flash")
+
+
+@dataclass
+class GatherState:
+    case: PagedCase
+    scales: Scales
+    shape: Uniform | None  # None: ragged batch, one SDPA per sequence
+    backend: str
+
+
+def _gather_setup(case: PagedCase, scales: Scales) -> GatherState:
+    if case.k_cache.dtype in FP8_DTYPES:
+        raise TypeError(f"gather_sdpa feeds SDPA, which takes no float8 KV cache (got {case.k_cache.dtype})")
+    try:
+        shape = uniform_shape(case, "gather_sdpa")
+    except ValueError:
+        shape = None
+    return GatherState(case, scales, shape, "auto" if case.q.is_cuda else "math")
+
+
+def _gather_run(state: GatherState) -> torch.Tensor:
+    c, s = state.case, state.scales
+    scale = s.softmax_scale or 1.0 / math.sqrt(c.q.shape[-1])
+    if state.shape is not None:
+        sh = state.shape
+        k, v = concat_kv(c, sh, s.k_scale, s.v_scale)
+        q4 = c.q.view(sh.B, sh.q_len, *c.q.shape[1:]).transpose(1, 2)
+        return _sdpa(q4, k, v, scale, state.backend, True).transpose(1, 2).flatten(0, 1)
+    out = torch.empty_like(c.q)
+    qsl, lens = c.query_start_loc.tolist(), c.seq_lens.tolist()
+    alens = c.anchor_lens.tolist() if c.anchor_lens is not None else [0] * len(lens)
+    for b in range(len(lens)):
+        if qsl[b + 1] == qsl[b]:
+            continue
+        row = _as_case(c.q[qsl[b]:qsl[b + 1]], c.k_cache, c.v_cache, c.block_table[b:b + 1],
+                       c.seq_lens[b:b + 1], None, None if alens[b] == 0 else c.anchor_block_table[b:b + 1], None)
+        k, v = concat_kv(row, Uniform(1, qsl[b + 1] - qsl[b], lens[b], alens[b]), s.k_scale, s.v_scale)
+        q4 = row.q.unsqueeze(0).transpose(1, 2)
+        out[qsl[b]:qsl[b + 1]] = _sdpa(q4, k, v, scale, state.backend, True)[0].transpose(0, 1)
+    return out
+
+
+def gather_sdpa(q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
+                anchor_block_table=None, anchor_lens=None, *, softmax_scale=None, k_scale=None,
+                v_scale=None):
+    """Gather pages + concatenate anchors + SDPA (batched when uniform, else per sequence; the
+    math backend on a CPU). out [T, Hq, D]."""
+    case = _as_case(q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
+                    anchor_block_table, anchor_lens)
+    return _gather_run(_gather_setup(case, Scales(softmax_scale, k_scale, v_scale)))
+
+
+# ---------------------------------------------------------------------------------- cascade
+
+
+def merge_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                 lse_b: torch.Tensor) -> torch.Tensor:
+    """Exact merge of two partial softmax attentions over disjoint key sets, in fp32.
+
+    out_a, out_b: [T, Hq, D]; lse_a, lse_b: [T, Hq] (natural log, ``-inf`` = no keys) -> out
+    [T, Hq, D] in out_a's dtype. On CUDA one Triton kernel (FlashInfer's merge_state); elsewhere
+    the same arithmetic in PyTorch (float64 for float64 inputs).
+    """
+    if out_a.is_cuda:
+        return merge_states_triton(out_a, lse_a, out_b, lse_b)
+    f = torch.float64 if out_a.dtype == torch.float64 else torch.float32  # fp32 at least
+    lse = torch.logaddexp(lse_a.to(f), lse_b.to(f))
+    wa = torch.exp(lse_a.to(f) - lse).nan_to_num(0.0)[..., None]
+    wb = torch.exp(lse_b.to(f) - lse).nan_to_num(0.0)[..., None]
+    return (wa * out_a.to(f) + wb * out_b.to(f)).to(out_a.dtype)
+
+
+@triton.jit
+def _merge_kernel(out_a, lse_a, out_b, lse_b, out, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    # One program per (token, head) row: out = (e^(la-m) oa + e^(lb-m) ob) / (e^(la-m) + e^(lb-m)).
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_D)
+    keep = offs < D
+    la = tl.load(lse_a + row)
+    lb = tl.load(lse_b + row)
+    m = tl.maximum(la, lb)
+    wa = tl.exp(la - m)
+    wb = tl.exp(lb - m)
+    xa = tl.load(out_a + row * D + offs, mask=keep, other=0.0).to(tl.float32)
+    xb = tl.load(out_b + row * D + offs, mask=keep, other=0.0).to(tl.float32)
+    y = (wa * xa + wb * xb) / (wa + wb)
+    tl.store(out + row * D + offs, y.to(out.dtype.element_ty), mask=keep)
+
+
+def merge_states_triton(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                        lse_b: torch.Tensor) -> torch.Tensor:
+    """:func:`merge_states` as one Triton launch (at least one of the two LSEs finite per row).
+
+    out_a, out_b: [T, Hq, D] contiguous; lse_a, lse_b: [T, Hq] float32."""
+    T, Hq, D = out_a.shape
+    out = torch.empty_like(out_a)
+    if T * Hq:
+        _merge_kernel[(T * Hq,)](out_a.contiguous(), lse_a.float().contiguous(), out_b.contiguous(),
+                                 lse_b.float().contiguous(), out, D, triton.next_power_of_2(D))
+    return out
+
+
+@dataclass
+class CascadeState:
+    """The context call's arguments plus an anchors-only call in which every query token is its
+    own one-query sequence over its anchor blocks (no causal mask then hides an anchor)."""
+
+    case: PagedCase
+    scales: Scales
+    anchor_call: tuple | None  # (q, block_table, seq_lens, query_start_loc), None without anchors
+    no_anchor: torch.Tensor | None  # [T] bool: tokens whose sequence has no anchors
+    attention: Callable = field(default=None, repr=False)
+
+
+def cascade_setup(case: PagedCase, scales: Scales, attention: Callable | None = None) -> CascadeState:
+    """Plan the two calls (FlashInfer's "plan"): per-token anchor tables. ``attention``: the
+    paged kernel (default :func:`paged_anchor_attention`; tests pass the reference)."""
+    attention = attention or _kernel()
+    shapes = check_shapes(*case.args(), **scales.kwargs())
+    check_values(shapes, case.block_table, case.seq_lens, case.query_start_loc,
+                 case.anchor_block_table, case.anchor_lens)
+    if case.anchor_lens is None or int(case.anchor_lens.max()) == 0:
+        return CascadeState(case, scales, None, None, attention)
+    q_lens = (case.query_start_loc[1:] - case.query_start_loc[:-1]).long()
+    seq_of = torch.repeat_interleave(torch.arange(shapes.B, device=case.q.device), q_lens)  # [T]
+    alens = case.anchor_lens[seq_of]
+    # A token without anchors still needs one valid key for the call; its LSE is set to -inf.
+    table = case.anchor_block_table[seq_of].contiguous()
+    no_anchor = alens == 0
+    table[no_anchor, 0] = case.anchor_block_table[int(case.anchor_lens.argmax()), 0]
+    lens = alens.clamp(min=1).to(torch.int32)
+    qsl = torch.arange(shapes.T + 1, dtype=torch.int32, device=case.q.device)
+    return CascadeState(case, scales, (case.q, table, lens, qsl),
+                        no_anchor if bool(no_anchor.any()) else None, attention)
+
+
+def cascade_run(state: CascadeState, validate: bool = False) -> torch.Tensor:
+    c, kw = state.case, dict(state.scales.kwargs(), return_lse=True)
+    if not validate:
+        kw["validate"] = False
+    out_c, lse_c = state.attention(c.q, c.k_cache, c.v_cache, c.block_table, c.seq_lens,
+                                   c.query_start_loc, **kw)
+    if state.anchor_call is None:
+        return out_c
+    q, table, lens, qsl = state.anchor_call
+    out_a, lse_a = state.attention(q, c.k_cache, c.v_cache, table, lens, qsl, **kw)
+    if state.no_anchor is not None:
+        lse_a = lse_a.masked_fill(state.no_anchor[:, None], float("-inf"))
+    return merge_states(out_a, lse_a, out_c, lse_c)
+
+
+def cascade(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_block_table=None,
+            anchor_lens=None, *, softmax_scale=None, k_scale=None, v_scale=None):
+    """Anchors and context as two kernel calls with LSE, merged exactly in fp32. out [T, Hq, D]."""
+    case = _as_case(q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
+                    anchor_block_table, anchor_lens)
+    return cascade_run(cascade_setup(case, Scales(softmax_scale, k_scale, v_scale)))
+
+
+# ---------------------------------------------------------------------------- prefix blocks
+
+
+def prefix_block_case(case: PagedCase) -> PagedCase:
+    """The anchor block ids prepended to every block table, ``seq_lens += A``, no anchors.
+
+    Query j of sequence b moves from position ``p`` to ``A + p`` and context token t to ``A + t``,
+    so ``t <= p`` is unchanged and every anchor (positions ``0..A-1 <= A + p``) stays visible: the
+    causal mask needs no other correction. Needs every ``anchor_lens[b]`` to be a multiple of the
+    block size (a partial anchor block would leave a hole in the merged table): else ValueError.
+    """
+    if case.anchor_lens is None:
+        return case
+    bs = case.k_cache.shape[1]
+    alens = case.anchor_lens.tolist()
+    if any(a % bs for a in alens):
+        raise ValueError(f"prefix_blocks needs anchor_lens that are multiples of the block size "
+                         f"{bs}, got {alens}")
+    n_anchor = [a // bs for a in alens]
+    width = max(n_anchor) + case.block_table.shape[1]
+    table = torch.zeros(len(alens), width, dtype=torch.int32, device=case.block_table.device)
+    for b, n in enumerate(n_anchor):
+        table[b, :n] = case.anchor_block_table[b, :n]
+        table[b, n:n + case.block_table.shape[1]] = case.block_table[b]
+    return PagedCase(case.q, case.k_cache, case.v_cache, table, case.seq_lens + case.anchor_lens,
+                     case.query_start_loc, None, None)
+
+
+def prefix_blocks(q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
+                  anchor_block_table=None, anchor_lens=None, *, softmax_scale=None, k_scale=None,
+                  v_scale=None, attention: Callable | None = None):
+    """The paged kernel (or ``attention``) over :func:`prefix_block_case`. out [T, Hq, D]."""
+    case = prefix_block_case(_as_case(q, k_cache, v_cache, block_table, seq_lens,
+                                      query_start_loc, anchor_block_table, anchor_lens))
+    return (attention or _kernel())(*case.args(), softmax_scale=softmax_scale, k_scale=k_scale,
+                                    v_scale=v_scale)
+
+
+# -------------------------------------------------------------------------------------- flex
+
+
+@dataclass
+class FlexState:
+    q4: torch.Tensor  # [1, Hq, T, D]
+    k: torch.Tensor  # [1, Hkv, num_blocks * block_size, D]: the pool, one long key axis
+    v: torch.Tensor
+    block_mask: Any
+    scale: float
+    fn: Callable
+    note: str = ""
+
+
+def flex_setup(case: PagedCase, scales: Scales) -> FlexState:
+    """FlexAttention over the physical pool: keys are pool slots, the mask_mod maps a slot back
+    to (block, offset), looks the block up in an inverse block table and applies the anchor /
+    causal rule. The block mask is built at page granularity (KV block = one page), so the kernel
+    only visits pages the query's sequence owns. Needs CUDA (compiled) and an unquantized cache.
+    """
+    if not case.q.is_cuda:
+        raise RuntimeError("FlexAttention is compiled for CUDA here; the CPU path is not timed")
+    if case.k_cache.dtype in FP8_DTYPES:
+        raise TypeError("FlexAttention takes no float8 KV cache")
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    dev = case.q.device
+    N, bs, Hkv, D = case.k_cache.shape
+    T = case.q.shape[0]
+    q_lens = (case.query_start_loc[1:] - case.query_start_loc[:-1]).long()
+    B = q_lens.shape[0]
+    seq_of = torch.repeat_interleave(torch.arange(B, device=dev), q_lens)  # [T]
+    pos = (torch.arange(T, device=dev) - case.query_start_loc[:-1].long()[seq_of]
+           + (case.seq_lens.long() - q_lens)[seq_of])  # [T] query positions
+    # owner[blk] = sequence owning a context block, its logical index; anchor blocks likewise.
+    ctx_owner = torch.full((N,), -1, dtype=torch.long, device=dev)
+    ctx_index = torch.zeros(N, dtype=torch.long, device=dev)
+    for b in range(B):
+        n = -(-int(case.seq_lens[b]) // bs)
+        ids = case.block_table[b, :n].long()
+        ctx_owner[ids] = b
+        ctx_index[ids] = torch.arange(n, device=dev)
+    anchor_of = torch.zeros(B, N, dtype=torch.bool, device=dev)  # anchors may be shared
+    anchor_index = torch.zeros(B, N, dtype=torch.long, device=dev)
+    if case.anchor_lens is not None:
+        for b in range(B):
+            n = -(-int(case.anchor_lens[b]) // bs)
+            ids = case.anchor_block_table[b, :n].long()
+            anchor_of[b, ids] = True
+            anchor_index[b, ids] = torch.arange(n, device=dev)
+    alens = case.anchor_lens.long() if case.anchor_lens is not None else torch.zeros(B, dtype=torch.long, device=dev)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        s = seq_of[q_idx]
+        blk, off = kv_idx // bs, kv_idx % bs
+        ctx_tok = ctx_index[blk] * bs + off
+        in_ctx = (ctx_owner[blk] == s) & (ctx_tok <= pos[q_idx])
+        in_anchor = anchor_of[s, blk] & (anchor_index[s, blk] * bs + off < alens[s])
+        return in_ctx | in_anchor
+
+    block_mask = create_block_mask(mask_mod, 1, None, T, N * bs, device=dev,
+                                   BLOCK_SIZE=(128 if T >= 128 else 16, bs))
+    k = case.k_cache.flatten(0, 1).transpose(0, 1).unsqueeze(0).contiguous()
+    v = case.v_cache.flatten(0, 1).transpose(0, 1).unsqueeze(0).contiguous()
+    q4 = case.q.transpose(0, 1).unsqueeze(0).contiguous()
+    for name, sc in (("k_scale", scales.k_scale), ("v_scale", scales.v_scale)):
+        if sc not in (None, 1.0):
+            raise ValueError(f"flex baseline takes no {name}")
+    fn = torch.compile(flex_attention, dynamic=False)
+    scale = scales.softmax_scale or 1.0 / math.sqrt(D)
+    state = FlexState(q4, k, v, block_mask, scale, fn, note=f"pool-wide mask, KV block {bs}")
+    flex_run(state)
+    return state
+
+
+def flex_run(state: FlexState) -> torch.Tensor:
+    out = state.fn(state.q4, state.k, state.v, block_mask=state.block_mask, scale=state.scale,
+                   enable_gqa=True)
+    return out[0].transpose(0, 1)  # [T, Hq, D]
+
+
+# ---------------------------------------------------------------------------------- registry
+
+
+def _fused_setup(case: PagedCase, scales: Scales):
+    shapes = check_shapes(*case.args(), **scales.kwargs())
+    check_values(shapes, case.block_table, case.seq_lens, case.query_start_loc,
+                 case.anchor_block_table, case.anchor_lens)
+    return case, scales, _kernel()
+
+
+def _fused_run(state) -> torch.Tensor:
+    case, scales, kernel = state
+    return kernel(*case.args(), **scales.kwargs(), validate=False)
+
+
+def _prefix_setup(case: PagedCase, scales: Scales):
+    return _fused_setup(prefix_block_case(case), scales)
+
+
+def _unfused(fn):
+    def setup(case: PagedCase, scales: Scales):
+        return case, scales
+
+    def run(state) -> torch.Tensor:
+        case, scales = state
+        return fn(*case.args(), **scales.kwargs())
+
+    return setup, run
+
+
+Setup = Callable[[PagedCase, Scales], Any]
+Run = Callable[[Any], torch.Tensor]
+
+REGISTRY: dict[str, tuple[Setup, Run]] = {
+    "fused": (_fused_setup, _fused_run),
+    "cudnn_sdpa": (_contiguous_setup("cudnn"), _run_contiguous),
+    "flash_sdpa": (_contiguous_setup("flash"), _run_contiguous),
+    "gather_sdpa": (_gather_setup, _gather_run),
+    "naive": _unfused(naive_attention),
+    "two_softmax": _unfused(two_softmax_attention),
+    "cascade": (cascade_setup, cascade_run),
+    "prefix_blocks": (_prefix_setup, _fused_run),
+    "flex": (flex_setup, flex_run),
+}
+"""name -> (setup(case, scales) -> state, run(state) -> out [T, Hq, D]); E1 times ``run``."""
+
+# Baselines that read the paged cache through the project's kernel (need Triton on a CPU).
+USES_KERNEL = frozenset({"fused", "cascade", "prefix_blocks"})
