@@ -116,6 +116,12 @@ def read_csv(path: str | Path) -> list[dict[str, str]]:
 
 
 def _git_commit() -> dict[str, Any]:
+    """The commit the code came from; a copy without .git (the GPU machine) is told it through
+    FIELDPRINT_GIT_COMMIT / FIELDPRINT_GIT_DIRTY."""
+    if os.environ.get("FIELDPRINT_GIT_COMMIT"):
+        return {"commit": os.environ["FIELDPRINT_GIT_COMMIT"],
+                "dirty": os.environ.get("FIELDPRINT_GIT_DIRTY", "unknown") == "1"}
+
     def git(*args: str) -> str:
         out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True)
         return out.stdout.strip() if out.returncode == 0 else ""
