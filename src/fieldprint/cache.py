@@ -304,6 +304,12 @@ class PagedKVCache:
         self._write_all_layers(slots, k, v)
         return slots
 
+    def complete_pages(self, seq: int) -> list[PageRef]:
+        """Every full page of ``seq`` now (sealed or not yet taken), in token order."""
+        s = self._seq(seq)
+        return [PageRef("context", s.id, i, s.blocks[i], self.block_size)
+                for i in range(s.length // self.block_size)]
+
     def take_sealed(self) -> list[PageRef]:
         """Context pages sealed since the previous call (in sealing order); resets the list."""
         sealed, self._sealed = self._sealed, []
