@@ -54,13 +54,13 @@ exact and monotone). Spacings within a binade are equal, double from one binade 
 are equal across zero, so s_{c-1} >= s_c / 2 and s_{c+1} >= s_c.
 (h = 1) 1/4 <= t < 3/4, so y is at distance >= s_c/4 from v(c) and from v(c+1): |y'| stays strictly
 inside (v(c), v(c+1)) and y' keeps the sign of y (|y| >= s_c / 4 > 0), so trunc gives c and the sign.
-(h = 0, t < 1/4) The RNE cell of v(c) is bounded by the midpoints v(c) - s_{c-1}/2 and
-v(c) + s_c/2. Then |y| - (v(c) - s_{c-1}/2) >= s_{c-1}/2 >= s_c/4 and (v(c) + s_c/2) - |y| > s_c/4:
-|y'| rounds to v(c) as well. Near zero (c = 0) y' may change sign, but it rounds to magnitude 0
-and -0 is folded to +0, so the code is the same.
-(h = 0, t >= 3/4) The RNE cell of v(c+1) is [v(c+1) - s_c/2, v(c+1) + s_{c+1}/2]; y is at least
-s_c/4 above its lower end and less than s_c/4 + s_{c+1}/2 ... strictly more than s_c/4 below its
-upper end; at the top, anything above fmax saturates to v(C) anyway.
+(h = 0, t < 1/4) RNE gives v(c), whose RNE cell is [v(c) - s_{c-1}/2, v(c) + s_c/2] (for c = 0
+the cell below is its mirror image across zero, s_{-1} = s_0). |y| is at least s_{c-1}/2 >= s_c/4
+above the lower end and (1/2 - t) s_c > s_c/4 below the upper one, so |y'| rounds to v(c) too,
+ties never arising. For c = 0, y' may change sign, but -0 folds to +0: the same code.
+(h = 0, t >= 3/4) RNE gives v(c+1), whose RNE cell is [v(c+1) - s_c/2, v(c+1) + s_{c+1}/2]: |y| is
+(t - 1/2) s_c >= s_c/4 above the lower end and more than s_{c+1}/2 >= s_c/2 below the upper one
+(for c + 1 = C everything above fmax saturates to v(C) anyway).
 (saturated) |y| >= fmax, so |y'| > fmax - s_top/4, above the last midpoint fmax - s_top/2.
 The bound is tight (t = 1/4 with a perturbation of s_c/4 reaches a boundary), and s_c is the
 spacing of x's own cell: just below a power of two it is half the spacing above. The prover's
@@ -407,7 +407,8 @@ def quantize(
             scale_t = scale_t.reshape(tuple(x.shape[:-1]) + (1,))
         else:
             scale_t = scale_t.reshape(())
-    use_triton = backend == "triton" or (backend == "auto" and x.is_cuda)
+    # an empty tensor launches nothing; the torch path handles it on any device
+    use_triton = n > 0 and (backend == "triton" or (backend == "auto" and x.is_cuda))
     keys = seed_keys(seed) if seed is not None else (0, 0)
     codes = torch.empty(n, dtype=f.code_dtype, device=x.device)
     prover_two_grid = rounding == "two_grid" and helper is None
@@ -420,7 +421,7 @@ def quantize(
             else None
         )
         flag = launch_quantize(flat, k, fmt, rounding, *keys, helper, codes, helper_out)
-        if n and int(flag.item()):
+        if int(flag.item()):
             raise ValueError("x contains NaN or Inf")
     else:
         x32 = flat.float()
