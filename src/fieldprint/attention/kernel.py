@@ -1,0 +1,619 @@
+"""Fused paged attention with pinned anchor blocks: the Triton kernel (DESIGN.md §3).
+
+One online softmax per query row walks the sequence's anchor pages (``anchor_block_table``,
+``anchor_lens`` tokens, all visible) and then its context pages (``block_table``, causal, optionally
+a sliding window), so scores never leave registers.
+
+Grid: ``(query tiles, KV heads, KV splits)``.
+
+* A *query tile* holds ``BLOCK_Q`` consecutive new tokens of one sequence times the ``GROUP`` query
+  heads that share a KV head (GQA packing: rows = tokens x heads, padded to ``BLOCK_M >= 16``), so
+  every K/V byte is loaded once per tile. A tile finds its sequence by a binary search over
+  ``query_start_loc`` (tile ``i`` of sequence ``b`` has index ``query_start_loc[b] // BLOCK_Q + b
+  + i``); the grid is the shape-only bound ``T // BLOCK_Q + B`` and surplus programs exit.
+* KV is walked in tiles of ``TILE_N`` tokens, each gathered through the block table with int64
+  offsets (several pages per tile when ``TILE_N > block_size``, part of one page otherwise).
+  Anchor tiles come first (their last tile masked by ``anchor_lens``), then context tiles: tiles
+  wholly outside the window are skipped, tiles where every row sees every token run unmasked, and
+  only the edge tiles (window start, causal diagonal, ``seq_lens``) are masked. Loads past the
+  lengths are masked with ``other=0`` so unwritten slots (NaN) never enter the arithmetic.
+* Split-KV (decode mode): the sequence's combined tile range (anchor tiles, then context tiles) is
+  cut into splits of a fixed ``kv_split_tokens`` (default :data:`KV_SPLIT_TOKENS`). A sequence
+  with one split writes its output directly; otherwise each split writes an fp32 partial output
+  and log-sum-exp and :func:`_combine_kernel` merges the splits sequentially in index order in
+  fp32. Every choice (split count, tile order, merge order) depends only on the sequence's own
+  lengths, never on the batch, so a sequence's output bits do not depend on its neighbours.
+
+Mode rule (shape-only, no host synchronization): *decode* when ``T == B`` (one query row per
+token, split-KV on), otherwise *prefill* (``BLOCK_Q`` tokens per tile, one split, enough
+parallelism from query tiles). Batch invariance holds between calls of the same mode; a token's
+low-order bits may differ between a decode call and a prefill call (different tile shapes).
+
+fp8 KV (``float8_e4m3fn``) is loaded as bytes and converted to q's dtype in registers (exact:
+every e4m3 value is a bf16/fp16 value); ``k_scale`` is folded into the score scale and ``v_scale``
+into the final normalization, per tensor or per KV head.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from fieldprint.attention.inputs import AttentionShapes, check_shapes, check_values
+
+KV_SPLIT_TOKENS = 2048
+"""Default split length (tokens of the combined anchor + context range) of split-KV decode."""
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+_NO_SPLIT = 1 << 30  # tiles per split in prefill mode: one split
+
+
+def _patch_interpreter() -> None:
+    """Two fixes to Triton 3.6's CPU interpreter (tests only, never on a GPU):
+
+    * it holds scalars as 1-element arrays and converts them with ``int(array)``, which
+      NumPy >= 2.4 refuses for arrays of ndim > 0, so every ``range`` with a runtime bound fails:
+      convert through ``.item()``;
+    * it stores bf16 as uint16 bit patterns and ``tl.dot`` multiplies those integers: widen bf16
+      operands to fp32 first (exact, as the tensor cores' products are).
+    """
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_fieldprint_patched", False):
+        return
+    dot = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, *args):
+        def widen(x):
+            if x.dtype.scalar == tl.bfloat16:
+                data = interpreter._convert_float(x.data, tl.bfloat16, tl.float32, None).view(np.float32)
+                return interpreter.TensorHandle(data, tl.float32)
+            return x
+
+        return dot(self, widen(a), widen(b), d, *args)
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    patched._fieldprint_patched = True
+    interpreter._patch_lang_tensor = patched
+    interpreter.InterpreterBuilder.create_dot = create_dot
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _patch_interpreter()
+
+
+@triton.jit
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+@triton.jit
+def _attend_tile(
+    acc, l_i, m_i, q, k_ptr, v_ptr, table_row, tile, n_tokens, pos, window, k_head, v_head,
+    stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_mul, softcap,
+    offs_n, offs_d,
+    BS: tl.constexpr, TILE_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+):
+    """One online-softmax step over KV tile ``tile`` of a block table row.
+
+    acc: [BLOCK_M, D] fp32; l_i, m_i: [BLOCK_M] (m_i in log2 units); q: [BLOCK_M, D];
+    pos: [BLOCK_M] query positions (context coordinates). ``MASKED`` masks tokens
+    ``>= n_tokens`` (and, with ``CAUSAL``, tokens after each row's position / outside its window).
+    """
+    start = tile * TILE_N
+    tok = start + offs_n
+    tok_ok = tok < n_tokens
+    if TILE_N <= BS:
+        # The tile lies inside one page: one page id.
+        page = tl.load(table_row + start // BS).to(tl.int64)
+        slot = (start % BS + offs_n).to(tl.int64)
+    else:
+        if MASKED:
+            page = tl.load(table_row + tok // BS, mask=tok_ok, other=0).to(tl.int64)
+        else:
+            page = tl.load(table_row + tok // BS).to(tl.int64)
+        slot = (tok % BS).to(tl.int64)
+    k_off = page * stride_kb + slot * stride_ks + k_head
+    v_off = page * stride_vb + slot * stride_vs + v_head
+    if MASKED:
+        k = tl.load(k_ptr + k_off[None, :] + offs_d[:, None], mask=tok_ok[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptr + k_off[None, :] + offs_d[:, None])
+    s = tl.dot(q, k.to(q.dtype)) * qk_scale  # [BLOCK_M, TILE_N]
+    if HAS_SOFTCAP:
+        # softcap * tanh(s / softcap), tanh via exp2 (saturates cleanly to +-1).
+        e = tl.math.exp2(s * (2.0 * 1.4426950408889634 / softcap))
+        s = (1.0 - 2.0 / (e + 1.0)) * cap_mul
+    if MASKED:
+        mask = tok_ok[None, :]
+        if CAUSAL:
+            mask = mask & (tok[None, :] <= pos[:, None])
+            if HAS_WINDOW:
+                mask = mask & (tok[None, :] > pos[:, None] - window)
+        s = tl.where(mask, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :], mask=tok_ok[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :])
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _paged_anchor_attn_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
+    block_table_ptr, seq_lens_ptr, qsl_ptr, anchor_table_ptr, anchor_lens_ptr,
+    k_scale_ptr, v_scale_ptr, k_scale_val, v_scale_val, sm_scale, softcap, window,
+    num_seqs, tiles_per_split, max_splits, num_q_heads,
+    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_ot, stride_oh, stride_bt, stride_at,
+    GROUP: tl.constexpr, GP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BS: tl.constexpr, TILE_N: tl.constexpr,
+    HAS_ANCHORS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    KS_MODE: tl.constexpr, VS_MODE: tl.constexpr,
+):
+    """q: [T, Hq, D]; k/v: [num_blocks, BS, Hkv, D]; out: [T, Hq, D]; lse: [T, Hq] fp32;
+    part_out: [T, Hq, max_splits, D] fp32; part_lse: [T, Hq, max_splits] fp32 (log2 units).
+    K/V scale modes: 0 = scalar argument, 1 = one-element tensor, 2 = per-KV-head tensor."""
+    tile_idx = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+
+    # Sequence of this query tile: largest b with query_start_loc[b] // BLOCK_Q + b <= tile_idx.
+    lo = tl.full([], 0, tl.int32)
+    hi = tl.full([], 0, tl.int32) + num_seqs - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        key = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
+        lo = tl.where(key <= tile_idx, mid, lo)
+        hi = tl.where(key <= tile_idx, hi, mid - 1)
+    b = lo
+    q_start = tl.load(qsl_ptr + b)
+    q_len = tl.load(qsl_ptr + b + 1) - q_start
+    q0 = (tile_idx - (q_start // BLOCK_Q + b)) * BLOCK_Q
+    if q0 >= q_len:
+        return
+    L = tl.load(seq_lens_ptr + b)
+    if HAS_ANCHORS:
+        A = tl.load(anchor_lens_ptr + b)
+    else:
+        A = 0
+    n_a = _cdiv(A, TILE_N)
+    n_tiles = n_a + _cdiv(L, TILE_N)
+    n_splits = _cdiv(n_tiles, tiles_per_split)
+    if split >= n_splits:
+        return
+    t_lo = split * tiles_per_split
+    t_hi = tl.minimum(t_lo + tiles_per_split, n_tiles)
+
+    if KS_MODE == 0:
+        ks = k_scale_val
+    elif KS_MODE == 1:
+        ks = tl.load(k_scale_ptr).to(tl.float32)
+    else:
+        ks = tl.load(k_scale_ptr + kvh).to(tl.float32)
+    if VS_MODE == 0:
+        vs = v_scale_val
+    elif VS_MODE == 1:
+        vs = tl.load(v_scale_ptr).to(tl.float32)
+    else:
+        vs = tl.load(v_scale_ptr + kvh).to(tl.float32)
+    if HAS_SOFTCAP:
+        qk_scale = sm_scale * ks
+        cap_mul = softcap * 1.4426950408889634
+    else:
+        qk_scale = sm_scale * ks * 1.4426950408889634
+        cap_mul = 1.0
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, TILE_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_tok = offs_m // GP
+    row_head = offs_m % GP
+    qj = q0 + row_tok
+    row_ok = (row_tok < BLOCK_Q) & (qj < q_len) & (row_head < GROUP)
+    head = kvh * GROUP + row_head
+    tok_row = (q_start + qj).to(tl.int64)
+    q = tl.load(q_ptr + tok_row[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    pos = L - q_len + qj
+    p_lo = L - q_len + q0
+    p_hi = L - q_len + tl.minimum(q0 + BLOCK_Q, q_len) - 1
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # Finite start: a fully masked tile then gives alpha = 1, p = 0 (never inf - inf).
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    k_head = kvh.to(tl.int64) * stride_kh
+    v_head = kvh.to(tl.int64) * stride_vh
+
+    if HAS_ANCHORS:
+        a_row = anchor_table_ptr + b.to(tl.int64) * stride_at
+        for t in range(t_lo, tl.minimum(t_hi, n_a)):
+            acc, l_i, m_i = _attend_tile(
+                acc, l_i, m_i, q, k_ptr, v_ptr, a_row, t, A, pos, window, k_head, v_head,
+                stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_mul, softcap, offs_n, offs_d,
+                BS, TILE_N, True, False, False, HAS_SOFTCAP)
+
+    # Context tiles of this split, clipped to what the tile's rows can see.
+    c_lo = tl.maximum(t_lo - n_a, 0)
+    c_hi = tl.minimum(t_hi - n_a, _cdiv(p_hi + 1, TILE_N))
+    if HAS_WINDOW:
+        c_lo = tl.maximum(c_lo, tl.maximum(p_lo - window + 1, 0) // TILE_N)
+        full_lo = _cdiv(tl.maximum(p_hi - window + 1, 0), TILE_N)
+    else:
+        full_lo = 0
+    full_hi = (p_lo + 1) // TILE_N  # tiles ending at or before the first row's position
+    mid_lo = tl.maximum(c_lo, tl.minimum(full_lo, c_hi))
+    mid_hi = tl.maximum(mid_lo, tl.minimum(full_hi, c_hi))
+    c_row = block_table_ptr + b.to(tl.int64) * stride_bt
+    for t in range(c_lo, mid_lo):
+        acc, l_i, m_i = _attend_tile(
+            acc, l_i, m_i, q, k_ptr, v_ptr, c_row, t, L, pos, window, k_head, v_head,
+            stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_mul, softcap, offs_n, offs_d,
+            BS, TILE_N, True, True, HAS_WINDOW, HAS_SOFTCAP)
+    for t in range(mid_lo, mid_hi):
+        acc, l_i, m_i = _attend_tile(
+            acc, l_i, m_i, q, k_ptr, v_ptr, c_row, t, L, pos, window, k_head, v_head,
+            stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_mul, softcap, offs_n, offs_d,
+            BS, TILE_N, False, False, False, HAS_SOFTCAP)
+    for t in range(mid_hi, c_hi):
+        acc, l_i, m_i = _attend_tile(
+            acc, l_i, m_i, q, k_ptr, v_ptr, c_row, t, L, pos, window, k_head, v_head,
+            stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_mul, softcap, offs_n, offs_d,
+            BS, TILE_N, True, True, HAS_WINDOW, HAS_SOFTCAP)
+
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)  # rows that saw no token (empty split): out 0, lse -inf
+    out = acc * (vs / l_safe)[:, None]
+    lse2 = tl.where(seen, m_i + tl.math.log2(l_safe), float("-inf"))
+    row_hd = tok_row * num_q_heads + head
+    if n_splits == 1:
+        tl.store(out_ptr + tok_row[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(lse_ptr + row_hd, lse2 * 0.6931471805599453, mask=row_ok)
+    else:
+        part = row_hd * max_splits + split
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
+        tl.store(part_lse_ptr + part, lse2, mask=row_ok)
+
+
+@triton.jit
+def _combine_kernel(
+    out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, seq_lens_ptr, qsl_ptr, anchor_lens_ptr,
+    num_seqs, tiles_per_split, max_splits, num_q_heads, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, TILE_N: tl.constexpr, HAS_ANCHORS: tl.constexpr,
+):
+    """Merge the split partials of one (token, query head), splits in index order, in fp32.
+    Tokens of sequences with a single split were written by the attention kernel: skipped."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    lo = tl.full([], 0, tl.int32)
+    hi = tl.full([], 0, tl.int32) + num_seqs - 1
+    while lo < hi:  # largest b with query_start_loc[b] <= t
+        mid = (lo + hi + 1) // 2
+        key = tl.load(qsl_ptr + mid)
+        lo = tl.where(key <= t, mid, lo)
+        hi = tl.where(key <= t, hi, mid - 1)
+    L = tl.load(seq_lens_ptr + lo)
+    if HAS_ANCHORS:
+        A = tl.load(anchor_lens_ptr + lo)
+    else:
+        A = 0
+    n_splits = _cdiv(_cdiv(A, TILE_N) + _cdiv(L, TILE_N), tiles_per_split)
+    if n_splits == 1:
+        return
+    base = (t.to(tl.int64) * num_q_heads + h) * max_splits
+    m = tl.full([], float("-inf"), tl.float32)
+    for s in range(0, n_splits):
+        m = tl.maximum(m, tl.load(part_lse_ptr + base + s))
+    offs_d = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    w_sum = tl.zeros([], dtype=tl.float32)
+    for s in range(0, n_splits):
+        w = tl.math.exp2(tl.load(part_lse_ptr + base + s) - m)
+        acc += w * tl.load(part_out_ptr + (base + s) * HEAD_DIM + offs_d)
+        w_sum += w
+    tl.store(out_ptr + t.to(tl.int64) * stride_ot + h * stride_oh + offs_d,
+             (acc / w_sum).to(out_ptr.dtype.element_ty))
+    tl.store(lse_ptr + t.to(tl.int64) * num_q_heads + h, (m + tl.math.log2(w_sum)) * 0.6931471805599453)
+
+
+# ----------------------------------------------------------------------------------------------
+# Heuristics
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def kernel_config(head_dim: int, block_size: int, group: int, mode: str, kv_dtype: torch.dtype,
+                  **overrides) -> dict:
+    """Tile sizes and launch options of one call (a fixed heuristic, no autotuning, so the
+    reduction order never changes between runs).
+
+    decode: one token per tile, the GQA group's heads as rows (padded to 16 for ``tl.dot``),
+    KV tiles of 64 tokens (128 for fp8, which moves half the bytes per token; 32 at D=256),
+    4 warps, 3 pipeline stages. prefill: 128 rows (64 at D=256) = ``128 / group`` tokens x
+    group heads, KV tiles of 64 (32 at D=256), 8 warps, 3 stages (2 at D=256).
+    Overrides: ``tile_n``, ``block_m``, ``num_warps``, ``num_stages`` (for tuning and tests).
+    """
+    if mode not in ("decode", "prefill"):
+        raise ValueError(f"mode must be 'decode' or 'prefill', got {mode!r}")
+    unknown = set(overrides) - {"tile_n", "block_m", "num_warps", "num_stages"}
+    if unknown:
+        raise ValueError(f"unknown kernel config overrides {sorted(unknown)}")
+    gp = _next_pow2(group)
+    fp8 = kv_dtype == torch.float8_e4m3fn
+    if mode == "decode":
+        block_m = max(16, gp)
+        tile_n = 32 if head_dim > 128 else (128 if fp8 else 64)
+        num_warps, num_stages = 4, (2 if head_dim > 128 else 3)
+    else:
+        block_m = max(64 if head_dim > 128 else 128, gp)
+        tile_n = 32 if head_dim > 128 else 64
+        num_warps, num_stages = 8, (2 if head_dim > 128 else 3)
+    cfg = {"tile_n": tile_n, "block_m": block_m, "num_warps": num_warps, "num_stages": num_stages}
+    cfg.update({k: v for k, v in overrides.items() if v})
+    block_m = cfg["block_m"]
+    if block_m < max(16, gp) or block_m & (block_m - 1):
+        raise ValueError(f"block_m must be a power of two >= max(16, group rows {gp}), got {block_m}")
+    if cfg["tile_n"] < 16 or cfg["tile_n"] & (cfg["tile_n"] - 1):
+        raise ValueError(f"tile_n must be a power of two >= 16, got {cfg['tile_n']}")
+    cfg["group_pad"] = gp
+    cfg["block_q"] = 1 if mode == "decode" else block_m // gp
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch
+
+
+def _scale_arg(scale, Hkv: int):
+    """(mode, tensor or None, float): 0 = Python scalar, 1 = per-tensor, 2 = per-KV-head tensor."""
+    if scale is None:
+        return 0, None, 1.0
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() == Hkv and scale.dim() == 1 and Hkv > 1:
+            return 2, scale.contiguous(), 1.0
+        return 1, scale.reshape(1), 1.0
+    return 0, None, float(scale)
+
+
+def _launch(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_block_table,
+            anchor_lens, k_scale_t, v_scale_t, softmax_scale, k_scale_f, v_scale_f, sliding_window,
+            logit_softcap, kv_split_tokens, tile_n, block_m, num_warps, num_stages):
+    T, Hq, D = q.shape
+    _, BS, Hkv, _ = k_cache.shape
+    B, max_blocks = block_table.shape
+    group = Hq // Hkv
+    out = torch.empty(T, Hq, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(T, Hq, dtype=torch.float32, device=q.device)
+    if T == 0 or B == 0:
+        return out, lse
+    mode = "decode" if T == B else "prefill"
+    cfg = kernel_config(D, BS, group, mode, k_cache.dtype, tile_n=tile_n, block_m=block_m,
+                        num_warps=num_warps, num_stages=num_stages)
+    TN = cfg["tile_n"]
+    has_anchors = anchor_block_table is not None
+    if mode == "decode":
+        if kv_split_tokens % TN:
+            raise ValueError(f"kv_split_tokens ({kv_split_tokens}) must be a multiple of the KV tile ({TN})")
+        tiles_per_split = kv_split_tokens // TN
+        # Shape-only bound on the splits of any sequence (table capacities, no host sync).
+        cap_tiles = -(-max_blocks * BS // TN)
+        if has_anchors:
+            cap_tiles += -(-anchor_block_table.shape[1] * BS // TN)
+        max_splits = max(1, -(-cap_tiles // tiles_per_split))
+    else:
+        tiles_per_split, max_splits = _NO_SPLIT, 1
+    if max_splits > 1:
+        part_out = torch.empty(T, Hq, max_splits, D, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(T, Hq, max_splits, dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = lse  # never written: every sequence has one split
+    ks_mode = 0 if k_scale_t is None else (2 if k_scale_t.numel() > 1 else 1)
+    vs_mode = 0 if v_scale_t is None else (2 if v_scale_t.numel() > 1 else 1)
+    atab = anchor_block_table if has_anchors else block_table
+    alen = anchor_lens if has_anchors else seq_lens
+    n_tiles = T // cfg["block_q"] + B
+    grid = (n_tiles, Hkv, max_splits)
+    _paged_anchor_attn_kernel[grid](
+        q, k_cache, v_cache, out, lse, part_out, part_lse,
+        block_table, seq_lens, query_start_loc, atab, alen,
+        k_scale_t if k_scale_t is not None else lse, v_scale_t if v_scale_t is not None else lse,
+        k_scale_f, v_scale_f, softmax_scale, logit_softcap if logit_softcap else 1.0,
+        sliding_window if sliding_window else 0,
+        B, tiles_per_split, max_splits, Hq,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1), block_table.stride(0), atab.stride(0),
+        GROUP=group, GP=cfg["group_pad"], BLOCK_Q=cfg["block_q"], BLOCK_M=cfg["block_m"],
+        HEAD_DIM=D, BS=BS, TILE_N=TN, HAS_ANCHORS=has_anchors,
+        HAS_WINDOW=bool(sliding_window), HAS_SOFTCAP=bool(logit_softcap),
+        KS_MODE=ks_mode, VS_MODE=vs_mode,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if max_splits > 1:
+        _combine_kernel[(T, Hq)](
+            out, lse, part_out, part_lse, seq_lens, query_start_loc, alen,
+            B, tiles_per_split, max_splits, Hq, out.stride(0), out.stride(1),
+            HEAD_DIM=D, TILE_N=TN, HAS_ANCHORS=has_anchors, num_warps=1,
+        )
+    return out, lse
+
+
+@torch.library.custom_op("fieldprint::paged_anchor_attention", mutates_args=())
+def _paged_anchor_attention_op(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+    seq_lens: torch.Tensor, query_start_loc: torch.Tensor, anchor_block_table: torch.Tensor | None,
+    anchor_lens: torch.Tensor | None, k_scale_t: torch.Tensor | None, v_scale_t: torch.Tensor | None,
+    softmax_scale: float, k_scale_f: float, v_scale_f: float, sliding_window: int,
+    logit_softcap: float, kv_split_tokens: int, tile_n: int, block_m: int, num_warps: int,
+    num_stages: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The launch as a torch custom op (opaque to torch.compile, capturable in CUDA graphs).
+    Arguments are already checked; 0 means "none" / "heuristic" for the int and float knobs."""
+    return _launch(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_block_table,
+                   anchor_lens, k_scale_t, v_scale_t, softmax_scale, k_scale_f, v_scale_f,
+                   sliding_window, logit_softcap, kv_split_tokens, tile_n, block_m, num_warps,
+                   num_stages)
+
+
+@_paged_anchor_attention_op.register_fake
+def _(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_block_table, anchor_lens,
+      k_scale_t, v_scale_t, softmax_scale, k_scale_f, v_scale_f, sliding_window, logit_softcap,
+      kv_split_tokens, tile_n, block_m, num_warps, num_stages):
+    T, Hq, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((T, Hq), dtype=torch.float32)
+
+
+def _check_kernel_inputs(q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
+                         anchor_block_table, anchor_lens, kv_split_tokens) -> AttentionShapes:
+    """What the kernel needs beyond the shared checks: devices it can run on, q/KV dtype pairing,
+    unit stride along the last dimension, supported head dims and page sizes."""
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"paged_anchor_attention runs a Triton kernel and needs CUDA tensors (q is on {q.device}); "
+            "on a CPU use fieldprint.attention.reference_attention (or set TRITON_INTERPRET=1 for tests)")
+    if k_cache.dtype != torch.float8_e4m3fn and k_cache.dtype != q.dtype:
+        raise TypeError(f"k_cache dtype {k_cache.dtype} must equal q dtype {q.dtype} (or be float8_e4m3fn)")
+    named = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "block_table": block_table,
+             "seq_lens": seq_lens, "query_start_loc": query_start_loc,
+             "anchor_block_table": anchor_block_table, "anchor_lens": anchor_lens}
+    for name, x in named.items():
+        if x is not None and x.numel() > 0 and x.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension, got strides {x.stride()}")
+    D, BS = q.shape[2], k_cache.shape[1]
+    if D not in (64, 128, 256):
+        raise ValueError(f"head dim must be 64, 128 or 256, got {D}")
+    if BS < 16 or BS > 128 or BS & (BS - 1):
+        raise ValueError(f"k_cache block size must be a power of two in [16, 128], got {BS}")
+    if not isinstance(kv_split_tokens, int) or kv_split_tokens <= 0 or kv_split_tokens & (kv_split_tokens - 1):
+        raise ValueError(f"kv_split_tokens must be a positive power of two, got {kv_split_tokens!r}")
+
+
+def paged_anchor_attention(
+    q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
+    anchor_block_table=None, anchor_lens=None, *, softmax_scale=None, k_scale=None, v_scale=None,
+    return_lse=False, sliding_window=None, logit_softcap=None, validate=True,
+    kv_split_tokens=KV_SPLIT_TOKENS, config=None,
+):
+    """Fused paged attention over ``[anchor tokens; context tokens]`` (DESIGN.md §3), same
+    semantics and arguments as :func:`fieldprint.attention.reference_attention`.
+
+    q: [T, Hq, D] fp16/bf16; k_cache, v_cache: [num_blocks, block_size, Hkv, D] of q's dtype or
+    float8_e4m3fn (with k_scale / v_scale: float, 1-element or [Hkv] tensor); block_table:
+    [B, max_blocks] int32; seq_lens: [B] int32; query_start_loc: [B+1] int32;
+    anchor_block_table: [B, max_anchor_blocks] int32; anchor_lens: [B] int32.
+    ``sliding_window`` limits the context (anchors always stay visible); ``logit_softcap``
+    applies ``c * tanh(s / c)`` to the scaled scores. ``validate=False`` skips the checks that
+    read index tensors (no host synchronization, for CUDA-graph capture); shape/dtype/stride
+    checks always run. ``kv_split_tokens``: split-KV length in decode mode (a fixed token count,
+    never derived from the batch). ``config``: optional overrides of :func:`kernel_config`.
+    Returns out [T, Hq, D] in q's dtype, and lse [T, Hq] float32 (natural log) if ``return_lse``.
+    """
+    shapes = check_shapes(q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
+                          anchor_block_table, anchor_lens, softmax_scale=softmax_scale,
+                          k_scale=k_scale, v_scale=v_scale, sliding_window=sliding_window,
+                          logit_softcap=logit_softcap, q_dtypes=(torch.float16, torch.bfloat16),
+                          kv_dtypes=(torch.float16, torch.bfloat16, torch.float8_e4m3fn))
+    _check_kernel_inputs(q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
+                         anchor_block_table, anchor_lens, kv_split_tokens)
+    if validate:
+        check_values(shapes, block_table, seq_lens, query_start_loc, anchor_block_table, anchor_lens)
+    cfg = dict(config or {})
+    kernel_config(shapes.D, shapes.block_size, shapes.group, "decode", k_cache.dtype, **cfg)  # validates
+    ks_mode, ks_t, ks_f = _scale_arg(k_scale, shapes.Hkv)
+    vs_mode, vs_t, vs_f = _scale_arg(v_scale, shapes.Hkv)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(shapes.D)
+    out, lse = _paged_anchor_attention_op(
+        q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_block_table, anchor_lens,
+        ks_t, vs_t, scale, ks_f, vs_f, int(sliding_window or 0), float(logit_softcap or 0.0),
+        int(kv_split_tokens), int(cfg.get("tile_n", 0)), int(cfg.get("block_m", 0)),
+        int(cfg.get("num_warps", 0)), int(cfg.get("num_stages", 0)))
+    return (out, lse) if return_lse else out
+
+
+# ----------------------------------------------------------------------------------------------
+# Compile specs for the SRAM experiment (E2)
+
+
+class CompileSpec(NamedTuple):
+    """One kernel launch as ``triton.compile`` arguments:
+    ``triton.compile(ASTSource(fn, signature, constexprs, spec.attrs), target=..., options=options)``.
+    ``attrs`` marks pointers and the strides the wrapper passes as divisible by 16, as a real
+    launch on contiguous tensors would specialize them."""
+
+    fn: object
+    signature: dict
+    constexprs: dict
+    options: dict
+
+    @property
+    def attrs(self) -> dict:
+        names = self.fn.arg_names
+        aligned = [n for n, t in self.signature.items()
+                   if t.startswith("*") or (n.startswith("stride_") and n not in ("stride_bt", "stride_at"))]
+        return {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+
+
+_TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8e4nv"}
+
+
+def sm90_compile_specs(head_dim: int, block_size: int, kv_dtype: torch.dtype, group: int, mode: str,
+                       q_dtype: torch.dtype = torch.bfloat16, anchors: bool = True,
+                       sliding_window: bool = False, logit_softcap: bool = False,
+                       scale_mode: int = 0, **overrides) -> list[CompileSpec]:
+    """The kernels ``paged_anchor_attention`` launches for these shapes (decode: attention +
+    split combine; prefill: attention), with the same constexprs and options. Nothing in them
+    depends on the number of anchors or the context length: those are runtime loop bounds."""
+    cfg = kernel_config(head_dim, block_size, group, mode, kv_dtype, **overrides)
+    qt, kt = _TRITON_DTYPES[q_dtype], _TRITON_DTYPES[kv_dtype]
+    ptr = {"q_ptr": qt, "k_ptr": kt, "v_ptr": kt, "out_ptr": qt, "lse_ptr": "fp32",
+           "part_out_ptr": "fp32", "part_lse_ptr": "fp32", "block_table_ptr": "i32",
+           "seq_lens_ptr": "i32", "qsl_ptr": "i32", "anchor_table_ptr": "i32", "anchor_lens_ptr": "i32",
+           "k_scale_ptr": "fp32", "v_scale_ptr": "fp32"}
+    floats = ("k_scale_val", "v_scale_val", "sm_scale", "softcap")
+    constexprs = {"GROUP": group, "GP": cfg["group_pad"], "BLOCK_Q": cfg["block_q"],
+                  "BLOCK_M": cfg["block_m"], "HEAD_DIM": head_dim, "BS": block_size,
+                  "TILE_N": cfg["tile_n"], "HAS_ANCHORS": anchors, "HAS_WINDOW": sliding_window,
+                  "HAS_SOFTCAP": logit_softcap, "KS_MODE": scale_mode, "VS_MODE": scale_mode}
+    fn = _paged_anchor_attn_kernel
+    sig = {}
+    for name in fn.arg_names:
+        if name in ptr:
+            sig[name] = "*" + ptr[name]
+        elif name in floats:
+            sig[name] = "fp32"
+        elif name in constexprs:
+            sig[name] = "constexpr"
+        else:
+            sig[name] = "i32"
+    options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    specs = [CompileSpec(fn, sig, constexprs, options)]
+    if mode == "decode":
+        cfn = _combine_kernel
+        cconst = {"HEAD_DIM": head_dim, "TILE_N": cfg["tile_n"], "HAS_ANCHORS": anchors}
+        csig = {n: ("*" + qt if n == "out_ptr" else "*fp32" if n in ("lse_ptr", "part_out_ptr", "part_lse_ptr")
+                    else "*i32" if n.endswith("_ptr") else "constexpr" if n in cconst else "i32")
+                for n in cfn.arg_names}
+        specs.append(CompileSpec(cfn, csig, cconst, {"num_warps": 1, "num_stages": 1}))
+    return specs
