@@ -20,7 +20,7 @@ def fake_sdist(path, texts):
 
 def test_normalize():
     assert corpus.normalize("a  \r\nb\r\n\r\n\r\n\r\nc\n\n") == "a\nb\n\nc\n"
-    assert corpus.normalize("e\u0301") == "\u00e9"  # NFC
+    assert corpus.normalize("e\u0301") == "\u00e9\n"  # NFC
 
 
 def test_wrong_hash_is_an_error(tmp_path):
