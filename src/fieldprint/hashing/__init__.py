@@ -109,8 +109,10 @@ def _triton_many(rows: torch.Tensor, key: bytes | None) -> torch.Tensor:
     kw, kf = _key_args(key)
     nodes = torch.empty((n * c, 8), dtype=torch.int32, device=rows.device)
     grid = (triton.cdiv(n * c, CHUNK_BLOCK),)
-    K.chunk_kernel[grid](words, nodes, n * c, c, length, w, *kw, kf,
-                         BLOCK=CHUNK_BLOCK, num_warps=CHUNK_BLOCK // 32)
+    n_blocks = min(16, max(1, -(-length // 64)))
+    K.chunk_kernel[grid](words, nodes, n * c, c, length, w, n_blocks, *kw, kf,
+                         BLOCK=CHUNK_BLOCK, ALIGNED=w % 16 == 0,
+                         num_warps=CHUNK_BLOCK // 32)
     m = c
     while m > 1:
         mo = (m + 1) // 2

@@ -9,32 +9,30 @@ import triton
 import triton.language as tl
 
 # Domain flags of the BLAKE3 specification.
-CHUNK_START = 1
-CHUNK_END = 2
-PARENT = 4
-ROOT = 8
-KEYED_HASH = 16
+CHUNK_START = tl.constexpr(1)
+CHUNK_END = tl.constexpr(2)
+PARENT = tl.constexpr(4)
+ROOT = tl.constexpr(8)
+KEYED_HASH = 16  # host side: passed in as key_flags
 
 CHUNK_LEN = 1024
-CHUNK_WORDS = 256
-
-
-@triton.jit
-def _rotr(x, n: tl.constexpr):
-    # uint32 rotation; ptxas turns the shift pair into one funnel shift (SHF)
-    return (x >> n) | (x << (32 - n))
 
 
 @triton.jit
 def _g(a, b, c, d, mx, my):
+    # uint32 rotations written as shift pairs; ptxas turns each pair into one funnel shift (SHF)
     a = a + b + mx
-    d = _rotr(d ^ a, 16)
+    d = d ^ a
+    d = (d >> 16) | (d << 16)
     c = c + d
-    b = _rotr(b ^ c, 12)
+    b = b ^ c
+    b = (b >> 12) | (b << 20)
     a = a + b + my
-    d = _rotr(d ^ a, 8)
+    d = d ^ a
+    d = (d >> 8) | (d << 24)
     c = c + d
-    b = _rotr(b ^ c, 7)
+    b = b ^ c
+    b = (b >> 7) | (b << 25)
     return a, b, c, d
 
 
@@ -130,14 +128,17 @@ def _words16(x, N: tl.constexpr):
 
 
 @triton.jit
-def chunk_kernel(x_ptr, out_ptr, n_chunks, C, L, W,
+def chunk_kernel(x_ptr, out_ptr, n_chunks, C, L, W, n_blocks,
                  k0, k1, k2, k3, k4, k5, k6, k7, key_flags,
-                 BLOCK: tl.constexpr):
+                 BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     """Chaining values of all chunks of N rows, one chunk per lane.
 
     x_ptr: [N, W] int32 words of the rows (L bytes each, zero-padded to W = ceil(L/4) words);
+    n_blocks = min(16, max(1, ceil(L / 64))) blocks are visited per chunk.
     out_ptr: [N * C, 8] int32, C = max(1, ceil(L / 1024)) chunks per row. When C == 1 the
-    chunk is the root and its output is the digest.
+    chunk is the root and its output is the digest. ALIGNED: W % 16 == 0, so a 64-byte block
+    is either wholly inside its row or wholly outside, and the load mask is one per block
+    (which lets each thread load 16 bytes at once).
     """
     pid = tl.program_id(0)
     g = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # global chunk index (int64 offsets)
@@ -161,10 +162,16 @@ def chunk_kernel(x_ptr, out_ptr, n_chunks, C, L, W,
     h5 = t_lo * 0 + _u32(k5)
     h6 = t_lo * 0 + _u32(k6)
     h7 = t_lo * 0 + _u32(k7)
-    for b in range(16):
+    b = 0
+    # a while loop: the interpreter of triton 3.6 cannot range() over a runtime scalar
+    while b < n_blocks:  # 16, fewer only when every row is shorter than one chunk
         word = chunk_word + b * 16  # [BLOCK]
         offs = word[:, None] + cols[None, :]  # [BLOCK, 16]
-        blk = tl.load(row_ptr[:, None] + offs, mask=valid[:, None] & (offs < W), other=0)
+        if ALIGNED:
+            inside = (word < W)[:, None]
+        else:
+            inside = offs < W
+        blk = tl.load(row_ptr[:, None] + offs, mask=valid[:, None] & inside, other=0)
         m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15 = _words16(
             _u32(blk), BLOCK)
         blen = tl.minimum(tl.maximum(clen - b * 64, 0), 64).to(tl.uint32)
@@ -184,6 +191,7 @@ def chunk_kernel(x_ptr, out_ptr, n_chunks, C, L, W,
         h5 = tl.where(live, n5, h5)
         h6 = tl.where(live, n6, h6)
         h7 = tl.where(live, n7, h7)
+        b += 1
     o = out_ptr + g * 8
     tl.store(o + 0, h0.to(tl.int32, bitcast=True), mask=valid)
     tl.store(o + 1, h1.to(tl.int32, bitcast=True), mask=valid)
