@@ -585,6 +585,9 @@ def sm90_compile_specs(head_dim: int, block_size: int, kv_dtype: torch.dtype, gr
     """The kernels ``paged_anchor_attention`` launches for these shapes (decode: attention +
     split combine; prefill: attention), with the same constexprs and options. Nothing in them
     depends on the number of anchors or the context length: those are runtime loop bounds."""
+    if not isinstance(_paged_anchor_attn_kernel, triton.runtime.jit.JITFunction):
+        raise RuntimeError("sm90_compile_specs needs compiled kernels: unset TRITON_INTERPRET (the "
+                           "interpreter replaces @triton.jit functions) and run it in a fresh process")
     cfg = kernel_config(head_dim, block_size, group, mode, kv_dtype, **overrides)
     qt, kt = _TRITON_DTYPES[q_dtype], _TRITON_DTYPES[kv_dtype]
     ptr = {"q_ptr": qt, "k_ptr": kt, "v_ptr": kt, "out_ptr": qt, "lse_ptr": "fp32",
