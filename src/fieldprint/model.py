@@ -7,9 +7,12 @@ tied to the embedding. Two ways to run the same weights:
 * ``Transformer.forward(idx)``: the plain training path, ``[B, T]`` bytes -> ``[B, T, 256]``
   logits, causal attention through ``scaled_dot_product_attention``.
 * ``Transformer.forward_paged(...)``: the serving path. Each layer writes the new tokens' K/V
-  (rotated) into a :class:`PagedKV` pool and attends through
-  :func:`fieldprint.attention.paged_anchor_attention` (or ``reference_attention``: same paged
-  arguments, plain PyTorch) over the pinned anchor blocks and the sequence's own blocks.
+  (rotated) into a :class:`PagedKV` pool and attends over the pinned anchor blocks and the
+  sequence's own blocks through one of three backends with the same paged arguments:
+  ``kernel`` (:func:`fieldprint.attention.paged_anchor_attention`, the fused Triton kernel; bf16
+  or fp16 q and cache), ``reference`` (``reference_attention``: plain PyTorch, one sequence at a
+  time, float32/float64) or ``naive`` (``naive_attention``: the same function batched and padded,
+  float32, fast on a GPU).
 
 :func:`score_paged` drives the serving path the way the accuracy study uses it: the anchor
 prologue is prefilled once into pinned blocks shared by every sequence, then batches of windows
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 VOCAB = 256  # bytes
-ATTENTION_BACKENDS = ("kernel", "reference")
+ATTENTION_BACKENDS = ("kernel", "reference", "naive")
 
 # store(x, layer, which) -> the values the cache keeps for x: [T, Hkv, D]; which is "k" or "v"
 Store = Callable[[torch.Tensor, int, str], torch.Tensor]
@@ -120,9 +123,12 @@ class Attention(nn.Module):
         """x: [B, T, d] -> [B, T, d], causal."""
         t = x.shape[1]
         q, k, v = self.qkv(x, torch.arange(t, device=x.device))
+        group = self.cfg.n_head // self.cfg.n_kv_head
+        # K/V heads repeated for the query heads of their group (keeps SDPA on its fused backends)
+        k, v = k.repeat_interleave(group, dim=-2), v.repeat_interleave(group, dim=-2)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            is_causal=True, dropout_p=self.cfg.dropout if self.training else 0.0, enable_gqa=True,
+            is_causal=True, dropout_p=self.cfg.dropout if self.training else 0.0,
         )
         return self.wo(out.transpose(1, 2).flatten(-2))
 
@@ -245,6 +251,10 @@ def _attention_fn(backend: str):
         from fieldprint.attention import paged_anchor_attention
 
         return paged_anchor_attention
+    if backend == "naive":
+        from fieldprint.attention.reference import naive_attention
+
+        return naive_attention
     from fieldprint.attention import reference_attention
 
     return reference_attention

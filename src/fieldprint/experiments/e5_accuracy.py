@@ -7,12 +7,17 @@ Two measurements, one CSV (column ``kind``):
   prologue (the first ``anchor_bytes`` bytes of ``valid_path``) is prefilled once into pinned
   blocks shared by every sequence; ``eval_windows`` windows of ``window`` bytes, evenly spaced over
   the rest of the validation text, are scored by chunked prefill through scrambled block tables
-  and ``paged_anchor_attention`` (``attention: kernel``) or ``reference_attention``
-  (``attention: reference``). Every K/V the cache holds is stored in the row's format: quantized
-  with :func:`fieldprint.quant.quantize` and dequantized back (simulated storage: the pool is
-  float32 and holds exactly the values a cache in that format would decode to). The
+  and ``reference_attention`` (``attention: reference``) or its batched twin ``naive_attention``
+  (``attention: naive``, fast on a GPU), in float32 arithmetic on a float32 cache. Every K/V the
+  cache holds is stored in the row's format: quantized with :func:`fieldprint.quant.quantize` and
+  dequantized back (simulated storage: the pool is float32 and holds exactly the values a cache
+  in that format would decode to, so the rows differ by the storage format alone). The
   ``reference`` row keeps float32 K/V. ``anchors_quantized`` says whether the anchor K/V is
   stored in the format too or kept in float32.
+* ``lm`` rows with ``attention = kernel`` (formats ``kernel_formats``): the same evaluation through
+  the fused Triton kernel, which takes bf16 q and a bf16 cache. Only formats whose values bf16
+  holds exactly are allowed (bf16, e4m3, e5m2, int8 with power-of-two scales, two-grid midpoints
+  included), so these rows differ from their float32 twins only by the kernel's own arithmetic.
 * ``attention``: the relative error ``||o - o_ref|| / ||o_ref||`` (Frobenius) of attention
   outputs at Llama-like shapes on synthetic data (q, v standard normal, k standard normal times
   log-normal per-channel scales, an outlier pattern real keys show), computed in float64 through
@@ -42,6 +47,7 @@ from fieldprint.model import ATTENTION_BACKENDS, load_checkpoint, score_paged
 FORMATS = ("bf16", "fp16", "e4m3", "e5m2", "int8")
 ROUNDINGS = ("rne", "trunc", "stochastic", "two_grid")
 RANDOM_ROUNDINGS = ("stochastic",)
+KERNEL_FORMATS = ("bf16", "e4m3", "e5m2", "int8")  # values a bf16 cache holds exactly
 BITS = {"bf16": 16, "fp16": 16, "e4m3": 8, "e5m2": 8, "int8": 8}
 
 
@@ -61,6 +67,7 @@ class E5AccuracyConfig(ExperimentConfig):
         "bf16:rne", "fp16:rne", "e4m3:rne", "e4m3:trunc", "e4m3:stochastic", "e4m3:two_grid",
         "e5m2:rne", "e5m2:trunc", "e5m2:stochastic", "int8:rne", "int8:two_grid"])
     anchors_quantized: list[bool] = field(default_factory=lambda: [True, False])
+    kernel_formats: list[str] = field(default_factory=list)  # also run through the kernel
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     # synthetic attention error
     attn_batch: int = 4
@@ -90,6 +97,12 @@ class E5AccuracyConfig(ExperimentConfig):
         for item in self.formats:
             parse_format(item)
         check(len(set(self.formats)) == len(self.formats), f"formats has duplicates: {self.formats}")
+        for item in self.kernel_formats:
+            check(parse_format(item)[0] in KERNEL_FORMATS,
+                  f"kernel_formats entry {item!r}: the kernel's bf16 cache holds only {KERNEL_FORMATS} exactly")
+        check(self.attention != "kernel",
+              "attention='kernel' cannot hold the float32 reference; use 'naive' or 'reference' "
+              "and list the formats to run through the kernel in kernel_formats")
         check(len(self.anchors_quantized) > 0, "anchors_quantized must not be empty")
         check(all(isinstance(a, bool) for a in self.anchors_quantized),
               f"anchors_quantized must hold booleans, got {self.anchors_quantized}")
@@ -156,9 +169,9 @@ def lm_windows(cfg: E5AccuracyConfig, context: int) -> tuple[torch.Tensor, torch
     return anchor, rest[starts[:, None] + torch.arange(length)]
 
 
-def _runs(cfg: E5AccuracyConfig):
+def _runs(cfg: E5AccuracyConfig, formats: list[str]):
     """(fmt, rounding, anchors_quantized, seed) of every non-reference row."""
-    for item in cfg.formats:
+    for item in formats:
         fmt, rounding = parse_format(item)
         for aq in cfg.anchors_quantized:
             for seed in (cfg.seeds if rounding in RANDOM_ROUNDINGS else [cfg.seed]):
@@ -174,22 +187,25 @@ def lm_rows(cfg: E5AccuracyConfig, device: str) -> list[dict]:
     anchor, windows = lm_windows(cfg, model.cfg.context)
     n_bytes = windows[:, 1:].numel()
 
-    def score(store=None, anchor_store=None) -> float:
+    def score(store=None, anchor_store=None, attention=cfg.attention) -> float:
         nats = score_paged(model, anchor, windows, batch=cfg.batch, chunk=cfg.chunk,
                            block_size=cfg.block_size, store=store, anchor_store=anchor_store,
-                           attention=cfg.attention, seed=cfg.seed)
+                           attention=attention, seed=cfg.seed,
+                           cache_dtype=torch.bfloat16 if attention == "kernel" else torch.float32)
         return float(nats.sum())
 
-    def row(fmt, rounding, aq, seed, bits, nats) -> dict:
+    def row(fmt, rounding, aq, seed, attention, nats) -> dict:
+        bits = 32 if fmt == "reference" else _bits(fmt, rounding)
         return {"kind": "lm", "fmt": fmt, "rounding": rounding, "anchors_quantized": aq,
-                "seed": seed, "bits": bits, "n_bytes": n_bytes, "nats": nats,
-                "bpb": nats / n_bytes / math.log(2), "rel_err": ""}
+                "seed": seed, "attention": attention, "bits": bits, "n_bytes": n_bytes,
+                "nats": nats, "bpb": nats / n_bytes / math.log(2), "rel_err": ""}
 
-    rows = [row("reference", "none", False, cfg.seed, 32, score())]
-    for fmt, rounding, aq, seed in _runs(cfg):
-        store = kv_store(fmt, rounding, seed)
-        rows.append(row(fmt, rounding, aq, seed, _bits(fmt, rounding),
-                        score(store, store if aq else None)))
+    rows = [row("reference", "none", False, cfg.seed, cfg.attention, score())]
+    for formats, attention in ((cfg.formats, cfg.attention), (cfg.kernel_formats, "kernel")):
+        for fmt, rounding, aq, seed in _runs(cfg, formats):
+            store = kv_store(fmt, rounding, seed)
+            nats = score(store, store if aq else None, attention)
+            rows.append(row(fmt, rounding, aq, seed, attention, nats))
     return rows
 
 
@@ -230,7 +246,7 @@ def attention_rows(cfg: E5AccuracyConfig, device: str) -> list[dict]:
     is_anchor = torch.zeros(args["k_cache"].shape[0], dtype=torch.bool, device=device)
     is_anchor[anchor_ids] = True
     rows = []
-    for fmt, rounding, aq, seed in _runs(cfg):
+    for fmt, rounding, aq, seed in _runs(cfg, cfg.formats):
         stored = {}
         for i, name in enumerate(("k_cache", "v_cache")):
             x = args[name]
@@ -240,7 +256,8 @@ def attention_rows(cfg: E5AccuracyConfig, device: str) -> list[dict]:
         out = reference_attention(**{**args, **stored})
         rel = float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref))
         rows.append({"kind": "attention", "fmt": fmt, "rounding": rounding,
-                     "anchors_quantized": aq, "seed": seed, "bits": _bits(fmt, rounding),
+                     "anchors_quantized": aq, "seed": seed, "attention": "reference",
+                     "bits": _bits(fmt, rounding),
                      "n_bytes": "", "nats": "", "bpb": "", "rel_err": rel})
     return rows
 

@@ -1,0 +1,197 @@
+"""The byte-level model: plain and paged-cache paths agree, training learns, bad input is an error."""
+
+import pytest
+import torch
+
+from fieldprint.model import (
+    ModelConfig,
+    PagedKV,
+    Transformer,
+    load_checkpoint,
+    rotary,
+    score_paged,
+    score_plain,
+)
+
+TINY = ModelConfig(n_layer=2, d_model=32, n_head=4, n_kv_head=2, context=48)
+
+
+def tiny_model(seed: int, dtype=torch.float64, cfg: ModelConfig = TINY) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(cfg).to(dtype).eval()
+    # random norm gains too, so that the test sees them used alike on both paths
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.data = 1 + 0.3 * torch.randn_like(p)
+    return model
+
+
+@pytest.mark.parametrize("anchor_len", [0, 1, 13])
+def test_paged_path_equals_plain_path(anchor_len):
+    """Ragged everywhere: anchors not block-aligned, chunks not dividing the window, a last batch
+    shorter than the others, scrambled block ids; float64 so any indexing slip shows."""
+    model = tiny_model(anchor_len)
+    g = torch.Generator().manual_seed(100 + anchor_len)
+    anchor = torch.randint(0, 256, (anchor_len,), generator=g)
+    windows = torch.randint(0, 256, (5, 31), generator=g)
+    plain = score_plain(model, anchor, windows)
+    paged = score_paged(model, anchor, windows, batch=2, chunk=7, block_size=4,
+                        cache_dtype=torch.float64)
+    assert plain.shape == paged.shape == (5,)
+    torch.testing.assert_close(paged, plain, rtol=1e-10, atol=1e-9)
+
+
+def test_paged_path_per_position_logits_match():
+    """Logits of every position, not just the summed loss: one window, one chunk per token."""
+    model = tiny_model(3)
+    g = torch.Generator().manual_seed(3)
+    anchor = torch.randint(0, 256, (9,), generator=g)
+    window = torch.randint(0, 256, (1, 12), generator=g)
+    full = torch.cat([anchor, window[0, :-1]])[None]
+    plain_logits = model(full)[0, anchor.numel():]
+    per_token = score_paged(model, anchor, window, batch=1, chunk=1, block_size=2,
+                            cache_dtype=torch.float64)
+    expect = torch.nn.functional.cross_entropy(plain_logits, window[0, 1:], reduction="sum")
+    torch.testing.assert_close(per_token, expect[None], rtol=1e-10, atol=1e-9)
+
+
+def test_store_changes_what_the_cache_holds():
+    """The store hook decides the cached values: scaling V changes the loss, the anchors' store
+    is separate from the context's."""
+    model = tiny_model(4)
+    g = torch.Generator().manual_seed(4)
+    anchor = torch.randint(0, 256, (8,), generator=g)
+    windows = torch.randint(0, 256, (2, 17), generator=g)
+    base = score_paged(model, anchor, windows, cache_dtype=torch.float64, block_size=4)
+    calls = []
+
+    def halve_v(x, layer, which):
+        calls.append((layer, which, x.shape[0]))
+        return x * 0.5 if which == "v" else x
+
+    ctx_only = score_paged(model, anchor, windows, cache_dtype=torch.float64, block_size=4,
+                           store=halve_v)
+    both = score_paged(model, anchor, windows, cache_dtype=torch.float64, block_size=4,
+                       store=halve_v, anchor_store=halve_v)
+    assert not torch.allclose(ctx_only, base) and not torch.allclose(both, ctx_only)
+    layers = {c[0] for c in calls}
+    assert layers == {0, 1} and {c[1] for c in calls} == {"k", "v"}
+
+
+def test_one_training_step_lowers_the_loss():
+    torch.manual_seed(5)
+    model = Transformer(TINY).train()
+    g = torch.Generator().manual_seed(5)
+    batch = torch.randint(0, 256, (4, 33), generator=g)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    before = model.loss(batch[:, :-1], batch[:, 1:])
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        after = model.loss(batch[:, :-1], batch[:, 1:])
+    assert float(after) < float(before.detach()) - 1e-3
+
+
+def test_rotary_is_a_rotation_and_relative():
+    """Norms are kept, and the score of (q at i, k at j) depends only on i - j."""
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 1, 16, dtype=torch.float64, generator=g)
+    k = torch.randn(1, 1, 16, dtype=torch.float64, generator=g)
+    rq = rotary(q, torch.tensor([7]), 10000.0)
+    torch.testing.assert_close(rq.norm(), q.norm())
+    s1 = (rotary(q, torch.tensor([7]), 1e4) * rotary(k, torch.tensor([3]), 1e4)).sum()
+    s2 = (rotary(q, torch.tensor([20]), 1e4) * rotary(k, torch.tensor([16]), 1e4)).sum()
+    torch.testing.assert_close(s1, s2)
+
+
+def test_paged_kv_scrambles_and_pins(tmp_path):
+    cache = PagedKV(TINY, num_blocks=32, block_size=4, seed=1)
+    pinned = cache.allocate(3, pin=True)
+    first = cache.allocate(10)
+    assert first != sorted(first)  # scrambled block ids
+    cache.release(first + pinned)  # pinned blocks never go back
+    again = cache.allocate(29)
+    assert not set(again) & set(pinned)
+    with pytest.raises(ValueError, match="free blocks"):
+        cache.allocate(1)
+    assert torch.isnan(cache.k[0][again]).all()  # released blocks are poisoned
+
+
+def test_checkpoint_round_trip(tmp_path):
+    from fieldprint.experiments.e5_train import E5TrainConfig, save_checkpoint
+
+    cfg = E5TrainConfig(n_layer=2, d_model=32, n_head=4, n_kv_head=2, context=48, save_dtype="fp32")
+    model = tiny_model(7, torch.float32)
+    save_checkpoint(tmp_path / "model.pt", model, cfg, {"step": 1})
+    loaded, meta = load_checkpoint(tmp_path / "model.pt")
+    assert loaded.cfg == TINY and meta["final"] == {"step": 1}
+    for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+    with pytest.raises(ValueError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(d_model=30), "multiple of n_head"),
+    (dict(n_kv_head=3), "multiple of n_kv_head"),
+    (dict(d_model=12, n_head=4, n_kv_head=2), "must be even"),
+    (dict(n_layer=0), "n_layer"),
+    (dict(dropout=1.0), "dropout"),
+    (dict(rope_base=1.0), "rope_base"),
+])
+def test_bad_model_config(kwargs, match):
+    base = dict(n_layer=2, d_model=32, n_head=4, n_kv_head=2, context=48)
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(**{**base, **kwargs})
+
+
+def test_bad_inputs_are_clear_errors():
+    model = tiny_model(8)
+    with pytest.raises(TypeError, match="idx"):
+        model(torch.zeros(1, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="idx"):
+        model(torch.full((1, 4), 256))
+    with pytest.raises(ValueError, match="context"):
+        model(torch.zeros(1, 49, dtype=torch.int64))
+    anchor, windows = torch.zeros(20, dtype=torch.int64), torch.zeros(2, 30, dtype=torch.int64)
+    with pytest.raises(ValueError, match="exceed the model context"):
+        score_paged(model, anchor, windows)
+    with pytest.raises(ValueError, match="chunk"):
+        score_paged(model, anchor[:4], windows, chunk=0)
+    with pytest.raises(ValueError, match="attention"):
+        score_paged(model, anchor[:4], windows, attention="flash")
+    with pytest.raises(ValueError, match="windows"):
+        score_paged(model, anchor[:4], windows[:, :1])
+
+
+def test_kernel_backend_matches_plain_path():
+    """The fused Triton kernel (interpreted on a CPU) inside the model: bf16 q and cache, so the
+    tolerance is bf16's; the reference backend with the same bf16 cache must agree closely too."""
+    pytest.importorskip("fieldprint.attention.kernel")
+    cfg = ModelConfig(n_layer=1, d_model=128, n_head=2, n_kv_head=1, context=48)  # D = 64
+    model = tiny_model(9, torch.float32, cfg)
+    g = torch.Generator().manual_seed(9)
+    anchor = torch.randint(0, 256, (19,), generator=g)
+    windows = torch.randint(0, 256, (2, 21), generator=g)
+    plain = score_plain(model, anchor, windows)
+    kernel = score_paged(model, anchor, windows, batch=2, chunk=6, block_size=16,
+                         attention="kernel", cache_dtype=torch.bfloat16)
+    ref = score_paged(model, anchor, windows, batch=2, chunk=6, block_size=16,
+                      attention="reference", cache_dtype=torch.bfloat16)
+    torch.testing.assert_close(kernel, ref, rtol=2e-3, atol=0)
+    torch.testing.assert_close(kernel, plain, rtol=2e-2, atol=0)
+
+
+@pytest.mark.gpu
+def test_kernel_backend_on_gpu():
+    cfg = ModelConfig(n_layer=2, d_model=256, n_head=4, n_kv_head=2, context=128)  # D = 64
+    model = tiny_model(10, torch.float32, cfg).cuda()
+    g = torch.Generator().manual_seed(10)
+    anchor = torch.randint(0, 256, (37,), generator=g)
+    windows = torch.randint(0, 256, (6, 80), generator=g)
+    plain = score_plain(model, anchor, windows)
+    naive = score_paged(model, anchor, windows, batch=4, chunk=32, attention="naive")
+    kernel = score_paged(model, anchor, windows, batch=4, chunk=32, attention="kernel",
+                         cache_dtype=torch.bfloat16)
+    torch.testing.assert_close(naive, plain, rtol=1e-4, atol=0)
+    torch.testing.assert_close(kernel, plain, rtol=2e-2, atol=0)
