@@ -1,0 +1,292 @@
+"""E1: decode and chunked-prefill throughput of the fused paged anchor kernel and every baseline.
+
+For each configuration (mode, batch B, context L, anchors A, KV dtype) the run draws fresh random
+inputs (normal, never zeros) in a pool whose block ids are a random permutation (scrambled block
+tables; each sequence owns its context and anchor blocks), then for each implementation of
+:data:`fieldprint.attention.baselines.REGISTRY`:
+
+1. ``setup`` outside the timed region (a failure or an unsupported combination becomes a row
+   with ``ms`` empty and the reason in ``skipped``; the materialized forms are skipped before
+   they run when their memory estimate exceeds ``unfused_limit_gb``);
+2. one call checked against ``reference_attention`` (fp32) on a slice (the last
+   ``check_tokens`` query tokens of the first ``check_seqs`` sequences): ``rel_err`` =
+   max |out - ref| / max |ref|; and against the fused output on every token: ``rel_err_fused``;
+3. the median time of ``run`` (CUDA graph replay where capture works, else eager; ``timing``).
+
+Prefill: one sequence, the whole prompt as one chunk (``prefill_chunk = 0``: ``q_len = L``, keys
+``A + L``, lower-right causal), so its TFLOP/s compare directly with causal flash SDPA; a
+positive ``prefill_chunk`` times the last chunk of that size instead.
+
+Bandwidth counts the bytes an ideal kernel moves once: K and V of every anchor and context token
+in the stored dtype, plus q and out. TFLOP/s counts ``4 * Hq * D`` per visible key per query
+token (QK^T and PV). The contiguous SDPA baselines are charged the same logical bytes even when a
+backend needs its K/V heads expanded (``note``).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import dataclass, field
+
+from fieldprint.experiments.common import ExperimentConfig, bench, check, hydra_main, resolve_device
+
+IMPLS = ("fused", "cudnn_sdpa", "flash_sdpa", "gather_sdpa", "naive", "two_softmax", "cascade",
+         "prefix_blocks", "flex")
+KV_DTYPES = {"bf16": "bfloat16", "fp8": "float8_e4m3fn"}
+GRAPHABLE = {"fused", "cascade", "prefix_blocks", "cudnn_sdpa", "flash_sdpa", "gather_sdpa"}
+FP8_SCALE = 0.5  # k_scale = v_scale for fp8 caches (values stored as x / 0.5)
+
+
+@dataclass
+class E1Config(ExperimentConfig):
+    decode_shapes: list[list[int]] = field(default_factory=lambda: [[2, 40]])  # [B, L] pairs
+    anchors: list[int] = field(default_factory=lambda: [0, 16])
+    kv_dtypes: list[str] = field(default_factory=lambda: ["bf16"])
+    prefill_contexts: list[int] = field(default_factory=lambda: [48])
+    prefill_anchors: list[int] = field(default_factory=lambda: [16])
+    prefill_chunk: int = 0  # 0: the whole prompt is one chunk
+    heads_q: int = 4
+    heads_kv: int = 2
+    head_dim: int = 64
+    block_size: int = 16
+    impls: list[str] = field(default_factory=lambda: list(IMPLS))
+    flex_anchors: list[int] = field(default_factory=lambda: [16])  # flex compiles per shape: few
+    flex_modes: list[str] = field(default_factory=lambda: ["decode"])
+    unfused_limit_gb: float = 60.0
+    cuda_graphs: bool = True
+    check_seqs: int = 2
+    check_tokens: int = 4
+    warmup_ms: float = 10.0
+    rep_ms: float = 40.0
+
+    def validate(self) -> None:
+        super().validate()
+        check(all(len(s) == 2 and s[0] > 0 and s[1] > 0 for s in self.decode_shapes),
+              f"decode_shapes must be [B, L] pairs of positive ints, got {self.decode_shapes}")
+        check(all(a >= 0 for a in self.anchors + self.prefill_anchors), "anchors must be >= 0")
+        check(set(self.kv_dtypes) <= set(KV_DTYPES), f"kv_dtypes must be in {sorted(KV_DTYPES)}")
+        check(all(c > 0 for c in self.prefill_contexts), "prefill_contexts must be positive")
+        check(self.prefill_chunk >= 0, "prefill_chunk must be >= 0 (0 = whole prompt)")
+        check(all(c >= self.prefill_chunk for c in self.prefill_contexts),
+              "prefill_chunk must not exceed a prefill context")
+        check(self.heads_q > 0 and self.heads_kv > 0 and self.heads_q % self.heads_kv == 0,
+              "heads_q must be a positive multiple of heads_kv")
+        check(self.head_dim in (64, 128, 256), "head_dim must be 64, 128 or 256 (the kernel's)")
+        check(self.block_size in (16, 32, 64, 128), "block_size must be 16, 32, 64 or 128")
+        check(set(self.impls) <= set(IMPLS) and "fused" in self.impls,
+              f"impls must include 'fused' and be drawn from {IMPLS}")
+        check(set(self.flex_modes) <= {"decode", "prefill"}, "flex_modes: decode / prefill")
+        check(self.unfused_limit_gb > 0 and self.check_seqs > 0 and self.check_tokens > 0,
+              "unfused_limit_gb, check_seqs, check_tokens must be positive")
+        check(self.warmup_ms > 0 and self.rep_ms > 0, "warmup_ms and rep_ms must be positive")
+
+
+# ----------------------------------------------------------------------------------- inputs
+
+
+def make_problem(B: int, q_len: int, L: int, A: int, cfg: E1Config, kv_dtype, device: str, seed: int):
+    """Random paged inputs of a uniform batch: PagedCase and Scales. Pool blocks in random
+    order; each sequence owns ceil(L/bs) context and ceil(A/bs) anchor blocks."""
+    import torch
+
+    from fieldprint.attention.baselines import Scales
+    from fieldprint.attention.paged_inputs import PagedCase
+
+    bs, Hkv, D = cfg.block_size, cfg.heads_kv, cfg.head_dim
+    n_ctx, n_anc = -(-L // bs), -(-A // bs)
+    N = B * (n_ctx + n_anc) + 1
+    cpu = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(N, generator=cpu).to(torch.int32)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    store = torch.bfloat16 if kv_dtype == torch.bfloat16 else torch.float32
+
+    def pool():
+        x = torch.randn(N, bs, Hkv, D, generator=gen, device=device, dtype=store)
+        return x if kv_dtype == torch.bfloat16 else (x / FP8_SCALE).to(kv_dtype)
+
+    k, v = pool(), pool()
+    q = torch.randn(B * q_len, cfg.heads_q, D, generator=gen, device=device, dtype=torch.bfloat16)
+    table = perm[:B * n_ctx].view(B, n_ctx).to(device)
+    atable = perm[B * n_ctx:B * (n_ctx + n_anc)].view(B, n_anc).to(device) if A else None
+    i32 = {"dtype": torch.int32, "device": device}
+    case = PagedCase(q, k, v, table, torch.full((B,), L, **i32), torch.arange(B + 1, **i32) * q_len,
+                     atable, torch.full((B,), A, **i32) if A else None)
+    fp8 = kv_dtype != torch.bfloat16
+    return case, Scales(None, FP8_SCALE if fp8 else None, FP8_SCALE if fp8 else None)
+
+
+def reference_slice(case, scales, n_seqs: int, n_tokens: int):
+    """(token indices, reference output there): the last ``n_tokens`` query tokens of the first
+    ``n_seqs`` sequences, computed by ``reference_attention`` in fp32."""
+    import torch
+
+    from fieldprint.attention import reference_attention
+    from fieldprint.attention.paged_inputs import PagedCase
+
+    qsl = case.query_start_loc.tolist()
+    rows, outs = [], []
+    for b in range(min(n_seqs, len(qsl) - 1)):
+        lo = max(qsl[b], qsl[b + 1] - n_tokens)
+        idx = list(range(lo, qsl[b + 1]))
+        i32 = {"dtype": torch.int32, "device": case.q.device}
+        sub = PagedCase(case.q[lo:qsl[b + 1]], case.k_cache, case.v_cache, case.block_table[b:b + 1],
+                        case.seq_lens[b:b + 1], torch.tensor([0, len(idx)], **i32),
+                        None if case.anchor_lens is None else case.anchor_block_table[b:b + 1],
+                        None if case.anchor_lens is None else case.anchor_lens[b:b + 1])
+        outs.append(reference_attention(*sub.args(), **scales.kwargs()).float())
+        rows += idx
+    return torch.tensor(rows, device=case.q.device), torch.cat(outs)
+
+
+def rel_err(out, want) -> float:
+    return float((out.float() - want.float()).abs().max() / want.float().abs().max())
+
+
+# ---------------------------------------------------------------------------------- timing
+
+
+def _time(fn, device: str, cfg: E1Config, graph: bool) -> tuple[float, str]:
+    """Median ms of ``fn``: a CUDA graph replay when ``graph`` and capture works, else eager."""
+    import torch
+
+    if device == "cuda" and graph:
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            torch.cuda.synchronize()
+            return bench(g.replay, device, cfg.warmup_ms, cfg.rep_ms), "graph"
+        except Exception:  # noqa: BLE001 - capture is an optimization: fall back to eager timing
+            torch.cuda.synchronize()
+    return bench(fn, device, cfg.warmup_ms, cfg.rep_ms), "eager"
+
+
+def unfused_gb(form: str, B: int, q_len: int, A: int, L: int, cfg: E1Config) -> float:
+    """Peak memory estimate of the materialized forms: scores + probabilities
+    (:func:`unfused_intermediate_bytes`) plus their fp32 gathered K and V, expanded to the query
+    heads, with one temporary copy each."""
+    from fieldprint.attention.reference import unfused_intermediate_bytes
+
+    inter = unfused_intermediate_bytes(form, B, cfg.heads_q, q_len, A, L)
+    kv = 4 * B * cfg.heads_q * (A + L) * cfg.head_dim * 4
+    return (inter + kv) / 1e9
+
+
+# ---------------------------------------------------------------------------------- the run
+
+
+def _skip_reason(name: str, mode: str, A: int, kv: str, device: str, B: int, q_len: int, L: int,
+                 cfg: E1Config) -> str:
+    if name in ("cudnn_sdpa", "flash_sdpa", "flex") and device != "cuda":
+        return "needs CUDA"
+    if name in ("cudnn_sdpa", "flash_sdpa", "gather_sdpa", "flex") and kv == "fp8":
+        return "SDPA / FlexAttention take no float8 KV"
+    if name == "flex" and (A not in cfg.flex_anchors or mode not in cfg.flex_modes):
+        return "not run at this shape (compiles per shape; see flex_anchors, flex_modes)"
+    if name in ("naive", "two_softmax"):
+        gb = unfused_gb(name, B, q_len, A, L, cfg)
+        if gb > cfg.unfused_limit_gb:
+            return f"materialized intermediates need ~{gb:.0f} GB > limit {cfg.unfused_limit_gb:g} GB"
+    if name == "prefix_blocks" and A % cfg.block_size:
+        return "anchors not block-aligned"
+    return ""
+
+
+def _configs(cfg: E1Config):
+    for kv in cfg.kv_dtypes:
+        for B, L in cfg.decode_shapes:
+            for A in cfg.anchors:
+                yield "decode", B, 1, L, A, kv
+    for L in cfg.prefill_contexts:
+        for A in cfg.prefill_anchors:
+            yield "prefill", 1, cfg.prefill_chunk or L, L, A, "bf16"
+
+
+def run(cfg: E1Config) -> list[dict]:
+    device = resolve_device(cfg.device)
+    if device == "cpu":  # the fused kernel runs on a CPU only interpreted, set before import
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+
+    from fieldprint.attention.baselines import REGISTRY
+
+    rows: list[dict] = []
+    for n, (mode, B, q_len, L, A, kv) in enumerate(_configs(cfg)):
+        kv_dtype = getattr(torch, KV_DTYPES[kv])
+        case, scales = make_problem(B, q_len, L, A, cfg, kv_dtype, device, cfg.seed + n)
+        idx, ref = reference_slice(case, scales, cfg.check_seqs, cfg.check_tokens)
+        elem = case.k_cache.element_size()
+        T = B * q_len
+        kv_bytes = 2 * B * (A + L) * cfg.heads_kv * cfg.head_dim * elem
+        io_bytes = 2 * T * cfg.heads_q * cfg.head_dim * case.q.element_size()
+        visible = B * sum(A + L - q_len + j + 1 for j in range(q_len))
+        flops = 4 * cfg.heads_q * cfg.head_dim * visible
+        base = {"mode": mode, "batch": B, "q_len": q_len, "context": L, "anchors": A,
+                "kv_dtype": kv, "heads_q": cfg.heads_q, "heads_kv": cfg.heads_kv,
+                "head_dim": cfg.head_dim, "block_size": cfg.block_size, "bytes": kv_bytes + io_bytes,
+                "flops": flops}
+        fused_out = None
+        config_rows = []
+        for name in cfg.impls:
+            row = dict(base, impl=name, ms="", tbps="", tflops="", tokens_per_s="", rel_err="",
+                       rel_err_fused="", timing="", note="", skipped="")
+            reason = _skip_reason(name, mode, A, kv, device, B, q_len, L, cfg)
+            state = None
+            try:
+                if reason:
+                    raise _Skip(reason)
+                setup, fn_run = REGISTRY[name]
+                state = setup(case, scales)
+                out = fn_run(state)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                row["rel_err"] = f"{rel_err(out[idx], ref):.3e}"
+                if name == "fused":
+                    fused_out = out
+                elif fused_out is not None:
+                    row["rel_err_fused"] = f"{rel_err(out, fused_out):.3e}"
+                del out
+                ms, how = _time(lambda f=fn_run, st=state: f(st), device, cfg,
+                                cfg.cuda_graphs and name in GRAPHABLE)
+                row.update(ms=f"{ms:.5f}", tbps=f"{(kv_bytes + io_bytes) / ms / 1e9:.4g}",
+                           tflops=f"{flops / ms / 1e9:.4g}", tokens_per_s=f"{T / ms * 1e3:.1f}",
+                           timing=how, note=getattr(state, "note", ""))
+            except _Skip as why:
+                row["skipped"] = str(why)
+            except (RuntimeError, ValueError, TypeError, NotImplementedError) as err:
+                first = (str(err).splitlines() or [""])[0][:160]
+                row["skipped"] = f"{type(err).__name__}: {first}"
+                if device == "cuda":
+                    torch.cuda.synchronize()
+            state = None
+            config_rows.append(row)
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        _ratios(config_rows)
+        rows += config_rows
+        del case, fused_out
+    return rows
+
+
+class _Skip(Exception):
+    """An implementation that does not run at this configuration, by design."""
+
+
+def _ratios(rows: list[dict]) -> None:
+    """time(reference) / time(impl) for the contiguous cuDNN, flash and gather+SDPA rows."""
+    ms = {r["impl"]: float(r["ms"]) for r in rows if r["ms"] != ""}
+    for r in rows:
+        for ref, col in (("cudnn_sdpa", "ratio_to_cudnn"), ("flash_sdpa", "ratio_to_flash"),
+                         ("gather_sdpa", "ratio_to_gather")):
+            r[col] = f"{ms[ref] / float(r['ms']):.4f}" if r["ms"] != "" and ref in ms else ""
+
+
+if __name__ == "__main__":
+    hydra_main("e1_throughput", E1Config, run)
