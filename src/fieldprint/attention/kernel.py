@@ -414,8 +414,6 @@ def _launch(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_
     TN = cfg["tile_n"]
     has_anchors = anchor_block_table is not None
     if mode == "decode":
-        if kv_split_tokens % TN:
-            raise ValueError(f"kv_split_tokens ({kv_split_tokens}) must be a multiple of the KV tile ({TN})")
         tiles_per_split = kv_split_tokens // TN
         # Shape-only bound on the splits of any sequence (table capacities, no host sync).
         cap_tiles = -(-max_blocks * BS // TN)
@@ -540,7 +538,10 @@ def paged_anchor_attention(
     if validate:
         check_values(shapes, block_table, seq_lens, query_start_loc, anchor_block_table, anchor_lens)
     cfg = dict(config or {})
-    kernel_config(shapes.D, shapes.block_size, shapes.group, "decode", k_cache.dtype, **cfg)  # validates
+    decode_tile = kernel_config(shapes.D, shapes.block_size, shapes.group, "decode", k_cache.dtype, **cfg)["tile_n"]
+    kernel_config(shapes.D, shapes.block_size, shapes.group, "prefill", k_cache.dtype, **cfg)
+    if kv_split_tokens % decode_tile:
+        raise ValueError(f"kv_split_tokens ({kv_split_tokens}) must be a multiple of the KV tile ({decode_tile})")
     ks_mode, ks_t, ks_f = _scale_arg(k_scale, shapes.Hkv)
     vs_mode, vs_t, vs_f = _scale_arg(v_scale, shapes.Hkv)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(shapes.D)

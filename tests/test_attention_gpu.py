@@ -1,0 +1,96 @@
+"""The fused kernel on a CUDA GPU at realistic shapes (Hq=32, Hkv=8, D=128, pages of 16): long
+split-KV decode, fp8 KV, a 1K-token prefill chunk mixed with decode tokens, D=256 with window and
+softcap, bitwise determinism and batch invariance, CUDA-graph capture with ``validate=False``, and
+torch.compile. Skipped without CUDA (run on the H200: ``pytest -m gpu tests/test_attention_gpu.py``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_attention_kernel import make_case
+
+from fieldprint.attention import paged_anchor_attention, reference_attention
+
+pytestmark = pytest.mark.gpu
+BF16, FP8 = torch.bfloat16, torch.float8_e4m3fn
+
+
+def cuda(case):
+    return {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+
+
+def reference(case, **kw):
+    c = dict(case, q=case["q"].double())
+    if c["k_cache"].dtype != FP8:
+        c["k_cache"], c["v_cache"] = c["k_cache"].double(), c["v_cache"].double()
+    return reference_attention(**c, return_lse=True, **kw)
+
+
+def check(case, tol=2e-2, **kw):
+    out, lse = paged_anchor_attention(**case, return_lse=True, **kw)
+    ref, ref_lse = reference(case, **kw)
+    assert out.isfinite().all() and lse.isfinite().all()
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.double(), ref_lse.double(), atol=2e-3, rtol=1e-4)
+    return out, lse
+
+
+def test_decode_long_contexts_split_kv():
+    case = cuda(make_case(1, [1] * 4, [40_000, 4_096, 2_049, 17], [64, 64, 0, 100], Hq=32, Hkv=8, D=128))
+    check(case)
+
+
+def test_decode_fp8_per_head_scales():
+    case = cuda(make_case(2, [1] * 6, [9_000, 300, 5_000, 1, 2_048, 700], [64] * 6, Hq=32, Hkv=8, D=128,
+                          kv_dtype=FP8))
+    ks = torch.linspace(0.02, 0.1, 8, device="cuda")
+    check(case, k_scale=ks, v_scale=torch.tensor(0.5, device="cuda"))
+
+
+def test_prefill_chunk_mixed_with_decode():
+    case = cuda(make_case(3, [1024, 1, 1, 300], [3_000, 5_000, 80, 300], [64, 64, 0, 17], Hq=32, Hkv=8, D=128))
+    check(case)
+
+
+def test_head_dim_256_pages_128_window_softcap():
+    case = cuda(make_case(4, [1, 1, 64], [6_000, 200, 900], [64, 130, 0], Hq=16, Hkv=2, D=256, bs=128))
+    check(case, sliding_window=512, logit_softcap=30.0)
+    decode = cuda(make_case(5, [1, 1], [6_000, 200], [64, 130], Hq=16, Hkv=2, D=256, bs=128))
+    check(decode, sliding_window=512, logit_softcap=30.0)
+
+
+def test_bitwise_determinism_and_batch_invariance():
+    big = cuda(make_case(6, [1] * 32, [4_000 + 397 * i for i in range(32)], [64] * 32, Hq=32, Hkv=8, D=128))
+    out = paged_anchor_attention(**big)
+    assert torch.equal(out, paged_anchor_attention(**big))
+    for b in (0, 17, 31):
+        one = dict(big, q=big["q"][b:b + 1], block_table=big["block_table"][b:b + 1],
+                   seq_lens=big["seq_lens"][b:b + 1],
+                   query_start_loc=torch.tensor([0, 1], dtype=torch.int32, device="cuda"),
+                   anchor_block_table=big["anchor_block_table"][b:b + 1], anchor_lens=big["anchor_lens"][b:b + 1])
+        assert torch.equal(paged_anchor_attention(**one), out[b:b + 1]), b
+
+
+def test_cuda_graph_capture_validate_false():
+    case = cuda(make_case(7, [1] * 8, [3_000 + 100 * i for i in range(8)], [64] * 8, Hq=32, Hkv=8, D=128))
+    static = {k: v.clone() for k, v in case.items()}
+    paged_anchor_attention(**static, validate=False)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = paged_anchor_attention(**static, validate=False)
+    static["seq_lens"].sub_(1)  # new lengths, same shapes: replay must see them
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, paged_anchor_attention(**static))
+
+
+def test_torch_compile():
+    case = cuda(make_case(8, [1] * 4, [5_000, 64, 700, 3_000], [64] * 4, Hq=32, Hkv=8, D=128))
+
+    def f(c):
+        return paged_anchor_attention(**c, validate=False).float().sum(-1)
+
+    compiled = torch.compile(f, fullgraph=True)
+    assert torch.equal(compiled(case), f(case))
