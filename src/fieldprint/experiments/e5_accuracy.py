@@ -183,7 +183,10 @@ def _bits(fmt: str, rounding: str) -> int:
 
 
 def lm_rows(cfg: E5AccuracyConfig, device: str) -> list[dict]:
-    model, _ = load_checkpoint(cfg.checkpoint, device)
+    model, trained = load_checkpoint(cfg.checkpoint, device)
+    about = {"params": sum(p.numel() for p in model.parameters()),
+             "train_steps": trained["final"].get("step", ""),
+             "train_val_bpb": trained["final"].get("val_bpb", "")}
     anchor, windows = lm_windows(cfg, model.cfg.context)
     n_bytes = windows[:, 1:].numel()
 
@@ -198,7 +201,7 @@ def lm_rows(cfg: E5AccuracyConfig, device: str) -> list[dict]:
         bits = 32 if fmt == "reference" else _bits(fmt, rounding)
         return {"kind": "lm", "fmt": fmt, "rounding": rounding, "anchors_quantized": aq,
                 "seed": seed, "attention": attention, "bits": bits, "n_bytes": n_bytes,
-                "nats": nats, "bpb": nats / n_bytes / math.log(2), "rel_err": ""}
+                "nats": nats, "bpb": nats / n_bytes / math.log(2), "rel_err": "", **about}
 
     rows = [row("reference", "none", False, cfg.seed, cfg.attention, score())]
     for formats, attention in ((cfg.formats, cfg.attention), (cfg.kernel_formats, "kernel")):
