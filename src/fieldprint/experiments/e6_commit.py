@@ -1,0 +1,253 @@
+"""E6: commit-boundary verification in a decode loop: its cost, and tamper detection.
+
+A synthetic Llama-like decoder runs batched decode steps over a :class:`PagedKVCache` with
+shared pinned anchors. Per layer: RMS norm, one QKV projection matmul, the new K/V appended to the
+paged cache, paged anchor attention (the fused kernel, or ``reference_attention`` with
+``attention=reference``), the output projection, and a gated MLP (two matmuls). The weights are
+random: the work and the bytes moved are those of the real model at this width, the outputs are
+meaningless.
+
+For every verification mode (``fieldprint.commit.MODES``) and commit interval the loop is timed
+from a synchronized start to a synchronized end (the last asynchronous commit included), repeated
+``reps`` times in interleaved order; each row reports the median. ``overhead`` is
+``ms_per_step / ms_per_step(none) - 1`` from the same run. Before each timed loop the cache is cut
+back to the prefilled context, and in the commit modes the prefilled pages and anchors are
+committed untimed, so the tree the loop extends has the size of a real one.
+The per-step modes and ``none`` do not depend on the interval: their rows carry ``interval=1``.
+
+Then the tamper check: a ``commit_sync`` committer over the final cache; each trial flips one
+random bit of one stored page leaf (context or anchor page; header, codes, scale, helper bits or
+padding), verifies, and restores the bit. Each leaf is the K or V half of a page in one layer
+(``fieldprint.merkle`` page-leaf layout). ``detected``: the recomputed root differs from the
+committed one; ``localized``: the Merkle proofs fail for exactly the tampered leaf.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from fieldprint.cache import PagedKVCache
+from fieldprint.commit import COMMIT_MODES, MODES, Committer
+from fieldprint.experiments.common import ExperimentConfig, check, hydra_main, resolve_device
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+TAMPER_FIELDS = ("header", "codes", "scale", "helper", "padding")
+
+
+@dataclass
+class E6Config(ExperimentConfig):
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    intervals: list[int] = field(default_factory=lambda: [1, 4, 16])
+    batch: int = 2
+    context: int = 48
+    anchors: int = 8
+    layers: int = 2
+    hidden: int = 64
+    heads_q: int = 4
+    heads_kv: int = 2
+    head_dim: int = 16
+    mlp: int = 128
+    block_size: int = 4
+    steps: int = 16
+    warmup: int = 4
+    reps: int = 1
+    dtype: str = "float32"
+    attention: str = "reference"
+    fmt: str = "e4m3"
+    rounding: str = "two_grid"
+    tamper_trials: int = 16
+
+    def validate(self) -> None:
+        super().validate()
+        check(len(self.modes) > 0 and all(m in MODES for m in self.modes), f"modes must be a subset of {MODES}")
+        check("none" in self.modes, "modes must include 'none' (the baseline of the overhead)")
+        check(len(self.intervals) > 0 and all(i > 0 for i in self.intervals), "intervals must be positive")
+        check(all(self.steps % i == 0 for i in self.intervals), "steps must be a multiple of every interval")
+        for name in ("batch", "context", "layers", "hidden", "heads_q", "heads_kv", "head_dim", "mlp",
+                     "block_size", "steps", "reps"):
+            check(getattr(self, name) > 0, f"{name} must be positive")
+        check(self.anchors >= 0 and self.warmup >= 0 and self.tamper_trials >= 0,
+              "anchors, warmup and tamper_trials must be >= 0")
+        check(self.heads_q % self.heads_kv == 0, "heads_q must be a multiple of heads_kv")
+        check(self.dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}")
+        check(self.attention in ("kernel", "reference"), "attention must be 'kernel' or 'reference'")
+
+
+class Decoder:
+    """Random-weight decoder of ``cfg.layers`` layers over ``cache`` (see the module doc)."""
+
+    def __init__(self, cfg: E6Config, cache: PagedKVCache, device: str, gen: torch.Generator) -> None:
+        self.cfg, self.cache = cfg, cache
+        dt = DTYPES[cfg.dtype]
+        H, D = cfg.hidden, cfg.head_dim
+        qkv = (cfg.heads_q + 2 * cfg.heads_kv) * D
+
+        def w(n_in: int, n_out: int) -> torch.Tensor:
+            return (torch.randn(n_in, n_out, generator=gen) / n_in**0.5).to(device=device, dtype=dt)
+
+        self.w_qkv = [w(H, qkv) for _ in range(cfg.layers)]
+        self.w_o = [w(cfg.heads_q * D, H) for _ in range(cfg.layers)]
+        self.w_up = [w(H, 2 * cfg.mlp) for _ in range(cfg.layers)]
+        self.w_down = [w(cfg.mlp, H) for _ in range(cfg.layers)]
+        if cfg.attention == "kernel":
+            from fieldprint.attention import paged_anchor_attention as attend
+        else:
+            from fieldprint.attention import reference_attention as attend
+        self.attend = attend
+
+    def step(self, x: torch.Tensor, seqs: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode token per sequence: ``x [B, hidden]`` -> next ``x``, and the new slots."""
+        cfg, cache = self.cfg, self.cache
+        B, D, Hq, Hkv = x.shape[0], cfg.head_dim, cfg.heads_q, cfg.heads_kv
+        slots = cache.extend(seqs, [1] * B)
+        args = cache.kernel_args(seqs)
+        for layer in range(cfg.layers):
+            h = F.rms_norm(x, (cfg.hidden,))
+            q, k, v = (h @ self.w_qkv[layer]).split([Hq * D, Hkv * D, Hkv * D], dim=1)
+            cache.write(layer, slots, k.reshape(B, Hkv, D), v.reshape(B, Hkv, D))
+            attn = self.attend(q.reshape(B, Hq, D), cache.k_cache(layer), cache.v_cache(layer),
+                               args.block_table, args.seq_lens, args.query_start_loc,
+                               args.anchor_block_table, args.anchor_lens)
+            x = x + attn.reshape(B, Hq * D) @ self.w_o[layer]
+            gate, up = (F.rms_norm(x, (cfg.hidden,)) @ self.w_up[layer]).chunk(2, dim=1)
+            x = x + (F.silu(gate) * up) @ self.w_down[layer]
+        return x, slots
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _d2h_bytes_per_step(cfg: E6Config, mode: str, commits: int, leaves: int) -> float:
+    """Bytes each mode moves device-to-host per timed decode step (commit modes: one root per
+    commit and one digest per new leaf, as counted in the run)."""
+    if mode in COMMIT_MODES:
+        return 32 * (commits + leaves) / cfg.steps
+    kv = cfg.layers * cfg.batch * cfg.heads_kv * cfg.head_dim * 2 * torch.finfo(DTYPES[cfg.dtype]).bits // 8
+    return {"none": 0.0, "per_step_copy_cpu": float(kv), "per_step_gpu": 32.0 * cfg.layers}[mode]
+
+
+def run(cfg: E6Config) -> list[dict]:
+    device = resolve_device(cfg.device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    dt = DTYPES[cfg.dtype]
+    S = cfg.block_size
+    max_len = cfg.context + cfg.warmup + cfg.steps
+    num_blocks = cfg.batch * (-(-max_len // S)) + (-(-cfg.anchors // S)) + cfg.batch
+    cache = PagedKVCache(cfg.layers, num_blocks, S, cfg.heads_kv, cfg.head_dim, dtype=dt, device=device)
+    shape = (cfg.layers, cfg.anchors, cfg.heads_kv, cfg.head_dim)
+    anchor = None
+    if cfg.anchors:
+        anchor = cache.add_anchor(torch.randn(shape, generator=gen).to(device, dt),
+                                  torch.randn(shape, generator=gen).to(device, dt))
+    seqs = [cache.add_sequence(anchor=anchor) for _ in range(cfg.batch)]
+    for s in seqs:  # the prefilled context: random K/V written straight into the pages
+        shape = (cfg.layers, cfg.context, cfg.heads_kv, cfg.head_dim)
+        cache.append(s, torch.randn(shape, generator=gen).to(device, dt),
+                     torch.randn(shape, generator=gen).to(device, dt))
+    cache.take_sealed()
+    model = Decoder(cfg, cache, device, gen)
+    x0 = torch.randn(cfg.batch, cfg.hidden, generator=gen).to(device, dt)
+
+    configs = [(m, 1) for m in cfg.modes if m not in COMMIT_MODES]
+    configs += [(m, i) for m in cfg.modes if m in COMMIT_MODES for i in cfg.intervals]
+    times: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
+    commits: dict[tuple[str, int], int] = {}
+    leaves: dict[tuple[str, int], int] = {}
+
+    def timed(mode: str, interval: int) -> Committer:
+        for s in seqs:
+            cache.truncate(s, cfg.context)
+        cache.take_sealed()
+        committer = Committer(cache, mode=mode, interval=interval, fmt=cfg.fmt, rounding=cfg.rounding)
+        if mode in COMMIT_MODES:  # the prefix: committed untimed
+            committer.commit([p for s in seqs for p in cache.complete_pages(s)])
+            committer.root()
+        x = x0
+        for _ in range(cfg.warmup):
+            x, slots = model.step(x, seqs)
+            committer.step(slots)
+        if mode in COMMIT_MODES:
+            committer.root()
+        base_leaves, base_commits = len(committer.leaves), committer.commits
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(cfg.steps):
+            x, slots = model.step(x, seqs)
+            committer.step(slots)
+        if mode in COMMIT_MODES:
+            committer.root()  # the last commit's root is on the host: its work is inside the time
+        _sync(device)
+        times[(mode, interval)].append((time.perf_counter() - t0) * 1e3 / cfg.steps)
+        commits[(mode, interval)] = committer.commits - base_commits
+        leaves[(mode, interval)] = len(committer.leaves) - base_leaves
+        committer.fence()
+        return committer
+
+    for _ in range(cfg.reps):
+        for mode, interval in configs:
+            timed(mode, interval)
+
+    base = statistics.median(times[("none", 1)])
+    rows: list[dict] = []
+    for mode, interval in configs:
+        ms = statistics.median(times[(mode, interval)])
+        rows.append({
+            "kind": "timing", "mode": mode, "interval": interval, "batch": cfg.batch,
+            "context": cfg.context, "anchors": cfg.anchors, "layers": cfg.layers, "steps": cfg.steps,
+            "reps": cfg.reps, "dtype": cfg.dtype, "attention": cfg.attention, "device": device,
+            "ms_per_step": round(ms, 5), "ms_min": round(min(times[(mode, interval)]), 5),
+            "tokens_per_s": round(cfg.batch * 1e3 / ms, 2), "overhead": round(ms / base - 1, 5),
+            "commits": commits[(mode, interval)],
+            "d2h_bytes_per_step": round(
+                _d2h_bytes_per_step(cfg, mode, commits[(mode, interval)], leaves[(mode, interval)]), 2),
+        })
+    rows += _tamper(cfg, cache, seqs, random.Random(cfg.seed))
+    return rows
+
+
+def _tamper(cfg: E6Config, cache: PagedKVCache, seqs: list[int], rng: random.Random) -> list[dict]:
+    """Flip one random bit of a stored leaf per trial; verify; restore (see the module doc)."""
+    if cfg.tamper_trials == 0:
+        return []
+    committer = Committer(cache, mode="commit_sync", interval=1, fmt=cfg.fmt, rounding=cfg.rounding)
+    committer.commit([p for s in seqs for p in cache.complete_pages(s)])
+    clean = committer.verify()
+    by_target = {"context": [], "anchor": []}
+    for i, leaf in enumerate(committer.leaves):
+        by_target[leaf.page.kind].append(i)
+    targets = [t for t in ("context", "anchor") if by_target[t]]
+    results: dict[tuple[str, str], list[tuple[bool, bool]]] = {}
+    for trial in range(cfg.tamper_trials):
+        target = targets[trial % len(targets)]
+        leaf = rng.choice(by_target[target])
+        fields = {k: v for k, v in committer.row_fields(leaf).items() if k in TAMPER_FIELDS and v.numel()}
+        name = rng.choice(sorted(fields))
+        byte = rng.randrange(fields[name].numel())
+        bit = 1 << rng.randrange(8)
+        fields[name][byte] ^= bit
+        res = committer.verify()
+        fields[name][byte] ^= bit
+        results.setdefault((target, name), []).append((not res.ok, res.tampered == [leaf]))
+    after = committer.verify()
+    rows = []
+    for (target, name), outcomes in sorted(results.items()):
+        rows.append({
+            "kind": "tamper", "mode": "commit_sync", "target": target, "field": name,
+            "flips": len(outcomes), "detected": sum(d for d, _ in outcomes),
+            "localized": sum(loc for _, loc in outcomes), "leaves": len(committer.leaves),
+            "false_positive": int(not clean.ok) + int(not after.ok),
+            "batch": cfg.batch, "context": cfg.context, "layers": cfg.layers,
+        })
+    return rows
+
+
+if __name__ == "__main__":
+    hydra_main("e6_commit", E6Config, run)

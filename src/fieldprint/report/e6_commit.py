@@ -1,0 +1,129 @@
+"""E6 numbers for the paper (``\\fp{e6....}``) and the commit-pipeline claims."""
+
+from __future__ import annotations
+
+from fieldprint.report import Claim
+
+PER_STEP = ("per_step_copy_cpu", "per_step_gpu")
+COMMIT = ("commit_sync", "commit_async")
+TARGET_INTERVAL = 16
+TARGET_OVERHEAD = 0.02
+
+
+def _timing(rows: list[dict[str, str]]) -> dict[tuple[str, int], dict[str, str]]:
+    return {(r["mode"], int(r["interval"])): r for r in rows if r["kind"] == "timing"}
+
+
+def _tamper(rows: list[dict[str, str]]) -> dict[str, int]:
+    out = {"flips": 0, "detected": 0, "localized": 0, "anchor_flips": 0, "anchor_detected": 0,
+           "false_positive": 0}
+    for r in rows:
+        if r["kind"] != "tamper":
+            continue
+        out["flips"] += int(r["flips"])
+        out["detected"] += int(r["detected"])
+        out["localized"] += int(r["localized"])
+        out["false_positive"] = max(out["false_positive"], int(r["false_positive"]))
+        if r["target"] == "anchor":
+            out["anchor_flips"] += int(r["flips"])
+            out["anchor_detected"] += int(r["detected"])
+    return out
+
+
+def _key(mode: str, interval: int) -> str:
+    return f"e6.{mode}" if mode not in COMMIT else f"e6.{mode}.i{interval}"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _async_interval(timing: dict) -> int | None:
+    """The commit interval the 2% target is checked at: 16, else the nearest measured one."""
+    intervals = sorted(i for m, i in timing if m == "commit_async")
+    return min(intervals, key=lambda i: abs(i - TARGET_INTERVAL)) if intervals else None
+
+
+def macros(rows: list[dict[str, str]], manifest: dict) -> dict[str, str]:
+    timing = _timing(rows)
+    base = timing[("none", 1)]
+    out = {
+        "e6.batch": base["batch"], "e6.context": base["context"], "e6.layers": base["layers"],
+        "e6.anchors": base["anchors"], "e6.steps": base["steps"], "e6.reps": base["reps"],
+        "e6.where": manifest.get("gpu") or "CPU",
+        "e6.none.ms_per_step": f"{float(base['ms_per_step']):.2f}",
+        "e6.none.tokens_per_s": f"{float(base['tokens_per_s']):,.0f}".replace(",", "{,}"),
+    }
+    base_ms = float(base["ms_per_step"])
+    for (mode, interval), r in timing.items():
+        if mode == "none":
+            continue
+        k = _key(mode, interval)
+        ms = float(r["ms_per_step"])
+        out[f"{k}.overhead_pct"] = _pct(float(r["overhead"]))
+        out[f"{k}.slowdown"] = f"{ms / base_ms:.2f}"
+        out[f"{k}.tokens_per_s"] = f"{float(r['tokens_per_s']):,.0f}".replace(",", "{,}")
+        out[f"{k}.d2h_bytes_per_step"] = f"{float(r['d2h_bytes_per_step']):,.0f}".replace(",", "{,}")
+    # Interval-independent names for the text: the target interval (16, else the nearest run).
+    i = _async_interval(timing)
+    if i is not None:
+        a = timing[("commit_async", i)]
+        out["e6.target.interval"] = str(i)
+        out["e6.target.async_overhead_pct"] = _pct(float(a["overhead"]))
+        out["e6.target.async_d2h_bytes_per_step"] = f"{float(a['d2h_bytes_per_step']):.0f}"
+        if ("commit_sync", i) in timing:
+            out["e6.target.sync_overhead_pct"] = _pct(float(timing[("commit_sync", i)]["overhead"]))
+        if ("per_step_copy_cpu", 1) in timing:
+            copy_ms = float(timing[("per_step_copy_cpu", 1)]["ms_per_step"])
+            out["e6.target.copy_vs_async"] = f"{copy_ms / float(a['ms_per_step']):.2f}"
+    if ("per_step_copy_cpu", 1) in timing:
+        r = timing[("per_step_copy_cpu", 1)]
+        out["e6.copy.kib_per_step"] = f"{float(r['d2h_bytes_per_step']) / 1024:,.0f}".replace(",", "{,}")
+    t = _tamper(rows)
+    if t["flips"]:
+        out.update({
+            "e6.tamper.flips": str(t["flips"]), "e6.tamper.anchor_flips": str(t["anchor_flips"]),
+            "e6.tamper.detected_pct": _pct(t["detected"] / t["flips"]),
+            "e6.tamper.localized_pct": _pct(t["localized"] / t["flips"]),
+            "e6.tamper.false_positives": str(t["false_positive"]),
+        })
+    return out
+
+
+def claims(rows: list[dict[str, str]], manifest: dict) -> list[Claim]:
+    timing = _timing(rows)
+    gpu = manifest.get("gpu")
+    where = gpu or "CPU (a CPU run does not test the GPU timing claims)"
+    result = []
+    i = _async_interval(timing)
+    if i is not None:
+        over = float(timing[("commit_async", i)]["overhead"])
+        result.append(Claim(
+            "commit.async_overhead",
+            f"Asynchronous commit-boundary verification costs at most 2% of decode time at interval {TARGET_INTERVAL}.",
+            bool(gpu) and i == TARGET_INTERVAL and over <= TARGET_OVERHEAD,
+            f"{100 * over:.2f}% at interval {i} on {where}",
+        ))
+    if ("per_step_copy_cpu", 1) in timing:
+        copy = float(timing[("per_step_copy_cpu", 1)]["overhead"])
+        ref = float(timing[("commit_async", i)]["overhead"]) if i is not None else None
+        result.append(Claim(
+            "commit.per_step_copy",
+            "Copying every step's new KV to the host and hashing it there costs far more than "
+            "hashing on the GPU at commit boundaries (reported as a ratio of decode times).",
+            bool(gpu) and ref is not None and copy > max(ref, 0.0) + 0.05,
+            f"per-step copy+CPU hash: {1 + copy:.2f}x the decode time without verification; "
+            + (f"async commit at interval {i}: {1 + ref:.3f}x" if ref is not None else "no async run")
+            + f" ({where}; the design brief quotes ~30x)",
+        ))
+    t = _tamper(rows)
+    if t["flips"]:
+        result.append(Claim(
+            "commit.tamper_detection",
+            "Every single-bit flip in a committed page or an anchor page is detected and localized "
+            "to its page by a Merkle proof, with no false alarm on the untouched cache.",
+            t["detected"] == t["localized"] == t["flips"] and t["anchor_flips"] > 0 and t["false_positive"] == 0,
+            f"{t['detected']}/{t['flips']} detected, {t['localized']}/{t['flips']} localized "
+            f"({t['anchor_flips']} in anchor pages), {t['false_positive']} false alarms",
+        ))
+    return result

@@ -1,0 +1,240 @@
+"""Commit pipeline: device Merkle tree, stable roots, tamper detection and localization."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from fieldprint.cache import PagedKVCache
+from fieldprint.commit import Committer, _DeviceTree, _quantize_pages, page_id
+from fieldprint.merkle import MerkleTree, hash_pages, page_leaf_bytes
+from fieldprint.quant import quantize
+
+L, S, HKV, D = 2, 4, 2, 8
+
+
+def _filled(seed: int, lens=(9, 13), anchor_len=6, order=None) -> tuple[PagedKVCache, list[int]]:
+    """A cache with one shared anchor and sequences of ``lens`` tokens of seeded random K/V.
+    ``order`` permutes which sequence is created first (so physical pages differ)."""
+    gen = torch.Generator().manual_seed(seed)
+    kv = [(torch.randn(L, n, HKV, D, generator=gen), torch.randn(L, n, HKV, D, generator=gen)) for n in lens]
+    ak, av = torch.randn(L, anchor_len, HKV, D, generator=gen), torch.randn(L, anchor_len, HKV, D, generator=gen)
+    cache = PagedKVCache(L, 64, S, HKV, D, dtype=torch.float32)
+    if order is not None:  # take some pages first so the physical block ids differ
+        cache.allocator.allocate(order)
+    anchor = cache.add_anchor(ak, av)
+    seqs = [cache.add_sequence(anchor=anchor) for _ in lens]
+    for s, (k, v) in zip(seqs, kv, strict=True):
+        cache.append(s, k, v)
+    cache.take_sealed()
+    return cache, seqs
+
+
+def _commit_all(cache: PagedKVCache, seqs: list[int], **kw) -> Committer:
+    c = Committer(cache, mode="commit_sync", **kw)
+    c.commit([p for s in seqs for p in cache.complete_pages(s)])
+    return c
+
+
+def test_device_tree_matches_merkle_tree_for_every_size_and_split():
+    rng = random.Random(1)
+    gen = torch.Generator().manual_seed(1)
+    for n in range(1, 23):
+        leaves = torch.randint(0, 256, (n, 32), generator=gen, dtype=torch.uint8)
+        tree = _DeviceTree(torch.device("cpu"), "auto")
+        i = 0
+        while i < n:
+            j = min(n, i + rng.randint(1, 5))
+            root = tree.append(leaves[i:j])
+            assert bytes(root.tolist()) == bytes(MerkleTree(leaves[:j]).root), (n, j)
+            i = j
+
+
+def test_roots_stable_across_commits_and_physical_layout():
+    cache, seqs = _filled(2)
+    r1 = _commit_all(cache, seqs).root()
+    r2 = _commit_all(cache, seqs).root()
+    other, oseqs = _filled(2, order=7)  # same contents, different page ids
+    assert [other.sequences[s].blocks for s in oseqs] != [cache.sequences[s].blocks for s in seqs]
+    r3 = _commit_all(other, oseqs).root()
+    assert r1 == r2 == r3 and len(r1) == 32
+    changed, cseqs = _filled(3)
+    assert _commit_all(changed, cseqs).root() != r1
+
+
+def test_decode_loop_commits_each_sealed_page_once():
+    cache, seqs = _filled(4)
+    gen = torch.Generator().manual_seed(4)
+    c = Committer(cache, mode="commit_async", interval=3)  # on a CPU: synchronous
+    c.commit([p for s in seqs for p in cache.complete_pages(s)])
+    for _ in range(12):
+        slots = cache.extend(seqs, [1, 1])
+        for layer in range(L):
+            cache.write(layer, slots, torch.randn(2, HKV, D, generator=gen), torch.randn(2, HKV, D, generator=gen))
+        c.step(slots)
+    c.commit()
+    done = c.commits
+    c.commit()  # nothing new sealed: no commit, same root
+    assert c.commits == done
+    keys = [(leaf.page.kind, leaf.page.owner, leaf.page.index, leaf.layer, leaf.kind) for leaf in c.leaves]
+    assert len(keys) == len(set(keys))
+    want = {("context", s, i, layer, h) for s in seqs for i in range(cache.seq_len(s) // S)
+            for layer in range(L) for h in "kv"}
+    want |= {("anchor", 0, i, layer, h) for i in range(2) for layer in range(L) for h in "kv"}
+    assert set(keys) == want
+    assert [n for n, _ in c.roots()] == sorted(n for n, _ in c.roots())
+    res = c.verify()
+    assert res.ok and res.tampered == [] and res.recomputed_root == c.root()
+
+
+def test_random_single_bit_flips_are_detected_and_localized():
+    cache, seqs = _filled(5)
+    c = _commit_all(cache, seqs)
+    rng = random.Random(5)
+    anchors = [i for i, leaf in enumerate(c.leaves) if leaf.page.kind == "anchor"]
+    fields = ("header", "codes", "scale", "helper", "padding")
+    for trial in range(24):
+        leaf = rng.choice(anchors) if trial % 3 == 0 else rng.randrange(len(c.leaves))
+        name = fields[trial % len(fields)]
+        buf = c.row_fields(leaf)[name]
+        byte, bit = rng.randrange(buf.numel()), 1 << rng.randrange(8)
+        buf[byte] ^= bit
+        res = c.verify()
+        assert not res.ok and res.recomputed_root != res.root
+        assert res.tampered == [leaf] and res.tampered_pages == [c.leaves[leaf]], (trial, name)
+        buf[byte] ^= bit
+    assert c.verify().ok
+
+
+@pytest.mark.parametrize("fmt,rounding", [("e4m3", "two_grid"), ("bf16", "rne")])
+def test_leaves_are_merkle_page_leaves(fmt, rounding):
+    """Every stored row is byte for byte fieldprint.merkle.page_leaf_bytes of the page quantized
+    on its own (anchor padding zeroed), and its digest is hash_pages'."""
+    cache, seqs = _filled(6)
+    c = _commit_all(cache, seqs, fmt=fmt, rounding=rounding)
+    rows = torch.cat(c.store)
+    assert len(c.leaves) == rows.shape[0] == (2 + 2 + 3) * L * 2  # anchor 2 pages, sequences 2 + 3
+    for i, leaf in enumerate(c.leaves):
+        pool = cache.k_cache(leaf.layer) if leaf.kind == "k" else cache.v_cache(leaf.layer)
+        page = pool[leaf.page.block].clone()
+        page[leaf.page.tokens:] = 0
+        qt = quantize(page[None], fmt, rounding)
+        want = page_leaf_bytes(qt, page_ids=[page_id(leaf.page)], layer=leaf.layer, kind=leaf.kind)
+        assert torch.equal(rows[i], want[0]), (i, leaf)
+        if i % 7 == 0:
+            digest = hash_pages(qt, page_ids=[page_id(leaf.page)], layer=leaf.layer, kind=leaf.kind)
+            assert torch.equal(MerkleTree(digest).root, digest[0])
+    assert c.leaves[2].page.kind == "anchor" and c.leaves[2].page.tokens == S
+    assert c.leaves[L * 2].page.tokens == 2  # the anchor's second page holds 2 of 6 tokens
+
+
+@pytest.mark.parametrize("fmt,rounding", [("e4m3", "rne"), ("int8", "two_grid"), ("bf16", "trunc")])
+def test_quantize_pages_equals_quantize_page_by_page(fmt, rounding):
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(5, S, HKV, D, generator=gen) * torch.tensor([1e-3, 1.0, 30.0, 0.0, 1e3]).reshape(5, 1, 1, 1)
+    codes, helper, scale, flag = _quantize_pages(x, fmt, rounding)
+    assert flag is None
+    for i in range(5):
+        qt = quantize(x[i], fmt, rounding)
+        assert torch.equal(codes[i], qt.codes.reshape(-1).contiguous().view(torch.uint8))
+        assert helper.shape[1] == (0 if qt.helper is None else qt.helper.numel())
+        assert float(scale[i].view(torch.float32)) == float(qt.scale)
+
+
+def test_triton_path_gives_the_same_root():
+    """The GPU code path (Triton quantization with deferred finite check, Triton BLAKE3) on tiny
+    pages: on a CPU it runs under TRITON_INTERPRET=1 (set by conftest)."""
+    import os
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    cache, seqs = _filled(12, lens=(5,), anchor_len=3)
+    want = _commit_all(cache, seqs).root()
+    got = _commit_all(cache, seqs, hash_backend="triton", quant_backend="triton")
+    assert got.root() == want
+    x = torch.randn(3, S, HKV, D, generator=torch.Generator().manual_seed(12))
+    for a, b in zip(_quantize_pages(x, "e4m3", "two_grid", "triton")[:3],
+                    _quantize_pages(x, "e4m3", "two_grid", "torch")[:3], strict=True):
+        assert torch.equal(a, b)
+    x[1, 0, 0, 0] = float("inf")
+    assert int(_quantize_pages(x, "e4m3", "two_grid", "triton")[3]) == 1
+
+
+def test_per_step_modes_hash_every_step():
+    import blake3
+
+    cache, seqs = _filled(9)
+    for mode in ("per_step_copy_cpu", "per_step_gpu", "none"):
+        c = Committer(cache, mode=mode)
+        for _ in range(3):
+            slots = cache.extend(seqs, [1, 1])
+            c.step(slots)
+        assert len(c.step_digests) == (0 if mode == "none" else 3)
+        if mode == "per_step_copy_cpu":
+            shape = (L, -1, HKV, D)
+            want = blake3.blake3(cache.k.view(shape)[:, slots].numpy().tobytes()
+                                 + cache.v.view(shape)[:, slots].numpy().tobytes()).digest()
+            assert c.step_digests[-1] == want
+        if mode == "per_step_gpu":
+            assert len(c.step_digests[-1]) == L * 32  # one digest per layer (its K and V together)
+
+
+def test_bad_inputs():
+    cache, seqs = _filled(10)
+    with pytest.raises(TypeError, match="cache"):
+        Committer("cache")
+    with pytest.raises(ValueError, match="mode"):
+        Committer(cache, mode="sometimes")
+    with pytest.raises(ValueError, match="interval"):
+        Committer(cache, interval=0)
+    with pytest.raises(ValueError, match="fmt"):
+        Committer(cache, fmt="e3m4")
+    with pytest.raises(ValueError, match="rounding"):
+        Committer(cache, rounding="stochastic")
+    with pytest.raises(ValueError, match="quant_backend"):
+        Committer(cache, quant_backend="cuda")
+    with pytest.raises(ValueError, match="multiple of 8"):
+        Committer(PagedKVCache(1, 4, 4, 1, 3))
+    with pytest.raises(ValueError, match="commit\\(\\) needs mode"):
+        Committer(cache, mode="per_step_gpu").commit()
+    c = Committer(cache, mode="commit_sync")
+    with pytest.raises(ValueError, match="nothing committed"):
+        c.root()
+    with pytest.raises(TypeError, match="pages"):
+        c.commit([1, 2])
+    c.commit([p for s in seqs for p in cache.complete_pages(s)])
+    with pytest.raises(ValueError, match="root must be 32 bytes"):
+        c.verify(root=b"short")
+    with pytest.raises(ValueError, match="do not hash to the committed root"):
+        c.verify(root=bytes(32))
+    with pytest.raises(ValueError, match="leaf must be"):
+        c.row_fields(len(c.leaves))
+    with pytest.raises(ValueError, match="fetch_leaves"):
+        Committer(cache, mode="commit_sync", fetch_leaves=False).verify(root=c.root())
+    cache.k[0, cache.sequences[seqs[0]].blocks[0], 1, 0, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        _commit_all(cache, seqs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_async_equals_sync_and_cpu():
+    cache, seqs = _filled(11)
+    cpu_root = _commit_all(cache, seqs).root()
+    gpu = PagedKVCache(L, 64, S, HKV, D, dtype=torch.float32, device="cuda")
+    gpu.k.copy_(cache.k)
+    gpu.v.copy_(cache.v)
+    gpu.sequences, gpu.anchors, gpu.allocator = cache.sequences, cache.anchors, cache.allocator
+    for mode in ("commit_sync", "commit_async"):
+        c = Committer(gpu, mode=mode)
+        c.commit([p for s in seqs for p in gpu.complete_pages(s)])
+        assert c.root() == cpu_root
+        leaf = len(c.leaves) - 1
+        c.row_fields(leaf)["codes"][0] ^= 1
+        assert c.verify().tampered == [leaf]
+    x = torch.randn(7, S, HKV, D, device="cuda", dtype=torch.bfloat16)
+    for got, want in zip(_quantize_pages(x, "e4m3", "two_grid")[:3], _quantize_pages(x.cpu(), "e4m3", "two_grid")[:3],
+                         strict=True):
+        assert torch.equal(got.cpu(), want)
