@@ -1,0 +1,165 @@
+"""E2: on-chip footprint of the fused kernel, compiled for sm_90 on any machine (no GPU).
+
+Three kinds of rows:
+
+* ``variant``: every launch of :func:`sm90_compile_specs` (decode: attention + split combine;
+  prefill: attention) over head dim, KV dtype, mode, block size, group and tile overrides, with
+  shared memory, registers, spills (:func:`fieldprint.sram.compile_resources`) next to the
+  analytic model ``model_bytes`` = Q tile + one K tile + one V tile:
+  ``BLOCK_M * D * q_bytes + 2 * TILE_N * D * kv_bytes``. No pipeline-stage factor: the K/V tiles
+  are gathered through the block table (indirect addresses), which Triton does not stage through
+  multi-buffered asynchronous copies. The accumulator (``BLOCK_M x D`` fp32) and the softmax
+  state live in registers; ``acc_regs`` is its share per thread.
+* ``flat``: one spec, launched for several (anchors, context) pairs. The spec has no anchors or
+  context argument at all (they are runtime loop bounds), so the binary is the same by
+  construction; the rows show it (same hash, same resources) together with what does change: the
+  grid (splits of the fixed ``KV_SPLIT_TOKENS``) and the KV tiles each program walks. (The one
+  compile-time switch is ``HAS_ANCHORS``: a call without an anchor table at all gets its own,
+  smaller specialization; the rows use the anchored one throughout, anchors = 0 included.)
+* ``hbm``: bytes of scores and probabilities the unfused forms (naive, v2.5 two-softmax) write,
+  vs context, for one prefill sequence (``q_len = context``) and a decode batch, against the
+  H200's 141 GB.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from fieldprint.experiments.common import ExperimentConfig, check, hydra_main
+
+H200_HBM_BYTES = 141e9
+KV_DTYPES = {"bf16": "bfloat16", "fp8": "float8_e4m3fn"}
+
+
+@dataclass
+class E2Config(ExperimentConfig):
+    head_dims: list[int] = field(default_factory=lambda: [64])
+    kv_dtypes: list[str] = field(default_factory=lambda: ["bf16"])
+    modes: list[str] = field(default_factory=lambda: ["decode", "prefill"])
+    block_size: int = 16
+    group: int = 4
+    heads_q: int = 32
+    # Extra variants at head_dim 128, bf16: [mode, knob, value] with knob in block_size, group,
+    # tile_n, block_m, num_stages, num_warps.
+    sweeps: list[Any] = field(default_factory=list)
+    flat_pairs: list[list[int]] = field(default_factory=lambda: [[0, 1024], [64, 4096], [1024, 32768]])
+    flat_head_dim: int = 64
+    hbm_contexts: list[int] = field(default_factory=lambda: [1024 * 2 ** i for i in range(11)])
+    hbm_decode_batch: int = 64
+
+    def validate(self) -> None:
+        super().validate()
+        check(set(self.head_dims) <= {64, 128, 256} and self.head_dims, "head_dims: 64, 128, 256")
+        check(set(self.kv_dtypes) <= set(KV_DTYPES) and self.kv_dtypes, f"kv_dtypes in {sorted(KV_DTYPES)}")
+        check(set(self.modes) <= {"decode", "prefill"} and self.modes, "modes: decode / prefill")
+        check(self.block_size in (16, 32, 64, 128), "block_size must be 16, 32, 64 or 128")
+        check(self.group > 0 and self.heads_q % self.group == 0, "group must divide heads_q")
+        knobs = {"block_size", "group", "tile_n", "block_m", "num_stages", "num_warps"}
+        check(all(len(s) == 3 and s[0] in ("decode", "prefill") and s[1] in knobs and int(s[2]) > 0
+                  for s in self.sweeps), f"sweeps must be [mode, knob in {sorted(knobs)}, value]")
+        check(all(len(p) == 2 and p[0] >= 0 and p[1] > 0 for p in self.flat_pairs),
+              "flat_pairs must be [anchors >= 0, context > 0] pairs")
+        check(self.flat_head_dim in (64, 128, 256), "flat_head_dim: 64, 128 or 256")
+        check(all(c > 0 for c in self.hbm_contexts) and self.hbm_decode_batch > 0,
+              "hbm_contexts and hbm_decode_batch must be positive")
+
+
+def model_bytes(cfg: dict, head_dim: int, kv_bytes: int, q_bytes: int = 2) -> int:
+    """Analytic shared memory of one attention program: Q tile + one K tile + one V tile."""
+    return cfg["block_m"] * head_dim * q_bytes + 2 * cfg["tile_n"] * head_dim * kv_bytes
+
+
+def _variants(cfg: E2Config):
+    for mode in cfg.modes:
+        for D in cfg.head_dims:
+            for kv in cfg.kv_dtypes:
+                yield mode, D, kv, cfg.block_size, cfg.group, {}
+    for mode, knob, value in cfg.sweeps:
+        bs = int(value) if knob == "block_size" else cfg.block_size
+        group = int(value) if knob == "group" else cfg.group
+        over = {} if knob in ("block_size", "group") else {knob: int(value)}
+        yield mode, 128, "bf16", bs, group, over
+
+
+def _compile_rows(cfg: E2Config) -> list[dict]:
+    import torch
+
+    from fieldprint.attention.kernel import kernel_config, sm90_compile_specs
+    from fieldprint.sram import compile_resources
+
+    rows = []
+    for mode, D, kv, bs, group, over in _variants(cfg):
+        kv_dtype = getattr(torch, KV_DTYPES[kv])
+        kc = kernel_config(D, bs, group, mode, kv_dtype, **over)
+        kvb = torch.empty(0, dtype=kv_dtype).element_size()
+        for i, spec in enumerate(sm90_compile_specs(D, bs, kv_dtype, group, mode, **over)):
+            res = compile_resources(*spec)
+            attn = i == 0
+            threads = 32 * res["num_warps"]
+            row = {"kind": "variant", "mode": mode, "kernel": "attention" if attn else "combine",
+                   "head_dim": D, "kv_dtype": kv, "block_size": bs, "group": group,
+                   "varied": ",".join(f"{k}={v}" for k, v in over.items()) or "",
+                   "tile_n": kc["tile_n"], "block_m": kc["block_m"], "num_warps": res["num_warps"],
+                   "num_stages": spec.options["num_stages"],
+                   **{k: res[k] for k in ("shared_bytes", "registers", "spill_stores", "spill_loads",
+                                          "local_bytes", "stack_bytes", "hash")},
+                   "model_bytes": model_bytes(kc, D, kvb) if attn else "",
+                   "acc_regs": kc["block_m"] * D // threads if attn else ""}
+            if attn:
+                row["model_ratio"] = f"{res['shared_bytes'] / row['model_bytes']:.4f}"
+            rows.append(row)
+    return rows
+
+
+def _flat_rows(cfg: E2Config) -> list[dict]:
+    """Same spec for every (anchors, context): binary, resources; the launch shape mirrors
+    ``kernel._launch`` for a decode batch of one sequence whose tables are exactly full."""
+    import torch
+
+    from fieldprint.attention.kernel import KV_SPLIT_TOKENS, kernel_config, sm90_compile_specs
+    from fieldprint.sram import compile_resources
+
+    D, bs, group = cfg.flat_head_dim, cfg.block_size, cfg.group
+    Hkv = cfg.heads_q // group
+    kc = kernel_config(D, bs, group, "decode", torch.bfloat16)
+    tn = kc["tile_n"]
+    rows = []
+    for A, L in cfg.flat_pairs:
+        spec = sm90_compile_specs(D, bs, torch.bfloat16, group, "decode", anchors=True)[0]
+        res = compile_resources(*spec)
+        tiles = -(-(-(-A // bs) * bs) // tn) + -(-(-(-L // bs) * bs) // tn)
+        per_split = KV_SPLIT_TOKENS // tn
+        splits = max(1, -(-tiles // per_split))
+        rows.append({"kind": "flat", "mode": "decode", "kernel": "attention", "head_dim": D,
+                     "kv_dtype": "bf16", "block_size": bs, "group": group, "anchors": A,
+                     "context": L, "grid": f"1x{Hkv}x{splits}", "kv_tiles": tiles,
+                     "tiles_per_program": min(tiles, per_split),
+                     **{k: res[k] for k in ("shared_bytes", "registers", "spill_stores",
+                                            "spill_loads", "local_bytes", "hash")}})
+    return rows
+
+
+def _hbm_rows(cfg: E2Config) -> list[dict]:
+    from fieldprint.attention.reference import unfused_intermediate_bytes
+
+    rows = []
+    for form in ("naive", "two_softmax"):
+        for L in cfg.hbm_contexts:
+            for mode, B, q_len in (("prefill", 1, L), ("decode", cfg.hbm_decode_batch, 1)):
+                b = unfused_intermediate_bytes(form, B, cfg.heads_q, q_len, 64, L)
+                rows.append({"kind": "hbm", "mode": mode, "form": form, "batch": B, "q_len": q_len,
+                             "anchors": 64, "context": L, "hbm_bytes": b,
+                             "exceeds_h200": int(b > H200_HBM_BYTES)})
+    return rows
+
+
+def run(cfg: E2Config) -> list[dict]:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise ValueError("E2 compiles real sm_90 kernels: run it without TRITON_INTERPRET=1")
+    return _compile_rows(cfg) + _flat_rows(cfg) + _hbm_rows(cfg)
+
+
+if __name__ == "__main__":
+    hydra_main("e2_sram", E2Config, run)
