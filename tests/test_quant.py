@@ -75,8 +75,9 @@ def test_rne_equals_torch_cast(fmt):
     f = FORMATS[fmt]
     grid = _grid(fmt)
     ties = (grid[1:] + grid[:-1]) / 2  # exact midpoints: the tie cases of RNE
-    near_ties = torch.cat([torch.nextafter(ties.float(), torch.tensor(0.0)),
-                           torch.nextafter(ties.float(), torch.tensor(math.inf))]).double()
+    near_ties = torch.cat(
+        [torch.nextafter(ties.float(), torch.tensor(0.0)), torch.nextafter(ties.float(), torch.tensor(math.inf))]
+    ).double()
     lowest = f.emin - f.mbits - 3  # below half the smallest subnormal
     rand = _log_uniform(20000, lowest, f.fmax, g).double()
     mags = torch.cat([grid, ties, near_ties, rand.abs()]).clamp(max=f.fmax)
@@ -109,9 +110,13 @@ def test_float64_and_half_inputs_quantize_their_float32_value():
 @pytest.mark.parametrize("rounding", ROUNDINGS)
 def test_saturation_clamps_to_the_largest_finite_value(rounding):
     kw = {"seed": 3} if rounding == "stochastic" else {}
-    big = {"e4m3": [448.5, 460.0, 464.0, 500.0, 1e6, 3e38], "e5m2": [57344.0, 61440.0, 1e6, 3e38],
-           "int8": [127.0, 127.4, 128.0, 200.0, 1e30], "bf16": [3.39e38, 3.4e38, 3.4028235e38],
-           "fp16": [65504.0, 65520.0, 70000.0, 1e30]}
+    big = {
+        "e4m3": [448.5, 460.0, 464.0, 500.0, 1e6, 3e38],
+        "e5m2": [57344.0, 61440.0, 1e6, 3e38],
+        "int8": [127.0, 127.4, 128.0, 200.0, 1e30],
+        "bf16": [3.39e38, 3.4e38, 3.4028235e38],
+        "fp16": [65504.0, 65520.0, 70000.0, 1e30],
+    }
     for fmt, vals in big.items():
         f = FORMATS[fmt]
         x = torch.tensor(vals + [-v for v in vals])
@@ -177,10 +182,10 @@ def test_stochastic_reproducible_and_seed_dependent():
     assert (a.codes != c.codes).float().mean() > 0.2
     assert (a.codes != d.codes).float().mean() > 0.2
     # bits depend only on (seed, flat index): any reshape or prefix gives the same codes
-    assert torch.equal(quantize(x.reshape(-1, 11), "e4m3", "stochastic", seed=7,
-                                scale=a.scale).codes.reshape(-1), a.codes.reshape(-1))
-    assert torch.equal(quantize(x[:10], "e4m3", "stochastic", seed=7, scale=a.scale).codes,
-                       a.codes[:10])
+    assert torch.equal(
+        quantize(x.reshape(-1, 11), "e4m3", "stochastic", seed=7, scale=a.scale).codes.reshape(-1), a.codes.reshape(-1)
+    )
+    assert torch.equal(quantize(x[:10], "e4m3", "stochastic", seed=7, scale=a.scale).codes, a.codes[:10])
 
 
 def test_counter_bits_match_plain_python_reference():
@@ -227,11 +232,18 @@ def _edge_cases(fmt: str, scale: float) -> torch.Tensor:
     grid = _grid(fmt)
     if fmt in ("bf16", "fp16"):
         grid = torch.cat([grid[:200], grid[-200:], grid[::97]])
-    s = (grid[1:] - grid[:-1])
+    s = grid[1:] - grid[:-1]
     base = grid[:-1]
     f32max = torch.finfo(torch.float32).max
-    pts = [grid, base + s / 4, base + 3 * s / 4, base + s / 2, base + s / 4 - s / 64,
-           base + 3 * s / 4 + s / 64, torch.tensor([f.fmax * 1.5, f.fmax * 1e3, f32max, 0.0])]
+    pts = [
+        grid,
+        base + s / 4,
+        base + 3 * s / 4,
+        base + s / 2,
+        base + s / 4 - s / 64,
+        base + 3 * s / 4 + s / 64,
+        torch.tensor([f.fmax * 1.5, f.fmax * 1e3, f32max, 0.0]),
+    ]
     pows = torch.exp2(torch.arange(f.emin - f.mbits - 2, math.log2(f.fmax) + 1).double())
     pts += [pows, pows * (1 - 2.0**-20), pows * (1 + 2.0**-20)]
     mags = torch.cat(pts) * scale
@@ -260,14 +272,16 @@ def test_two_grid_verifier_agrees_under_adversarial_perturbation(fmt):
     bound = code_spacing(x, fmt, scale) / 4
     flips_rne = 0
     for frac in (0.99, -0.99, None):
-        fr = torch.full_like(bound, frac) if frac is not None else \
-            (torch.rand(bound.shape, generator=g, dtype=torch.float64) * 2 - 1) * 0.99
+        fr = (
+            torch.full_like(bound, frac)
+            if frac is not None
+            else (torch.rand(bound.shape, generator=g, dtype=torch.float64) * 2 - 1) * 0.99
+        )
         xp = _perturbed(x, bound, fr)
         v = quantize(xp, fmt, "two_grid", helper=qt.helper, scale=qt.scale)
         assert torch.equal(v.codes, qt.codes), (fmt, frac)
         assert torch.equal(v.canonical_bytes(), qt.canonical_bytes())
-        flips_rne += int((quantize(xp, fmt, scale=scale).codes !=
-                          quantize(x, fmt, scale=scale).codes).sum())
+        flips_rne += int((quantize(xp, fmt, scale=scale).codes != quantize(x, fmt, scale=scale).codes).sum())
     assert flips_rne > 0  # the same perturbations do flip plain RNE codes
 
 
@@ -279,8 +293,7 @@ def test_two_grid_per_row_scale_and_computed_scale():
         bound = code_spacing(x, "e4m3", qt.scale) / 4
         for sgn in (1, -1):
             xp = _perturbed(x, bound, torch.full_like(bound, 0.99 * sgn))
-            assert torch.equal(quantize(xp, "e4m3", "two_grid", helper=qt.helper,
-                                        scale=qt.scale).codes, qt.codes)
+            assert torch.equal(quantize(xp, "e4m3", "two_grid", helper=qt.helper, scale=qt.scale).codes, qt.codes)
 
 
 def test_two_grid_bound_is_tight():
@@ -289,8 +302,7 @@ def test_two_grid_bound_is_tight():
     qt = quantize(x, "e4m3", "two_grid", scale=1.0)
     assert qt.helper.tolist() == [1]
     xp = x - 0.125 / 4 * 1.01
-    assert not torch.equal(quantize(xp, "e4m3", "two_grid", helper=qt.helper, scale=1.0).codes,
-                           qt.codes)
+    assert not torch.equal(quantize(xp, "e4m3", "two_grid", helper=qt.helper, scale=1.0).codes, qt.codes)
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
@@ -365,8 +377,7 @@ def test_triton_path_equals_torch_path(fmt):
                 assert torch.equal(a.scale, b.scale)
                 assert torch.equal(a.canonical_bytes(), b.canonical_bytes())
                 if rounding == "two_grid":
-                    v = quantize(xs, fmt, rounding, scale=a.scale, helper=a.helper,
-                                 backend="triton")
+                    v = quantize(xs, fmt, rounding, scale=a.scale, helper=a.helper, backend="triton")
                     assert torch.equal(v.codes, a.codes)
     # every output element is written: poison the buffers, launch directly
     xs = x.reshape(-1)[:1029].contiguous()
@@ -415,10 +426,13 @@ _H = quantize(_X, "e4m3", "two_grid").helper
         ((_X, "e4m3", "rne"), {"helper": _H, "scale": 1.0}, ValueError, "helper only"),
         ((_X, "e4m3", "two_grid"), {"helper": _H}, ValueError, "scale=qt.scale"),
         ((_X, "e4m3", "two_grid"), {"helper": _H[:-1], "scale": 1.0}, ValueError, "helper must"),
-        ((_X, "e4m3", "two_grid"), {"helper": _H.to(torch.int32), "scale": 1.0}, TypeError,
-         "helper must"),
-        ((torch.ones(13), "e4m3", "two_grid"), {"helper": torch.full((2,), 0xFF, dtype=torch.uint8),
-                                                "scale": 1.0}, ValueError, "helper has nonzero"),
+        ((_X, "e4m3", "two_grid"), {"helper": _H.to(torch.int32), "scale": 1.0}, TypeError, "helper must"),
+        (
+            (torch.ones(13), "e4m3", "two_grid"),
+            {"helper": torch.full((2,), 0xFF, dtype=torch.uint8), "scale": 1.0},
+            ValueError,
+            "helper has nonzero",
+        ),
         ((_X, "e4m3"), {"scale": torch.ones(4)}, ValueError, "scale must have"),
         ((_X, "e4m3"), {"scale": torch.ones(3, 1)}, ValueError, "scale must have"),
         ((_X, "e4m3"), {"scale": 0.3}, ValueError, "scale must hold"),
@@ -446,3 +460,28 @@ def test_bad_dequantize_and_spacing_input():
         code_spacing(torch.ones(3), "e4m4")
     with pytest.raises(TypeError, match="x must"):
         code_spacing(torch.ones(3, dtype=torch.int64), "e4m3")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_cuda_kernel_equals_cpu_path(fmt):
+    f = FORMATS[fmt]
+    g = _gen(13)
+    x = torch.randn(1000, 4099, generator=g) * torch.exp2(torch.randint(-30, 20, (1000, 4099), generator=g))
+    x[0, :8] = torch.tensor([0.0, -0.0, f.fmax, 460.0, 500.0, 1e30, -1e30, 1e-42])
+    xc = x.cuda()
+    for rounding in ROUNDINGS:
+        kw = {"seed": 99} if rounding == "stochastic" else {}
+        a = quantize(x, fmt, rounding, **kw)
+        b = quantize(xc, fmt, rounding, **kw)
+        assert torch.equal(a.canonical_bytes(), b.canonical_bytes().cpu()), rounding
+        assert torch.equal(dequantize(a), dequantize(b).cpu())
+        if rounding == "two_grid":
+            v = quantize(xc, fmt, rounding, helper=b.helper, scale=b.scale)
+            assert torch.equal(v.codes, b.codes)
+    if fmt in TORCH_DTYPES:  # RNE equals the device's own cast on in-range values
+        xin = x.clamp(-f.fmax, f.fmax).cuda()
+        assert torch.equal(quantize(xin, fmt, scale=1.0).codes.cpu(), _torch_bits(xin, fmt).cpu())
+    with pytest.raises(ValueError, match="x contains NaN or Inf"):
+        quantize(torch.tensor([1.0, math.nan], device="cuda"), fmt)

@@ -217,8 +217,7 @@ def _scale_exponent_of(scale, x: torch.Tensor, f: Format) -> torch.Tensor:
         s = s.reshape(-1)
     else:
         raise ValueError(
-            f"scale must have one element or shape x.shape[:-1] + (1,) = {row_shape}, "
-            f"got {tuple(s.shape)}"
+            f"scale must have one element or shape x.shape[:-1] + (1,) = {row_shape}, got {tuple(s.shape)}"
         )
     mant, e = torch.frexp(s)
     ok = torch.isfinite(s) & (s >= 2.0**-126) & (mant == 0.5)
@@ -276,38 +275,36 @@ def _codes_torch(
     a = u & 0x7FFFFFFF
     neg = (u < 0) & (a != 0)
     ef = a >> 23
-    frac = a & 0x7FFFFF
-    e_unb = torch.where(ef == 0, -126, ef - 127)
-    m24 = torch.where(ef == 0, frac, frac | 0x800000)
-    ek = e_unb - k.to(torch.int64)
-    sh = ((23 - f.mbits) + (f.emin - ek).clamp(min=0)).clamp(max=56)
+    m24 = torch.where(ef == 0, a, (a & 0x7FFFFF) | 0x800000)
+    ek = ef.clamp(min=1) - 127 - k.to(torch.int64)
+    d = f.emin - ek
+    base = (-d).clamp(min=0) << f.mbits
+    sh_full = ((23 - f.mbits) + d.clamp(min=0)).clamp(max=56)
+    sh = sh_full.clamp(max=30)  # as in the kernel: exact, see quant_code
     q = m24 >> sh
     rem = m24 & ((1 << sh) - 1)
-    c = ((ek.clamp(min=f.emin) - f.emin) << f.mbits) + q
-    sat = c >= f.cmax
-    c = torch.where(sat, f.cmax, c)
-    rem = torch.where(sat, 0, rem)
-    half = 1 << (sh - 1)
-    up_rne = ((rem > half) | ((rem == half) & ((q & 1) == 1))).to(torch.int64)
-    hb = torch.zeros_like(c)
+    hb = torch.zeros_like(q)
     if rounding == "rne":
-        n = c + up_rne
+        n = (base + ((m24 + (1 << (sh - 1)) - 1 + (q & 1)) >> sh)).clamp(max=f.cmax)
     elif rounding == "trunc":
-        n = c
+        n = (base + q).clamp(max=f.cmax)
     elif rounding == "stochastic":
         idx = torch.arange(x32.numel(), dtype=torch.int64, device=x32.device)
         r = counter_bits_torch(idx, *keys)
-        s_up = (32 - sh).clamp(min=0)
-        s_dn = (sh - 32).clamp(min=0)
-        thr = torch.where(sh <= 32, rem << s_up, (rem + (1 << s_dn) - 1) >> s_dn)
-        n = c + (r < thr).to(torch.int64)
+        s_up = (32 - sh_full).clamp(min=0)
+        s_dn = (sh_full - 32).clamp(min=0)
+        thr = torch.where(sh_full <= 32, rem << s_up, (rem + (1 << s_dn) - 1) >> s_dn)
+        n = (base + q + (r < thr).to(torch.int64)).clamp(max=f.cmax)
     else:
+        c = base + q
         if hb_in is not None:
             hb = hb_in.to(torch.int64)
         else:
             quarter = 1 << (sh - 2)
-            hb = ((rem >= quarter) & (rem < 3 * quarter)).to(torch.int64)
-        n = torch.where(hb != 0, c.clamp(max=f.cmax - 1), c + up_rne)
+            hb = ((rem >= quarter) & (rem < 3 * quarter) & (c < f.cmax)).to(torch.int64)
+        half = 1 << (sh - 1)
+        up = ((rem > half) | ((rem == half) & ((q & 1) == 1))).to(torch.int64)
+        n = torch.where(hb != 0, c.clamp(max=f.cmax - 1), (c + up).clamp(max=f.cmax))
     if f.twos:
         code = torch.where(neg, torch.where(hb != 0, -(n + 1), -n), n) & 0xFF
     else:
@@ -338,10 +335,7 @@ def _check_helper(helper, n: int, device: torch.device) -> torch.Tensor:
         raise TypeError(f"helper must be a uint8 tensor, got {helper.dtype}")
     nbytes = (n + 7) // 8
     if helper.dim() != 1 or helper.numel() != nbytes:
-        raise ValueError(
-            f"helper must be 1-D with ceil(numel/8) = {nbytes} bytes, got shape "
-            f"{tuple(helper.shape)}"
-        )
+        raise ValueError(f"helper must be 1-D with ceil(numel/8) = {nbytes} bytes, got shape {tuple(helper.shape)}")
     if helper.device != device:
         raise ValueError(f"helper is on {helper.device}, x on {device}")
     if n % 8 and nbytes and int(helper[-1]) >> (n % 8):
@@ -415,11 +409,7 @@ def quantize(
     if use_triton:
         from fieldprint.quant_kernels import launch_quantize
 
-        helper_out = (
-            torch.empty((n + 7) // 8, dtype=torch.uint8, device=x.device)
-            if prover_two_grid
-            else None
-        )
+        helper_out = torch.empty((n + 7) // 8, dtype=torch.uint8, device=x.device) if prover_two_grid else None
         flag = launch_quantize(flat, k, fmt, rounding, *keys, helper, codes, helper_out)
         if int(flag.item()):
             raise ValueError("x contains NaN or Inf")

@@ -9,7 +9,7 @@ of `quant_code` and must stay line for line equivalent).
 Reusable pieces for other kernels (the fused quantize-and-hash kernel):
 
 * ``quant_code(x, k, r, hb_in, MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, VERIFY)``:
-  one block of float32 values -> (int64 codes, int32 helper bits). The format constants come from
+  one block of float32 values -> (int32 codes, int32 helper bits). The format constants come from
   ``fieldprint.quant.format_constants(fmt)``, ``ROUNDING`` from ``fieldprint.quant.ROUNDING_IDS``.
 * ``e4m3_rne_code(x, k)``, ``e5m2_rne_code(x, k)``, ``int8_rne_code(x, k)``, ``bf16_rne_code(x)``,
   ``fp16_rne_code(x)``: round-to-nearest-even shortcuts of ``quant_code``.
@@ -75,92 +75,99 @@ def quant_code(
     x: float32 block (finite; callers check).  k: int32 scale exponent, scalar or block.
     r: uint32 random bits (`counter_bits`; only read when ROUNDING == 2, pass 0 otherwise).
     hb_in: int32 helper bits (only read when ROUNDING == 3 and VERIFY, pass 0 otherwise).
-    Returns (code, hb): int64 raw code bits (fp8/int8: 0..255, bf16/fp16: 0..65535) and the
-    int32 helper bit of each element (0 unless ROUNDING == 3).
+    Returns (code, hb): int32 raw code bits (fp8/int8: 0..255, bf16/fp16: 0..65535) and the
+    int32 helper bit of each element (0 unless ROUNDING == 3). All arithmetic is 32-bit.
 
     With |x / 2**k| = M * 2**(Ek - 23) (M the 24-bit significand, Ek its unbiased exponent minus
     k), the cell of |x| on the grid is the truncated magnitude code
     ``c = ((max(Ek, EMIN) - EMIN) << MBITS) + (M >> sh)`` with ``sh = 23 - MBITS +
     max(EMIN - Ek, 0)``, and ``rem / 2**sh`` (rem = the bits shifted out) is the exact position of
-    |x| inside the cell [v(c), v(c+1)). Saturation clamps c to CMAX with rem = 0.
+    |x| inside the cell [v(c), v(c+1)). Saturation: codes are clamped to CMAX (two_grid: a
+    saturated value takes grid A). ``fieldprint.quant._codes_torch`` is the torch twin.
     """
     u = x.to(tl.int32, bitcast=True)
     a = u & 0x7FFFFFFF
     neg = (u < 0) & (a != 0)
     ef = a >> 23
-    frac = a & 0x7FFFFF
-    e_unb = tl.where(ef == 0, -126, ef - 127)
-    m24 = tl.where(ef == 0, frac, frac | 0x800000).to(tl.int64)
-    ek = e_unb - k
-    sh = (23 - MBITS) + tl.maximum(EMIN - ek, 0)
-    # a shift of 56 already sends every 24-bit significand to q = 0, so clamping keeps it exact
-    sh = tl.minimum(sh, 56).to(tl.int64)
-    q = m24 >> sh
-    rem = m24 & ((tl.full(sh.shape, 1, tl.int64) << sh) - 1)
-    c = ((tl.maximum(ek, EMIN) - EMIN).to(tl.int64) << MBITS) + q
-    sat = c >= CMAX
-    c = tl.where(sat, CMAX, c)
-    rem = tl.where(sat, 0, rem)
-    half = tl.full(sh.shape, 1, tl.int64) << (sh - 1)
-    up_rne = ((rem > half) | ((rem == half) & ((q & 1) == 1))).to(tl.int64)
+    m24 = tl.where(ef == 0, a, (a & 0x7FFFFF) | 0x800000)
+    ek = tl.maximum(ef, 1) - 127 - k
+    d = EMIN - ek
+    base = tl.maximum(-d, 0) << MBITS
+    sh_full = tl.minimum((23 - MBITS) + tl.maximum(d, 0), 56)
+    # 32-bit arithmetic: from sh = 30 on every 24-bit significand gives q = 0 and rem = m24,
+    # below half and quarter, so clamping the shift to 30 changes no rne/trunc/two_grid code
+    sh = tl.minimum(sh_full, 30)
     hb = tl.zeros(sh.shape, tl.int32)
+    # clamping to CMAX after rounding equals clamping |y| to fmax before (monotone, fmax on grid)
     if ROUNDING == 0:
-        n = c + up_rne
+        # RNE by adding half - 1 plus the lowest kept bit; a carry moves into the next binade
+        n = tl.minimum(base + ((m24 + (1 << (sh - 1)) - 1 + ((m24 >> sh) & 1)) >> sh), CMAX)
     elif ROUNDING == 1:
-        n = c
+        n = tl.minimum(base + (m24 >> sh), CMAX)
     elif ROUNDING == 2:
-        # round up with probability ceil(rem * 2**(32 - sh)) / 2**32 (= rem / 2**sh when sh <= 32)
-        s_up = tl.maximum(32 - sh, 0)
-        s_dn = tl.maximum(sh - 32, 0)
-        one = tl.full(sh.shape, 1, tl.int64)
-        thr = tl.where(sh <= 32, rem << s_up, (rem + (one << s_dn) - 1) >> s_dn)
-        n = c + (r.to(tl.int64) < thr).to(tl.int64)
+        # round up iff r < ceil(rem * 2**(32 - sh_full)), a uint32 threshold; probability
+        # rem / 2**sh_full exactly when sh_full <= 32, otherwise at most 2**-32 above it
+        rem = m24 & ((1 << sh) - 1)
+        s_up = tl.maximum(32 - sh_full, 0).to(tl.uint32)
+        s_dn = tl.maximum(sh_full - 32, 0)
+        thr = tl.where(
+            sh_full <= 32,
+            rem.to(tl.uint32) << s_up,
+            ((rem + (1 << s_dn) - 1) >> s_dn).to(tl.uint32),
+        )
+        n = tl.minimum(base + (m24 >> sh) + (r < thr).to(tl.int32), CMAX)
     else:
+        q = m24 >> sh
+        rem = m24 & ((1 << sh) - 1)
+        c = base + q
         if VERIFY:
             hb = hb_in.to(tl.int32)
         else:
-            quarter = tl.full(sh.shape, 1, tl.int64) << (sh - 2)
-            hb = ((rem >= quarter) & (rem < 3 * quarter)).to(tl.int32)
-        n = tl.where(hb != 0, tl.minimum(c, CMAX - 1), c + up_rne)
+            quarter = 1 << (sh - 2)
+            # a saturated value (c >= CMAX) counts as t = 0: grid A
+            hb = ((rem >= quarter) & (rem < 3 * quarter) & (c < CMAX)).to(tl.int32)
+        half = 1 << (sh - 1)
+        up = ((rem > half) | ((rem == half) & ((q & 1) == 1))).to(tl.int32)
+        n = tl.where(hb != 0, tl.minimum(c, CMAX - 1), tl.minimum(c + up, CMAX))
     if TWOS:
         code = tl.where(neg, tl.where(hb != 0, -(n + 1), -n), n) & 0xFF
     else:
-        s = (neg & ((n > 0) | (hb != 0))).to(tl.int64)
+        s = (neg & ((n > 0) | (hb != 0))).to(tl.int32)
         code = n | (s << SIGN_SHIFT)
     return code, hb
 
 
 @triton.jit
 def e4m3_rne_code(x, k):
-    """OCP E4M3 (fn, saturating) RNE codes of ``x / 2**k``; x: float32 block -> int64 bytes."""
+    """OCP E4M3 (fn, saturating) RNE codes of ``x / 2**k``; x: float32 block -> int32 bytes."""
     code, _ = quant_code(x, k, 0, 0, 3, -6, 0x7E, 7, 0, 0, False)
     return code
 
 
 @triton.jit
 def e5m2_rne_code(x, k):
-    """OCP E5M2 (saturating) RNE codes of ``x / 2**k``; x: float32 block -> int64 bytes."""
+    """OCP E5M2 (saturating) RNE codes of ``x / 2**k``; x: float32 block -> int32 bytes."""
     code, _ = quant_code(x, k, 0, 0, 2, -14, 0x7B, 7, 0, 0, False)
     return code
 
 
 @triton.jit
 def int8_rne_code(x, k):
-    """int8 RNE codes (two's complement byte, range +-127) of ``x / 2**k`` -> int64 bytes."""
+    """int8 RNE codes (two's complement byte, range +-127) of ``x / 2**k`` -> int32 bytes."""
     code, _ = quant_code(x, k, 0, 0, 7, 7, 127, 7, 1, 0, False)
     return code
 
 
 @triton.jit
 def bf16_rne_code(x):
-    """bfloat16 RNE bit patterns (saturating) of float32 block ``x`` -> int64 in 0..65535."""
+    """bfloat16 RNE bit patterns (saturating) of float32 block ``x`` -> int32 in 0..65535."""
     code, _ = quant_code(x, 0, 0, 0, 7, -126, 0x7F7F, 15, 0, 0, False)
     return code
 
 
 @triton.jit
 def fp16_rne_code(x):
-    """float16 RNE bit patterns (saturating) of float32 block ``x`` -> int64 in 0..65535."""
+    """float16 RNE bit patterns (saturating) of float32 block ``x`` -> int32 in 0..65535."""
     code, _ = quant_code(x, 0, 0, 0, 10, -14, 0x7BFF, 15, 0, 0, False)
     return code
 
@@ -172,7 +179,7 @@ def pack_helper_bits(hb, BLOCK: tl.constexpr):
     return tl.sum(bits << tl.arange(0, 8)[None, :], axis=1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["key0", "key1"])
 def _quantize_kernel(
     x_ptr,
     k_ptr,
@@ -195,33 +202,35 @@ def _quantize_kernel(
     BLOCK: tl.constexpr,
 ):
     """One pass: x [n] (fp32/fp16/bf16) -> codes [n], helper bytes [ceil(n/8)], non-finite flag."""
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    bad = ((x.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000) & mask
-    if tl.max(bad.to(tl.int32), axis=0) > 0:
+    # 64-bit block start, 32-bit offsets inside the block: cheap masks for any n
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    loc = tl.arange(0, BLOCK)
+    mask = loc < tl.minimum(n - start, BLOCK).to(tl.int32)
+    x = tl.load(x_ptr + start + loc, mask=mask, other=0.0).to(tl.float32)
+    # masked lanes read +0.0; NaN/Inf are the magnitudes >= 0x7F800000
+    if tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=0) >= 0x7F800000:
         tl.atomic_max(flag_ptr, 1)
     if PER_ROW:
-        k = tl.load(k_ptr + offs // row_len, mask=mask, other=0)
+        k = tl.load(k_ptr + (start + loc) // row_len, mask=mask, other=0)
     else:
         k = tl.load(k_ptr)
     if ROUNDING == 2:
-        r = counter_bits(offs, key0, key1)
+        r = counter_bits(start + loc, key0, key1)
     else:
         r = 0
     hb_in = 0
     if ROUNDING == 3:
         if VERIFY:
-            byte = tl.load(helper_in_ptr + (offs >> 3), mask=mask, other=0).to(tl.int32)
-            hb_in = (byte >> (offs & 7).to(tl.int32)) & 1
+            byte = tl.load(helper_in_ptr + start // 8 + (loc >> 3), mask=mask, other=0)
+            hb_in = (byte.to(tl.int32) >> (loc & 7)) & 1
     code, hb = quant_code(x, k, r, hb_in, MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, VERIFY)
-    tl.store(codes_ptr + offs, code.to(codes_ptr.dtype.element_ty), mask=mask)
+    tl.store(codes_ptr + start + loc, code.to(codes_ptr.dtype.element_ty), mask=mask)
     if ROUNDING == 3:
         if not VERIFY:
             packed = pack_helper_bits(tl.where(mask, hb, 0), BLOCK)
-            boffs = pid * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
-            tl.store(helper_out_ptr + boffs, packed.to(tl.uint8), mask=boffs < (n + 7) // 8)
+            bloc = tl.arange(0, BLOCK // 8)
+            nbytes = (tl.minimum(n - start, BLOCK).to(tl.int32) + 7) // 8
+            tl.store(helper_out_ptr + start // 8 + bloc, packed.to(tl.uint8), mask=bloc < nbytes)
 
 
 def launch_quantize(
