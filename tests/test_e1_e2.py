@@ -1,0 +1,91 @@
+"""E1 / E2 configs, a tiny E1 run on the CPU, and the claims judged from rows."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels on the CPU
+
+import pytest  # noqa: E402
+
+from fieldprint.experiments import e1_throughput as e1  # noqa: E402
+from fieldprint.experiments import e2_sram as e2  # noqa: E402
+from fieldprint.experiments.common import compose  # noqa: E402
+from fieldprint.report import e1_throughput as r1  # noqa: E402
+from fieldprint.report import e2_sram as r2  # noqa: E402
+
+
+@pytest.mark.parametrize("scale", ["smoke", "paper"])
+def test_configs_compose(scale):
+    c1 = compose("e1_throughput", e1.E1Config, [f"scale={scale}"])
+    c2 = compose("e2_sram", e2.E2Config, [f"scale={scale}"])
+    assert c1.scale == c2.scale == scale
+    if scale == "paper":
+        assert [64, 4096] in c1.decode_shapes and c1.heads_q == 32 and c1.kv_dtypes == ["bf16", "fp8"]
+        assert c2.head_dims == [64, 128, 256]
+
+
+def test_bad_configs_are_clear_errors():
+    with pytest.raises(ValueError, match="impls"):
+        e1.E1Config(impls=["naive"])
+    with pytest.raises(ValueError, match="decode_shapes"):
+        e1.E1Config(decode_shapes=[[0, 16]])
+    with pytest.raises(ValueError, match="sweeps"):
+        e2.E2Config(sweeps=[["decode", "colour", 3]])
+    with pytest.raises(Exception, match="nonsense"):
+        compose("e1_throughput", e1.E1Config, ["+nonsense=1"])
+
+
+def test_e1_tiny_run_on_cpu():
+    cfg = e1.E1Config(decode_shapes=[[2, 20]], anchors=[16], prefill_contexts=[], prefill_anchors=[],
+                      impls=["fused", "naive", "gather_sdpa", "cudnn_sdpa"], warmup_ms=1, rep_ms=1,
+                      device="cpu", seed=3)
+    rows = e1.run(cfg)
+    by = {r["impl"]: r for r in rows}
+    assert by["cudnn_sdpa"]["skipped"] == "needs CUDA" and by["cudnn_sdpa"]["ms"] == ""
+    for name in ("fused", "naive", "gather_sdpa"):
+        assert by[name]["skipped"] == "", by[name]["skipped"]
+        assert float(by[name]["ms"]) > 0 and float(by[name]["rel_err"]) < 2e-2
+    assert float(by["naive"]["rel_err_fused"]) < 2e-2
+    assert by["fused"]["bytes"] == 2 * 2 * 36 * 2 * 64 * 2 + 2 * 2 * 4 * 64 * 2
+
+
+def test_unfused_skip_reason_uses_memory_estimate():
+    cfg = e1.E1Config(unfused_limit_gb=1.0, heads_q=32, heads_kv=8, head_dim=128)
+    assert "GB" in e1._skip_reason("naive", "prefill", 64, "bf16", "cuda", 1, 32768, 32768, cfg)
+    assert e1._skip_reason("naive", "decode", 64, "bf16", "cuda", 1, 1, 128, cfg) == ""
+    assert e1._skip_reason("prefix_blocks", "decode", 5, "bf16", "cuda", 1, 1, 128, cfg)
+
+
+def _row(impl, ms, B=64, L=4096, A=64, kv="bf16", mode="decode", err="1e-3"):
+    return {"impl": impl, "mode": mode, "batch": str(B), "context": str(L), "anchors": str(A),
+            "kv_dtype": kv, "ms": str(ms), "tbps": str(1 / ms), "tflops": str(1 / ms),
+            "rel_err": err, "skipped": ""}
+
+
+@pytest.mark.parametrize("fused_ms, verdict", [(1.05, True), (1.5, False)])
+def test_e1_claims_follow_the_rows(fused_ms, verdict):
+    rows = [_row("fused", fused_ms), _row("cudnn_sdpa", 1.0), _row("gather_sdpa", 20.0)]
+    got = {c.id: c for c in r1.claims(rows, {})}
+    assert got["e1.cudnn_ratio_b64_l4096"].supported is verdict
+    assert got["e1.cudnn_ratio_b16_l32768"].supported is False  # not measured is not supported
+    assert got["e1.gather_10x"].supported is True
+    m = r1.macros(rows, {"gpu": "NVIDIA H200"})
+    assert m["e1.ratio_cudnn_b64l4k"] == f"{1 / fused_ms:.2f}" and m["e1.fused_tbps_b16l32k"] == "n/a"
+
+
+def test_e2_claims_and_hbm_rows():
+    cfg = e2.E2Config(hbm_contexts=[16384, 32768], heads_q=32)
+    hbm = [{k: str(v) for k, v in r.items()} for r in e2._hbm_rows(cfg)]
+    first = [r for r in hbm if r["form"] == "naive" and r["mode"] == "prefill" and r["exceeds_h200"] == "1"]
+    assert [r["context"] for r in first] == ["32768"]  # 2 * 32 * 32768^2 * 4 B = 275 GB > 141 GB
+    var = {"kind": "variant", "kernel": "attention", "mode": "decode", "head_dim": "128", "kv_dtype": "bf16",
+           "varied": "", "block_m": "16", "tile_n": "64", "shared_bytes": "36864", "model_bytes": "36864",
+           "model_ratio": "1.0", "registers": "128", "spill_stores": "0", "spill_loads": "0"}
+    flat = [{"kind": "flat", "anchors": str(a), "context": str(c), "hash": "h", "shared_bytes": "36864",
+             "registers": "128", "grid": f"1x8x{c}"} for a, c in ((0, 1024), (64, 4096))]
+    got = {c.id: c.supported for c in r2.claims([var, *flat, *hbm], {})}
+    assert got == {"e2.flat": True, "e2.model10": True, "e2.no_spills": True, "e2.unfused_exceeds": True}
+    flat[1]["hash"] = "other"
+    assert not {c.id: c.supported for c in r2.claims([var, *flat, *hbm], {})}["e2.flat"]
+    assert "\\\\" in r2.macros([var, *flat, *hbm], {})["e2.table"]
