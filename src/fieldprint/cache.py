@@ -132,6 +132,17 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     length: int = 0
     anchor: int | None = None
+    # Host int32 mirror of ``blocks`` (capacity doubling), so kernel_args copies rows instead of
+    # converting Python lists every decode step.
+    table: torch.Tensor = field(default_factory=lambda: torch.zeros(16, dtype=torch.int32))
+
+    def set_blocks(self, blocks: list[int]) -> None:
+        if len(blocks) > self.table.numel():
+            self.table = torch.zeros(max(len(blocks), 2 * self.table.numel()), dtype=torch.int32)
+        old = len(self.blocks)
+        if len(blocks) > old:
+            self.table[old:len(blocks)] = torch.tensor(blocks[old:], dtype=torch.int32)
+        self.blocks = blocks
 
 
 @dataclass(frozen=True)
@@ -249,7 +260,7 @@ class PagedKVCache:
             raise ValueError(f"length must be an int in [0, {s.length}], got {length!r}")
         keep = -(-length // self.block_size)
         self.allocator.free(s.blocks[keep:])
-        del s.blocks[keep:]
+        s.set_blocks(s.blocks[:keep])
         s.length = length
         self._sealed = [p for p in self._sealed if not (p.kind == "context" and p.owner == seq
                                                         and p.index >= length // self.block_size)]
@@ -280,13 +291,12 @@ class PagedKVCache:
         for sid, c in zip(seqs, counts, strict=True):
             s = self.sequences[sid]
             start = s.length
-            s.blocks += self.allocator.allocate(-(-(start + c) // S) - len(s.blocks))
+            s.set_blocks(s.blocks + self.allocator.allocate(-(-(start + c) // S) - len(s.blocks)))
             s.length = start + c
             parts.append(self._slots(s.blocks, start, c, as_tensor=False))
             for i in range(start // S, s.length // S):  # pages whose last slot is now handed out
                 self._sealed.append(PageRef("context", sid, i, s.blocks[i], S))
-        flat = [x for p in parts for x in p]
-        return torch.tensor(flat, dtype=torch.int64).to(self.device, non_blocking=True)
+        return self._to_device(torch.tensor([x for p in parts for x in p], dtype=torch.int64))
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store ``k, v: [T, Hkv, D]`` of layer ``layer`` at ``slots [T]`` (from :meth:`extend`)."""
@@ -332,14 +342,16 @@ class PagedKVCache:
         anchors = [self.anchors[s.anchor] if s.anchor is not None else None for s in ss]
         width = max(1, max(len(s.blocks) for s in ss))
         awidth = max(1, max(len(a.blocks) if a else 0 for a in anchors))
-        table = [s.blocks + [0] * (width - len(s.blocks)) for s in ss]
+        table = torch.zeros((len(ss), width), dtype=torch.int32)
+        for i, s in enumerate(ss):
+            table[i, : len(s.blocks)] = s.table[: len(s.blocks)]
         atable = [(a.blocks if a else []) + [0] * (awidth - (len(a.blocks) if a else 0)) for a in anchors]
         starts = [0]
         for q in query_lens:
             starts.append(starts[-1] + q)
 
-        def dev(x: list) -> torch.Tensor:
-            return torch.tensor(x, dtype=torch.int32).to(self.device, non_blocking=True)
+        def dev(x) -> torch.Tensor:
+            return self._to_device(torch.as_tensor(x, dtype=torch.int32))
 
         return KernelArgs(
             block_table=dev(table), seq_lens=dev([s.length for s in ss]), query_start_loc=dev(starts),
@@ -348,10 +360,17 @@ class PagedKVCache:
 
     # ------------------------------------------------------------------ internals
 
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        # Through pinned memory: a copy from pageable memory may wait for the stream, which would
+        # stop the host from running ahead of the GPU in a decode loop.
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True)
+        return x
+
     def _slots(self, blocks: list[int], start: int, n: int, as_tensor: bool = True):
         S = self.block_size
         flat = [blocks[t // S] * S + t % S for t in range(start, start + n)]
-        return torch.tensor(flat, dtype=torch.int64).to(self.device) if as_tensor else flat
+        return self._to_device(torch.tensor(flat, dtype=torch.int64)) if as_tensor else flat
 
     def _write_all_layers(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         # One indexed write per tensor for all layers: pool viewed as [L, N*S, Hkv, D].

@@ -77,6 +77,10 @@ class E6Config(ExperimentConfig):
         check(self.heads_q % self.heads_kv == 0, "heads_q must be a multiple of heads_kv")
         check(self.dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}")
         check(self.attention in ("kernel", "reference"), "attention must be 'kernel' or 'reference'")
+        if self.attention == "kernel":  # what the fused kernel supports
+            check(self.head_dim in (64, 128, 256), "attention=kernel needs head_dim 64, 128 or 256")
+            check(self.block_size in (16, 32, 64, 128), "attention=kernel needs block_size 16, 32, 64 or 128")
+            check(self.dtype in ("bfloat16", "float16"), "attention=kernel needs dtype bfloat16 or float16")
 
 
 class Decoder:
@@ -100,6 +104,7 @@ class Decoder:
         else:
             from fieldprint.attention import reference_attention as attend
         self.attend = attend
+        self._validated = False
 
     def step(self, x: torch.Tensor, seqs: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode token per sequence: ``x [B, hidden]`` -> next ``x``, and the new slots."""
@@ -107,13 +112,17 @@ class Decoder:
         B, D, Hq, Hkv = x.shape[0], cfg.head_dim, cfg.heads_q, cfg.heads_kv
         slots = cache.extend(seqs, [1] * B)
         args = cache.kernel_args(seqs)
+        # The kernel's index checks read the tables on the host (a sync); the cache builds them,
+        # so they are checked on the first step only and the loop never waits for the GPU.
+        kw = {"validate": not self._validated} if self.cfg.attention == "kernel" else {}
+        self._validated = True
         for layer in range(cfg.layers):
             h = F.rms_norm(x, (cfg.hidden,))
             q, k, v = (h @ self.w_qkv[layer]).split([Hq * D, Hkv * D, Hkv * D], dim=1)
             cache.write(layer, slots, k.reshape(B, Hkv, D), v.reshape(B, Hkv, D))
-            attn = self.attend(q.reshape(B, Hq, D), cache.k_cache(layer), cache.v_cache(layer),
+            attn = self.attend(q.reshape(B, Hq, D).contiguous(), cache.k_cache(layer), cache.v_cache(layer),
                                args.block_table, args.seq_lens, args.query_start_loc,
-                               args.anchor_block_table, args.anchor_lens)
+                               args.anchor_block_table, args.anchor_lens, **kw)
             x = x + attn.reshape(B, Hq * D) @ self.w_o[layer]
             gate, up = (F.rms_norm(x, (cfg.hidden,)) @ self.w_up[layer]).chunk(2, dim=1)
             x = x + (F.silu(gate) * up) @ self.w_down[layer]
