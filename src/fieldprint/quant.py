@@ -32,8 +32,8 @@ Rounding (on the scaled magnitude; the sign is applied after, so every mode is s
   32 counter-based random bits per element, ``r = mix(mix(lo32(i) ^ key0) ^ hi32(i) ^ key1)``,
   where i is the row-major flat index and (key0, key1) come from the 64-bit seed
   (`quant_kernels.seed_keys`). Reproducible on every device and under every tiling; unbiased
-  (E[dequantize] = x for in-range x) except that values smaller than 2**-9 of the smallest
-  spacing round up with probability ceil(p * 2**32) / 2**32, an excess below 2**-32.
+  (E[dequantize] = x for in-range x) except that values below 2**-8 of the smallest spacing
+  round up with probability ceil(p * 2**32) / 2**32, an excess below 2**-32.
 * ``two_grid``: see below. Dequantization error at most a quarter of the local spacing.
 
 Two-grid rounding. Let v(0) = 0 < v(1) < ... < v(C) = fmax be the non-negative grid values and
@@ -76,6 +76,7 @@ NaN/Inf in the input is a ValueError. The scale and the format belong in the pag
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -407,6 +408,11 @@ def quantize(
     codes = torch.empty(n, dtype=f.code_dtype, device=x.device)
     prover_two_grid = rounding == "two_grid" and helper is None
     if use_triton:
+        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                "backend='triton' on a CPU tensor needs TRITON_INTERPRET=1 (set before triton is "
+                "imported); use backend='torch' for the same codes"
+            )
         from fieldprint.quant_kernels import launch_quantize
 
         helper_out = torch.empty((n + 7) // 8, dtype=torch.uint8, device=x.device) if prover_two_grid else None
