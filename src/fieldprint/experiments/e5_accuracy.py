@@ -25,9 +25,12 @@ Two measurements, one CSV (column ``kind``):
   same computation on the unrounded K/V. It isolates the storage error from any kernel's own
   arithmetic.
 
-Scales: every (token, KV head) row of ``head_dim`` values gets its own power-of-two scale
-(:func:`row_scale`), a function of that row alone, so a stored page does not depend on what else
-was in the batch. Stochastic rounding draws its bits from a counter-based generator; the seed of
+Scales (``kv_scale``, fp8 and int8): ``page`` (the commit protocol of :mod:`fieldprint.commit`):
+one power-of-two scale per page of ``block_size`` tokens x KV heads x head dim, K and V apart;
+``row``: one per (token, KV head) row of ``head_dim`` values. Either is a function of the page or
+row alone, never of what else was in the batch (:func:`row_scale`). Pages are written whole:
+``page`` needs the anchor, the window and the chunk to be multiples of ``block_size``, so every
+write covers whole pages of one sequence. Stochastic rounding draws its bits from a counter-based generator; the seed of
 each write is derived from the row's seed and a per-run write counter. Rows with random rounding
 repeat for every seed in ``seeds``; deterministic roundings run once (seed = ``seed``).
 """
@@ -47,6 +50,7 @@ from fieldprint.model import ATTENTION_BACKENDS, load_checkpoint, score_paged
 FORMATS = ("bf16", "fp16", "e4m3", "e5m2", "int8")
 ROUNDINGS = ("rne", "trunc", "stochastic", "two_grid")
 RANDOM_ROUNDINGS = ("stochastic",)
+KV_SCALES = ("page", "row")
 KERNEL_FORMATS = ("bf16", "e4m3", "e5m2", "int8")  # values a bf16 cache holds exactly
 BITS = {"bf16": 16, "fp16": 16, "e4m3": 8, "e5m2": 8, "int8": 8}
 
@@ -63,6 +67,7 @@ class E5AccuracyConfig(ExperimentConfig):
     chunk: int = 32  # new tokens per window per call (chunked prefill)
     block_size: int = 16
     attention: str = "reference"
+    kv_scale: str = "page"  # power-of-two scale per page (the commit protocol) or per row
     formats: list[str] = field(default_factory=lambda: [
         "bf16:rne", "fp16:rne", "e4m3:rne", "e4m3:trunc", "e4m3:stochastic", "e4m3:two_grid",
         "e5m2:rne", "e5m2:trunc", "e5m2:stochastic", "int8:rne", "int8:two_grid"])
@@ -93,6 +98,12 @@ class E5AccuracyConfig(ExperimentConfig):
               f"heads_q ({self.heads_q}) must be a multiple of heads_kv ({self.heads_kv})")
         check(self.attention in ATTENTION_BACKENDS,
               f"attention must be one of {ATTENTION_BACKENDS}, got {self.attention!r}")
+        check(self.kv_scale in KV_SCALES, f"kv_scale must be one of {KV_SCALES}, got {self.kv_scale!r}")
+        if self.kv_scale == "page":
+            for name in ("anchor_bytes", "window", "chunk"):
+                check(getattr(self, name) % self.block_size == 0,
+                      f"kv_scale='page' writes whole pages: {name} ({getattr(self, name)}) must be a "
+                      f"multiple of block_size ({self.block_size})")
         check(len(self.formats) > 0, "formats must not be empty")
         for item in self.formats:
             parse_format(item)
@@ -133,24 +144,32 @@ def row_scale(x: torch.Tensor, fmt: str) -> torch.Tensor | None:
     return torch.exp2(k).float()
 
 
-def round_trip(x: torch.Tensor, fmt: str, rounding: str, seed: int) -> torch.Tensor:
-    """x: [T, H, D] -> the float32 values a cache in (fmt, rounding) holds for x."""
+def round_trip(x: torch.Tensor, fmt: str, rounding: str, seed: int,
+               page_tokens: int | None = None) -> torch.Tensor:
+    """x: [T, H, D] -> the float32 values a cache in (fmt, rounding) holds for x, with one scale
+    per (token, head) row, or per page of ``page_tokens`` consecutive tokens (T a multiple)."""
     from fieldprint.quant import dequantize, quantize
 
-    scale = row_scale(x, fmt)
-    qt = quantize(x.float(), fmt, rounding, seed=seed if rounding in RANDOM_ROUNDINGS else None,
-                  scale=scale)
+    if page_tokens is not None:
+        if x.shape[0] % page_tokens:
+            raise ValueError(f"{x.shape[0]} tokens are not whole pages of {page_tokens}")
+        groups = x.reshape(x.shape[0] // page_tokens, -1)  # [pages, page_tokens * H * D]
+    else:
+        groups = x
+    qt = quantize(groups.float(), fmt, rounding, scale=row_scale(groups, fmt),
+                  seed=seed if rounding in RANDOM_ROUNDINGS else None)
     return dequantize(qt).to(torch.float32).reshape(x.shape)
 
 
-def kv_store(fmt: str, rounding: str, seed: int):
-    """A ``store`` for :func:`score_paged`: each write gets its own derived seed."""
+def kv_store(fmt: str, rounding: str, seed: int, page_tokens: int | None = None):
+    """A ``store`` for :func:`score_paged`: each write gets its own derived seed. With
+    ``page_tokens``, every write must hold whole pages, sequence after sequence."""
     writes = 0
 
     def store(x: torch.Tensor, layer: int, which: str) -> torch.Tensor:
         nonlocal writes
         writes += 1
-        return round_trip(x, fmt, rounding, seed * 1_000_003 + writes)
+        return round_trip(x, fmt, rounding, seed * 1_000_003 + writes, page_tokens)
 
     return store
 
@@ -200,13 +219,14 @@ def lm_rows(cfg: E5AccuracyConfig, device: str) -> list[dict]:
     def row(fmt, rounding, aq, seed, attention, nats) -> dict:
         bits = 32 if fmt == "reference" else _bits(fmt, rounding)
         return {"kind": "lm", "fmt": fmt, "rounding": rounding, "anchors_quantized": aq,
-                "seed": seed, "attention": attention, "bits": bits, "n_bytes": n_bytes,
+                "seed": seed, "attention": attention, "kv_scale": cfg.kv_scale, "bits": bits,
+                "n_bytes": n_bytes,
                 "nats": nats, "bpb": nats / n_bytes / math.log(2), "rel_err": "", **about}
 
     rows = [row("reference", "none", False, cfg.seed, cfg.attention, score())]
     for formats, attention in ((cfg.formats, cfg.attention), (cfg.kernel_formats, "kernel")):
         for fmt, rounding, aq, seed in _runs(cfg, formats):
-            store = kv_store(fmt, rounding, seed)
+            store = kv_store(fmt, rounding, seed, cfg.block_size if cfg.kv_scale == "page" else None)
             nats = score(store, store if aq else None, attention)
             rows.append(row(fmt, rounding, aq, seed, attention, nats))
     return rows
@@ -254,12 +274,14 @@ def attention_rows(cfg: E5AccuracyConfig, device: str) -> list[dict]:
         for i, name in enumerate(("k_cache", "v_cache")):
             x = args[name]
             flat = x.flatten(0, 1)  # [blocks * block_size, Hkv, D]
-            y = round_trip(flat, fmt, rounding, seed * 1_000_003 + i).view(x.shape).to(x.dtype)
+            pages = x.shape[1] if cfg.kv_scale == "page" else None
+            y = round_trip(flat, fmt, rounding, seed * 1_000_003 + i, pages).view(x.shape).to(x.dtype)
             stored[name] = y if aq else torch.where(is_anchor[:, None, None, None], x, y)
         out = reference_attention(**{**args, **stored})
         rel = float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref))
         rows.append({"kind": "attention", "fmt": fmt, "rounding": rounding,
                      "anchors_quantized": aq, "seed": seed, "attention": "reference",
+                     "kv_scale": cfg.kv_scale,
                      "bits": _bits(fmt, rounding),
                      "n_bytes": "", "nats": "", "bpb": "", "rel_err": rel})
     return rows

@@ -161,7 +161,8 @@ def run(cfg: E5TrainConfig) -> list[dict]:
 
     rows: list[dict] = []
     started = time.monotonic()
-    running, running_n, step, lr = 0.0, 0, 0, cfg.lr
+    # the running train loss stays on the device: no host synchronization per step
+    running, running_n, step, lr = torch.zeros((), device=device), 0, 0, cfg.lr
     model.train()
     while True:
         elapsed = time.monotonic() - started
@@ -172,10 +173,10 @@ def run(cfg: E5TrainConfig) -> list[dict]:
             rows.append({
                 "step": step, "tokens": step * cfg.batch_size * cfg.context,
                 "seconds": round(elapsed, 2), "lr": lr,
-                "train_loss": running / running_n if running_n else float("nan"),
+                "train_loss": float(running) / running_n if running_n else float("nan"),
                 "val_loss": val, "val_bpb": val / math.log(2), "final": done,
             })
-            running, running_n = 0.0, 0
+            running, running_n = torch.zeros((), device=device), 0
         if done:
             break
         lr = lr_at(cfg, step, progress)
@@ -190,7 +191,7 @@ def run(cfg: E5TrainConfig) -> list[dict]:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        running += float(loss.detach())
+        running += loss.detach().float()
         running_n += 1
         step += 1
 
