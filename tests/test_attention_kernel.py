@@ -19,6 +19,9 @@ import torch
 
 from fieldprint.attention import paged_anchor_attention, reference_attention
 
+# CPU tests through the interpreter (conftest sets it without CUDA); on a GPU machine the same
+# checks run at realistic shapes in tests/test_attention_gpu.py.
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 BF16, FP16, FP8 = torch.bfloat16, torch.float16, torch.float8_e4m3fn
 TOL = {BF16: 2e-2, FP16: 5e-3}
 
@@ -211,18 +214,14 @@ def test_validate_false_same_result():
     assert torch.equal(paged_anchor_attention(**case), paged_anchor_attention(**case, validate=False))
 
 
-def test_custom_op_fake_and_compile():
+def test_custom_op_opcheck_and_compile():
     case = make_case(61, [1, 1], [20, 7], [4, 0])
     op = torch.ops.fieldprint.paged_anchor_attention.default
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode() as mode:
-        fake = {k: mode.from_tensor(v) for k, v in case.items()}
-        out, lse = op(fake["q"], fake["k_cache"], fake["v_cache"], fake["block_table"], fake["seq_lens"],
-                      fake["query_start_loc"], fake["anchor_block_table"], fake["anchor_lens"], None, None,
-                      0.125, 1.0, 1.0, 0, 0.0, 2048, 0, 0, 0, 0)
-        assert out.shape == case["q"].shape and lse.shape == case["q"].shape[:2]
-        assert out.dtype == case["q"].dtype and lse.dtype == torch.float32
+    args = (case["q"], case["k_cache"], case["v_cache"], case["block_table"], case["seq_lens"],
+            case["query_start_loc"], case["anchor_block_table"], case["anchor_lens"], None, None,
+            0.125, 1.0, 1.0, 0, 0.0, 2048, 0, 0, 0, 0)
+    result = torch.library.opcheck(op, args)  # schema, fake tensor, aot dispatch
+    assert set(result.values()) == {"SUCCESS"}, result
 
     def f(c):
         return paged_anchor_attention(**c, validate=False) * 2

@@ -386,15 +386,12 @@ def kernel_config(head_dim: int, block_size: int, group: int, mode: str, kv_dtyp
 # Launch
 
 
-def _scale_arg(scale, Hkv: int):
-    """(mode, tensor or None, float): 0 = Python scalar, 1 = per-tensor, 2 = per-KV-head tensor."""
-    if scale is None:
-        return 0, None, 1.0
+def _scale_arg(scale):
+    """k_scale / v_scale as (tensor or None, float): a tensor is read by the kernel (one element
+    or one per KV head), a Python number is passed by value."""
     if isinstance(scale, torch.Tensor):
-        if scale.numel() == Hkv and scale.dim() == 1 and Hkv > 1:
-            return 2, scale.contiguous(), 1.0
-        return 1, scale.reshape(1), 1.0
-    return 0, None, float(scale)
+        return scale.reshape(-1).contiguous(), 1.0
+    return None, 1.0 if scale is None else float(scale)
 
 
 def _launch(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_block_table,
@@ -485,12 +482,8 @@ def _(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_block_
 
 def _check_kernel_inputs(q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
                          anchor_block_table, anchor_lens, kv_split_tokens) -> AttentionShapes:
-    """What the kernel needs beyond the shared checks: devices it can run on, q/KV dtype pairing,
-    unit stride along the last dimension, supported head dims and page sizes."""
-    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f"paged_anchor_attention runs a Triton kernel and needs CUDA tensors (q is on {q.device}); "
-            "on a CPU use fieldprint.attention.reference_attention (or set TRITON_INTERPRET=1 for tests)")
+    """What the kernel needs beyond the shared checks: q/KV dtype pairing, unit stride along the
+    last dimension, supported head dims, page sizes and split lengths."""
     if k_cache.dtype != torch.float8_e4m3fn and k_cache.dtype != q.dtype:
         raise TypeError(f"k_cache dtype {k_cache.dtype} must equal q dtype {q.dtype} (or be float8_e4m3fn)")
     named = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "block_table": block_table,
@@ -542,8 +535,12 @@ def paged_anchor_attention(
     kernel_config(shapes.D, shapes.block_size, shapes.group, "prefill", k_cache.dtype, **cfg)
     if kv_split_tokens % decode_tile:
         raise ValueError(f"kv_split_tokens ({kv_split_tokens}) must be a multiple of the KV tile ({decode_tile})")
-    ks_mode, ks_t, ks_f = _scale_arg(k_scale, shapes.Hkv)
-    vs_mode, vs_t, vs_f = _scale_arg(v_scale, shapes.Hkv)
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"paged_anchor_attention runs a Triton kernel and needs CUDA tensors (q is on {q.device}); "
+            "on a CPU use fieldprint.attention.reference_attention (or set TRITON_INTERPRET=1 for tests)")
+    ks_t, ks_f = _scale_arg(k_scale)
+    vs_t, vs_f = _scale_arg(v_scale)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(shapes.D)
     out, lse = _paged_anchor_attention_op(
         q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_block_table, anchor_lens,
