@@ -206,3 +206,49 @@ def test_configs_compose(scale):
     assert acc.anchor_bytes + acc.window <= train.context
     with pytest.raises(Exception, match="no_such_key"):
         compose("e5_accuracy", E5AccuracyConfig, [f"scale={scale}", "+no_such_key=1"])
+
+
+def _fake_rows() -> list[dict[str, str]]:
+    """CSV-like rows (strings) of a complete grid, with costs that grow with the error."""
+    rows = [{"kind": "lm", "fmt": "reference", "rounding": "none", "anchors_quantized": "False",
+             "seed": "0", "attention": "naive", "bpb": "2.0", "n_bytes": "1000", "rel_err": "",
+             "params": "9540480", "train_steps": "6000", "train_val_bpb": "1.95"}]
+    err = {"bf16:rne": 0.003, "fp16:rne": 0.0004, "e4m3:rne": 0.04, "e4m3:trunc": 0.1,
+           "e4m3:stochastic": 0.06, "e4m3:two_grid": 0.02, "e5m2:rne": 0.09, "e5m2:trunc": 0.2,
+           "e5m2:stochastic": 0.13, "int8:rne": 0.02, "int8:two_grid": 0.01}
+    for item, e in err.items():
+        fmt, rounding = item.split(":")
+        for aq in ("True", "False"):
+            for seed in ("0", "1") if rounding == "stochastic" else ("0",):
+                common = {"fmt": fmt, "rounding": rounding, "anchors_quantized": aq, "seed": seed}
+                bpb = 2.0 * (1 + e / 10 + 0.001 * int(seed))
+                rows.append({"kind": "lm", **common, "attention": "naive", "bpb": str(bpb),
+                             "n_bytes": "1000", "rel_err": ""})
+                rows.append({"kind": "attention", **common, "attention": "reference", "bpb": "",
+                             "n_bytes": "", "rel_err": str(e)})
+    rows.append({**rows[5], "attention": "kernel", "bpb": str(float(rows[5]["bpb"]) + 0.002)})
+    return rows
+
+
+def test_report_and_figure(tmp_path):
+    from fieldprint.plots.e5_accuracy import draw
+    from fieldprint.report import render_macros
+    from fieldprint.report.e5_accuracy import claims, macros
+
+    rows = _fake_rows()
+    manifest = {"config": {"anchor_bytes": 128, "window": 384, "eval_windows": 512, "seeds": [0, 1]},
+                "gpu": "NVIDIA H200", "date": "2026-11-29T00:00:00"}
+    m = macros(rows, manifest)
+    render_macros(m)  # keys are valid
+    assert m["e5.ref_bpb"] == "2.000" and m["e5.params_m"] == "9.5"
+    assert m["e5.pct.e4m3.rne"] == "+0.40" and m["e5.pct.e4m3.twogrid"] == "+0.20"
+    assert m["e5.attn.e4m3.twogrid"] == "2" and m["e5.kernel_gap_pct"] == "0.10"
+    verdicts = {c.id: c.supported for c in claims(rows, manifest)}
+    assert verdicts["e5.model_real"] and verdicts["e5.e4m3_rne_lt1pct"]
+    assert verdicts["e5.two_grid_attn.e4m3"] and verdicts["e5.trunc_worst_attn"]
+    assert verdicts["e5.half_free"]
+    assert verdicts["e5.kernel_matches"]
+    bad = [dict(r, bpb="2.5") if r["fmt"] == "reference" else r for r in rows]
+    assert not {c.id: c.supported for c in claims(bad, manifest)}["e5.model_real"]
+    draw(rows, manifest, tmp_path / "fig")
+    assert (tmp_path / "fig.pdf").stat().st_size > 1000 and (tmp_path / "fig.png").exists()

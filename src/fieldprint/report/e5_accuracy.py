@@ -18,7 +18,8 @@ the formats, not fitted to results:
   RNE's: attention error two_grid / RNE <= 0.6 (theory 0.5), and its bits-per-byte cost is no
   larger than RNE's plus 0.05% of the reference (seed-free noise margin);
 * stochastic rounding doubles the error variance of RNE (RMS s/sqrt(6) vs s/sqrt(12)):
-  attention error stochastic / RNE >= 1.2 (theory 1.41);
+  attention error stochastic / RNE >= 1.2 (theory 1.41); truncation (biased, RMS s/sqrt(3)) has
+  the largest attention error of the E4M3 roundings;
 * the fused kernel (bf16 arithmetic) reproduces the float32 evaluation within 0.5% bits per byte.
 """
 
@@ -101,17 +102,17 @@ def macros(rows: list[dict[str, str]], manifest: dict[str, Any]) -> dict[str, st
         "e5.eval_windows": str(cfg.get("eval_windows", "?")),
         "e5.n_seeds": str(len(cfg.get("seeds", [])) or "?"),
     }
-    if ref.get("params"):
-        out["e5.params_m"] = f"{int(ref['params']) / 1e6:.1f}"
-    if ref.get("train_val_bpb"):
-        out["e5.train_val_bpb"] = f"{float(ref['train_val_bpb']):.3f}"
-        out["e5.train_steps"] = f"{int(float(ref['train_steps'])):,}".replace(",", "{,}")
+    # facts of the checkpoint (n/a when it carries no training summary)
+    out["e5.params_m"] = f"{int(ref['params']) / 1e6:.1f}" if ref.get("params") else "n/a"
+    out["e5.train_val_bpb"] = f"{float(ref['train_val_bpb']):.3f}" if ref.get("train_val_bpb") else "n/a"
+    out["e5.train_steps"] = (f"{int(float(ref['train_steps'])):,}".replace(",", "{,}")
+                             if ref.get("train_steps") else "n/a")
     for (fmt, rounding, aq), (delta, pct, sd) in lm_cost(rows).items():
         key = f"{fmt}.{_tag(rounding)}"
         if aq:
             out[f"e5.delta.{key}"] = _signed(delta, 4)
             out[f"e5.pct.{key}"] = _signed(pct, 2)
-            if sd:
+            if rounding == "stochastic":
                 out[f"e5.pctsd.{key}"] = f"{sd:.2f}"
         else:
             out[f"e5.pctfa.{key}"] = _signed(pct, 2)
@@ -119,8 +120,7 @@ def macros(rows: list[dict[str, str]], manifest: dict[str, Any]) -> dict[str, st
         if aq:
             out[f"e5.attn.{fmt}.{_tag(rounding)}"] = f"{100 * err:.2g}"
     gap = kernel_gap(rows)
-    if gap is not None:
-        out["e5.kernel_gap_pct"] = f"{gap:.2f}"
+    out["e5.kernel_gap_pct"] = f"{gap:.2f}" if gap is not None else "n/a"  # no kernel rows
     return out
 
 
@@ -161,6 +161,11 @@ def claims(rows: list[dict[str, str]], manifest: dict[str, Any]) -> list[Claim]:
             out.append(Claim(f"e5.stochastic_attn.{fmt}", f"Stochastic rounding gives at least 1.2x RNE's "
                              f"attention error in {fmt} (theory: 1.41x).", es >= 1.2 * er,
                              f"{es:.3g} vs {er:.3g} ({es / er:.2f}x)"))
+    et, er, es = (attn.get(("e4m3", r, True)) for r in ("trunc", "rne", "stochastic"))
+    if None not in (et, er, es):
+        out.append(Claim("e5.trunc_worst_attn", "Truncation gives the largest attention error of the "
+                         "E4M3 roundings (biased; RMS s/sqrt(3), twice RNE's).", et > max(er, es),
+                         f"trunc {et:.3g}, RNE {er:.3g}, stochastic {es:.3g}"))
     gap = kernel_gap(rows)
     if gap is not None:
         out.append(Claim("e5.kernel_matches", "Evaluating through the fused kernel (bf16 arithmetic) "
