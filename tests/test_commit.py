@@ -238,3 +238,29 @@ def test_gpu_async_equals_sync_and_cpu():
     for got, want in zip(_quantize_pages(x, "e4m3", "two_grid")[:3], _quantize_pages(x.cpu(), "e4m3", "two_grid")[:3],
                          strict=True):
         assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_decode_loop_async_roots_equal_sync_roots():
+    """Writes on the decode stream, commits on the side stream: every root equals the one the
+    synchronous mode commits, and the CPU reference (bf16 cache, E4M3 two_grid)."""
+    roots = {}
+    for mode, device in (("commit_sync", "cpu"), ("commit_sync", "cuda"), ("commit_async", "cuda")):
+        gen = torch.Generator().manual_seed(13)
+        cache = PagedKVCache(L, 256, 16, HKV, 16, dtype=torch.bfloat16, device=device)
+        anchor = cache.add_anchor(torch.randn(L, 20, HKV, 16, generator=gen).to(device),
+                                  torch.randn(L, 20, HKV, 16, generator=gen).to(device))
+        seqs = [cache.add_sequence(anchor=anchor) for _ in range(3)]
+        c = Committer(cache, mode=mode, interval=5)
+        for _ in range(70):
+            slots = cache.extend(seqs, [1, 1, 1])
+            for layer in range(L):
+                cache.write(layer, slots, torch.randn(3, HKV, 16, generator=gen).to(device),
+                            torch.randn(3, HKV, 16, generator=gen).to(device))
+            c.step(slots)
+        roots[(mode, device)] = c.roots()
+        assert c.verify().ok
+    assert roots[("commit_async", "cuda")] == roots[("commit_sync", "cuda")] == roots[("commit_sync", "cpu")]
+    # anchors (2 pages) at step 5, then 3 sealed pages at steps 20, 35, 50, 65; 2 layers, K and V
+    assert [n for n, _ in roots[("commit_sync", "cpu")]] == [8, 20, 32, 44, 56]

@@ -107,12 +107,18 @@ class VerifyResult:
 
 
 class Committer:
-    """Commits the pages of ``cache`` every ``interval`` steps (see the module doc)."""
+    """Commits the pages of ``cache`` every ``interval`` steps (see the module doc).
+
+    mode: one of :data:`MODES`; fmt, rounding: the quantization of the pages
+    (``fieldprint.quant``); fetch_leaves: also copy the leaf digests to the host (needed by
+    :meth:`verify`); hash_backend / quant_backend: ``"auto"`` (CUDA -> Triton, CPU -> reference)
+    or ``"triton"``; stream: the side stream of ``commit_async`` (default: a new one).
+    """
 
     def __init__(
         self, cache: PagedKVCache, mode: str = "commit_async", interval: int = 16, fmt: str = "e4m3",
         rounding: str = "two_grid", fetch_leaves: bool = True, hash_backend: str = "auto",
-        quant_backend: str = "auto",
+        quant_backend: str = "auto", stream: torch.cuda.Stream | None = None,
     ) -> None:
         if not isinstance(cache, PagedKVCache):
             raise TypeError(f"cache must be a PagedKVCache, got {type(cache).__name__}")
@@ -135,7 +141,11 @@ class Committer:
         self.fetch_leaves, self.hash_backend, self.quant_backend = fetch_leaves, hash_backend, quant_backend
         self.device = cache.device
         cuda = self.device.type == "cuda"
-        self._side = torch.cuda.Stream(self.device) if cuda and mode == "commit_async" else None
+        if stream is not None and not (cuda and mode == "commit_async"):
+            raise ValueError("stream applies only to mode='commit_async' on a CUDA cache")
+        # One side stream per committer unless given: pass the same stream to successive
+        # committers so that the caching allocator can reuse their freed memory.
+        self._side = (stream or torch.cuda.Stream(self.device)) if cuda and mode == "commit_async" else None
         self.steps = 0
         self.commits = 0
         self.leaves: list[LeafRef] = []

@@ -176,11 +176,14 @@ def run(cfg: E6Config) -> list[dict]:
     commits: dict[tuple[str, int], int] = {}
     leaves: dict[tuple[str, int], int] = {}
 
+    side = torch.cuda.Stream() if device == "cuda" else None  # shared: its memory pool is reused
+
     def timed(mode: str, interval: int) -> Committer:
         for s in seqs:
             cache.truncate(s, lengths[s])
         cache.take_sealed()
-        committer = Committer(cache, mode=mode, interval=interval, fmt=cfg.fmt, rounding=cfg.rounding)
+        committer = Committer(cache, mode=mode, interval=interval, fmt=cfg.fmt, rounding=cfg.rounding,
+                              stream=side if mode == "commit_async" else None)
         if mode in COMMIT_MODES:  # the prefix: committed untimed
             committer.commit([p for s in seqs for p in cache.complete_pages(s)])
             committer.root()
