@@ -95,11 +95,12 @@ def test_triton_short_inputs(length, keyed):
 
 
 @pytest.mark.parametrize("length,rows,keyed", [(1024, 2, True), (1025, 3, False),
-                                               (4097, 2, True)])
+                                               (4096, 2, False), (33 * 1024 + 1, 2, True)])
 def test_triton_many_multi_chunk(length, rows, keyed):
-    """Several rows in one launch; 1 chunk (root chunk), 2 (root parent), 5 chunks (three
-    levels, an odd node carried up twice); 1024 takes the 16-byte-vector load path, the others
-    the padded one. (3 chunks, aligned and keyed: the official vector 3072 above.)"""
+    """Several rows in one launch. Chunks per row: 1 (the chunk is the root), 2 (root parent on
+    the first level of a parent launch), 4 (root on the second level), 34 (three parent launches,
+    34 -> 9 -> 3 -> 1, nodes carried up). Rows of a multiple of 64 bytes take the aligned load
+    path, the others the padded one. (3 chunks, keyed: the official vector 3072 above.)"""
     gen = torch.Generator().manual_seed(length)
     data = _rand(gen, rows, length)
     key = _key(gen) if keyed else None

@@ -9,7 +9,7 @@ blake3 package). All backends agree bit for bit with the blake3 package for ever
 in keyed mode (key: 32 bytes, as `bytes` or a [32] uint8 tensor).
 
 Device path: one launch of `chunk_kernel` (one 1024-byte chunk per lane, all rows at once),
-then `parent_kernel` once per tree level while more than one node per row is left. Rows whose
+then `parent_kernel` (two tree levels per launch) while more than one node per row is left. Rows whose
 length is not a multiple of 4 bytes are first copied into a zero-padded word buffer.
 """
 
@@ -115,7 +115,7 @@ def _triton_many(rows: torch.Tensor, key: bytes | None) -> torch.Tensor:
                          num_warps=CHUNK_BLOCK // 32)
     m = c
     while m > 1:
-        mo = (m + 1) // 2
+        mo = (m + 3) // 4
         nxt = torch.empty((n * mo, 8), dtype=torch.int32, device=rows.device)
         grid = (triton.cdiv(n * mo, PARENT_BLOCK),)
         K.parent_kernel[grid](nodes, nxt, n * mo, m, mo, *kw, kf,

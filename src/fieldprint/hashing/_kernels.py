@@ -107,24 +107,18 @@ def _split(x, N: tl.constexpr, HALF: tl.constexpr):
 
 
 @triton.jit
-def _words16(x, N: tl.constexpr):
-    """[N, 16] -> its 16 columns as [N] vectors, by three levels of even/odd splitting."""
-    e, o = _split(x, N, 8)  # words 2k, 2k+1
-    ee, eo = _split(e, N, 4)  # 4k, 4k+2
-    oe, oo = _split(o, N, 4)  # 4k+1, 4k+3
-    eee, eeo = _split(ee, N, 2)  # 8k, 8k+4
-    eoe, eoo = _split(eo, N, 2)  # 8k+2, 8k+6
-    oee, oeo = _split(oe, N, 2)  # 8k+1, 8k+5
-    ooe, ooo = _split(oo, N, 2)  # 8k+3, 8k+7
-    w0, w8 = _split(eee, N, 1)
-    w4, w12 = _split(eeo, N, 1)
-    w2, w10 = _split(eoe, N, 1)
-    w6, w14 = _split(eoo, N, 1)
-    w1, w9 = _split(oee, N, 1)
-    w5, w13 = _split(oeo, N, 1)
-    w3, w11 = _split(ooe, N, 1)
-    w7, w15 = _split(ooo, N, 1)
-    return w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15
+def _load4(row_ptr, word, cols, valid, W, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    """Words word .. word+3 of each lane's row as four [BLOCK] uint32 vectors (0 past W)."""
+    offs = word[:, None] + cols[None, :]  # [BLOCK, 4]
+    if ALIGNED:
+        inside = (word < W)[:, None]
+    else:
+        inside = offs < W
+    q = _u32(tl.load(row_ptr[:, None] + offs, mask=valid[:, None] & inside, other=0))
+    a, b = _split(q, BLOCK, 2)  # words 0, 2 and 1, 3
+    w0, w2 = _split(a, BLOCK, 1)
+    w1, w3 = _split(b, BLOCK, 1)
+    return w0, w1, w2, w3
 
 
 @triton.jit
@@ -152,7 +146,7 @@ def chunk_kernel(x_ptr, out_ptr, n_chunks, C, L, W, n_blocks,
     t_hi = (ci >> 32).to(tl.uint32)
     chunk_word = ci * 256  # first word of the chunk within its row
     row_ptr = x_ptr + row * W
-    cols = tl.arange(0, 16)
+    cols = tl.arange(0, 4)
     kf = _u32(key_flags)
     h0 = t_lo * 0 + _u32(k0)
     h1 = t_lo * 0 + _u32(k1)
@@ -166,14 +160,11 @@ def chunk_kernel(x_ptr, out_ptr, n_chunks, C, L, W, n_blocks,
     # a while loop: the interpreter of triton 3.6 cannot range() over a runtime scalar
     while b < n_blocks:  # 16, fewer only when every row is shorter than one chunk
         word = chunk_word + b * 16  # [BLOCK]
-        offs = word[:, None] + cols[None, :]  # [BLOCK, 16]
-        if ALIGNED:
-            inside = (word < W)[:, None]
-        else:
-            inside = offs < W
-        blk = tl.load(row_ptr[:, None] + offs, mask=valid[:, None] & inside, other=0)
-        m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15 = _words16(
-            _u32(blk), BLOCK)
+        # four 16-byte loads per chunk: each lane owns its chunk's words, no shuffles needed
+        m0, m1, m2, m3 = _load4(row_ptr, word, cols, valid, W, BLOCK, ALIGNED)
+        m4, m5, m6, m7 = _load4(row_ptr, word + 4, cols, valid, W, BLOCK, ALIGNED)
+        m8, m9, m10, m11 = _load4(row_ptr, word + 8, cols, valid, W, BLOCK, ALIGNED)
+        m12, m13, m14, m15 = _load4(row_ptr, word + 12, cols, valid, W, BLOCK, ALIGNED)
         blen = tl.minimum(tl.maximum(clen - b * 64, 0), 64).to(tl.uint32)
         at_end = b == last
         flags = (kf | tl.where(b == 0, CHUNK_START, 0) | tl.where(at_end, CHUNK_END, 0)
@@ -204,39 +195,87 @@ def chunk_kernel(x_ptr, out_ptr, n_chunks, C, L, W, n_blocks,
 
 
 @triton.jit
+def _node_words(base, node, ok):
+    """8 words of node `node` (int64 [BLOCK]) at base ([*, 8] int32), zeros where not ok."""
+    cols = tl.arange(0, 4)
+    ptr = base + node * 8
+    BLOCK: tl.constexpr = node.shape[0]
+    lo = _u32(tl.load(ptr[:, None] + cols[None, :], mask=ok[:, None], other=0))
+    hi = _u32(tl.load(ptr[:, None] + 4 + cols[None, :], mask=ok[:, None], other=0))
+    a, b = _split(lo, BLOCK, 2)
+    w0, w2 = _split(a, BLOCK, 1)
+    w1, w3 = _split(b, BLOCK, 1)
+    c, d = _split(hi, BLOCK, 2)
+    w4, w6 = _split(c, BLOCK, 1)
+    w5, w7 = _split(d, BLOCK, 1)
+    return w0, w1, w2, w3, w4, w5, w6, w7
+
+
+@triton.jit
+def _merge(k0, k1, k2, k3, k4, k5, k6, k7, flags, pair,
+           l0, l1, l2, l3, l4, l5, l6, l7, r0, r1, r2, r3, r4, r5, r6, r7):
+    """Parent of (l, r) where pair, else l carried up unchanged."""
+    z = l0 ^ l0
+    n0, n1, n2, n3, n4, n5, n6, n7 = _compress(
+        z + k0, z + k1, z + k2, z + k3, z + k4, z + k5, z + k6, z + k7,
+        l0, l1, l2, l3, l4, l5, l6, l7, r0, r1, r2, r3, r4, r5, r6, r7,
+        z, z, z + 64, flags)
+    return (tl.where(pair, n0, l0), tl.where(pair, n1, l1), tl.where(pair, n2, l2),
+            tl.where(pair, n3, l3), tl.where(pair, n4, l4), tl.where(pair, n5, l5),
+            tl.where(pair, n6, l6), tl.where(pair, n7, l7))
+
+
+@triton.jit
 def parent_kernel(in_ptr, out_ptr, n_out, M, Mo,
                   k0, k1, k2, k3, k4, k5, k6, k7, key_flags,
                   BLOCK: tl.constexpr):
-    """One level of the BLAKE3 tree for N rows: in [N, M, 8] -> out [N, Mo = ceil(M/2), 8].
+    """Two levels of the BLAKE3 tree for N rows: in [N, M, 8] -> out [N, Mo = ceil(M/4), 8].
 
-    Node 2i and 2i+1 merge into a parent; an odd last node moves up unchanged. Pairing
-    bottom-up with that carry builds exactly BLAKE3's left-complete tree. M == 2 is the root.
+    Lane j reduces nodes 4j..4j+3 of its row: (4j, 4j+1) and (4j+2, 4j+3) merge into parents,
+    then those two; a node without a right neighbour moves up unchanged. Pairing bottom-up with
+    that carry builds exactly BLAKE3's left-complete tree. The compression that leaves a single
+    node (M == 2 on the first level, ceil(M/2) == 2 on the second) carries ROOT.
     """
     pid = tl.program_id(0)
     o = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = o < n_out
     row = o // Mo
-    i = o - row * Mo
-    pair = valid & (2 * i + 1 < M)
-    src = in_ptr + (row * M + 2 * i) * 8
-    cols = tl.arange(0, 16)
-    blk = tl.load(src[:, None] + cols[None, :],
-                  mask=valid[:, None] & ((cols[None, :] < 8) | pair[:, None]), other=0)
-    m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15 = _words16(
-        _u32(blk), BLOCK)
-    z = o.to(tl.uint32) * 0
-    flags = (_u32(key_flags) | PARENT | tl.where(M == 2, ROOT, 0)).to(tl.uint32)
-    n0, n1, n2, n3, n4, n5, n6, n7 = _compress(
-        z + _u32(k0), z + _u32(k1), z + _u32(k2), z + _u32(k3),
-        z + _u32(k4), z + _u32(k5), z + _u32(k6), z + _u32(k7),
-        m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15,
-        z, z, z + 64, z + flags)
+    j = o - row * Mo
+    first = row * M + 4 * j  # node 4j of this row
+    has1 = valid & (4 * j + 1 < M)
+    has2 = valid & (4 * j + 2 < M)
+    has3 = valid & (4 * j + 3 < M)
+    kf = _u32(key_flags) | PARENT
+    flags_a = (kf | tl.where(M == 2, ROOT, 0)).to(tl.uint32)
+    m2 = (M + 1) // 2
+    flags_b = (kf | tl.where(m2 == 2, ROOT, 0)).to(tl.uint32)
+    a0, a1, a2, a3, a4, a5, a6, a7 = _node_words(in_ptr, first, valid)
+    b0, b1, b2, b3, b4, b5, b6, b7 = _node_words(in_ptr, first + 1, has1)
+    k0 = _u32(k0)
+    k1 = _u32(k1)
+    k2 = _u32(k2)
+    k3 = _u32(k3)
+    k4 = _u32(k4)
+    k5 = _u32(k5)
+    k6 = _u32(k6)
+    k7 = _u32(k7)
+    p0, p1, p2, p3, p4, p5, p6, p7 = _merge(
+        k0, k1, k2, k3, k4, k5, k6, k7, flags_a, has1,
+        a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7)
+    a0, a1, a2, a3, a4, a5, a6, a7 = _node_words(in_ptr, first + 2, has2)
+    b0, b1, b2, b3, b4, b5, b6, b7 = _node_words(in_ptr, first + 3, has3)
+    q0, q1, q2, q3, q4, q5, q6, q7 = _merge(
+        k0, k1, k2, k3, k4, k5, k6, k7, flags_a, has3,
+        a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7)
+    r0, r1, r2, r3, r4, r5, r6, r7 = _merge(
+        k0, k1, k2, k3, k4, k5, k6, k7, flags_b, has2,
+        p0, p1, p2, p3, p4, p5, p6, p7, q0, q1, q2, q3, q4, q5, q6, q7)
     d = out_ptr + o * 8
-    tl.store(d + 0, tl.where(pair, n0, m0).to(tl.int32, bitcast=True), mask=valid)
-    tl.store(d + 1, tl.where(pair, n1, m1).to(tl.int32, bitcast=True), mask=valid)
-    tl.store(d + 2, tl.where(pair, n2, m2).to(tl.int32, bitcast=True), mask=valid)
-    tl.store(d + 3, tl.where(pair, n3, m3).to(tl.int32, bitcast=True), mask=valid)
-    tl.store(d + 4, tl.where(pair, n4, m4).to(tl.int32, bitcast=True), mask=valid)
-    tl.store(d + 5, tl.where(pair, n5, m5).to(tl.int32, bitcast=True), mask=valid)
-    tl.store(d + 6, tl.where(pair, n6, m6).to(tl.int32, bitcast=True), mask=valid)
-    tl.store(d + 7, tl.where(pair, n7, m7).to(tl.int32, bitcast=True), mask=valid)
+    tl.store(d + 0, r0.to(tl.int32, bitcast=True), mask=valid)
+    tl.store(d + 1, r1.to(tl.int32, bitcast=True), mask=valid)
+    tl.store(d + 2, r2.to(tl.int32, bitcast=True), mask=valid)
+    tl.store(d + 3, r3.to(tl.int32, bitcast=True), mask=valid)
+    tl.store(d + 4, r4.to(tl.int32, bitcast=True), mask=valid)
+    tl.store(d + 5, r5.to(tl.int32, bitcast=True), mask=valid)
+    tl.store(d + 6, r6.to(tl.int32, bitcast=True), mask=valid)
+    tl.store(d + 7, r7.to(tl.int32, bitcast=True), mask=valid)
