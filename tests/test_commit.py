@@ -200,6 +200,10 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="commit\\(\\) needs mode"):
         Committer(cache, mode="per_step_gpu").commit()
     c = Committer(cache, mode="commit_sync")
+    with pytest.raises(TypeError, match="slots"):
+        c.step(torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="stream"):
+        Committer(cache, mode="commit_sync", stream=object())
     with pytest.raises(ValueError, match="nothing committed"):
         c.root()
     with pytest.raises(TypeError, match="pages"):

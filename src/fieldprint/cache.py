@@ -31,6 +31,9 @@ Writing new tokens is two steps, so that a decode step allocates once and writes
 ``anchor_lens [B]``, all int32 on the cache's device; unused table entries are 0 (a valid page
 that the kernel never reads past the lengths).
 
+:meth:`free_sequence` returns a sequence's pages to the pool (its anchor stays pinned);
+:meth:`truncate` cuts a sequence back. :meth:`complete_pages` lists a sequence's full pages.
+
 A page is *sealed* when its last slot has been handed out; :meth:`take_sealed` returns the
 pages sealed since its previous call (what the commit pipeline, :mod:`fieldprint.commit`, hashes
 at the next boundary). Anchor pages are complete from the start and are listed by

@@ -166,6 +166,10 @@ class Committer:
     def step(self, slots: torch.Tensor) -> None:
         """Call once per decode step after the step's KV writes; ``slots [T]`` are the new tokens'
         slots (from ``PagedKVCache.extend``)."""
+        if not isinstance(slots, torch.Tensor) or slots.dtype != torch.int64 or slots.dim() != 1:
+            raise TypeError("slots must be the 1-D int64 tensor PagedKVCache.extend returned")
+        if slots.device != self.device:
+            raise ValueError(f"slots is on {slots.device} but the cache is on {self.device}")
         self.steps += 1
         if self.mode == "per_step_copy_cpu":
             self._per_step_cpu(slots)
