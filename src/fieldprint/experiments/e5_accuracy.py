@@ -17,7 +17,8 @@ Two measurements, one CSV (column ``kind``):
 * ``lm`` rows with ``attention = kernel`` (formats ``kernel_formats``): the same evaluation through
   the fused Triton kernel, which takes bf16 q and a bf16 cache. Only formats whose values bf16
   holds exactly are allowed (bf16, e4m3, e5m2, int8 with power-of-two scales, two-grid midpoints
-  included), so these rows differ from their float32 twins only by the kernel's own arithmetic.
+  included), so these rows differ from their float32 twins only by the kernel's own arithmetic
+  (and, in rows with ``anchors_quantized = False``, by the anchors' rounding to bf16).
 * ``attention``: the relative error ``||o - o_ref|| / ||o_ref||`` (Frobenius) of attention
   outputs at Llama-like shapes on synthetic data (q, v standard normal, k standard normal times
   log-normal per-channel scales, an outlier pattern real keys show), computed in float64 through
