@@ -15,6 +15,9 @@ PARENT = tl.constexpr(4)
 ROOT = tl.constexpr(8)
 KEYED_HASH = 16  # host side: passed in as key_flags
 
+# Key words and flags are data, not shapes: a word equal to 1 must not become a constexpr.
+_KEY_ARGS = ["k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7", "key_flags"]
+
 CHUNK_LEN = 1024
 
 
@@ -121,7 +124,7 @@ def _load4(row_ptr, word, cols, valid, W, BLOCK: tl.constexpr, ALIGNED: tl.const
     return w0, w1, w2, w3
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_KEY_ARGS)
 def chunk_kernel(x_ptr, out_ptr, n_chunks, C, L, W, n_blocks,
                  k0, k1, k2, k3, k4, k5, k6, k7, key_flags,
                  BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
@@ -225,7 +228,7 @@ def _merge(k0, k1, k2, k3, k4, k5, k6, k7, flags, pair,
             tl.where(pair, n6, l6), tl.where(pair, n7, l7))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_KEY_ARGS)
 def parent_kernel(in_ptr, out_ptr, n_out, M, Mo,
                   k0, k1, k2, k3, k4, k5, k6, k7, key_flags,
                   BLOCK: tl.constexpr):
