@@ -242,7 +242,7 @@ def test_report_and_figure(tmp_path):
     render_macros(m)  # keys are valid
     assert m["e5.ref_bpb"] == "2.000" and m["e5.params_m"] == "9.5"
     assert m["e5.pct.e4m3.rne"] == "+0.40" and m["e5.pct.e4m3.twogrid"] == "+0.20"
-    assert m["e5.attn.e4m3.twogrid"] == "2" and m["e5.kernel_gap_pct"] == "0.10"
+    assert m["e5.attn.e4m3.twogrid"] == "2" and m["e5.kernel_gap"] == "at most 0.10\\%"
     verdicts = {c.id: c.supported for c in claims(rows, manifest)}
     assert verdicts["e5.model_real"] and verdicts["e5.e4m3_rne_lt1pct"]
     assert verdicts["e5.two_grid_attn.e4m3"] and verdicts["e5.trunc_worst_attn"]
