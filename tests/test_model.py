@@ -28,10 +28,11 @@ def one_thread():
 def tiny_model(seed: int, dtype=torch.float64, cfg: ModelConfig = TINY) -> Transformer:
     torch.manual_seed(seed)
     model = Transformer(cfg).to(dtype).eval()
-    # random norm gains too, so that the test sees them used alike on both paths
     for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
+        if name.endswith("norm.weight"):  # random gains, so that both paths must apply them alike
             p.data = 1 + 0.3 * torch.randn_like(p)
+        else:  # weights far larger than at initialization: peaked attention, logits far from uniform
+            p.data *= 8
     return model
 
 
@@ -187,8 +188,11 @@ def test_kernel_backend_matches_plain_path():
                          attention="kernel", cache_dtype=torch.bfloat16)
     ref = score_paged(model, anchor, windows, batch=2, chunk=6, block_size=16,
                       attention="reference", cache_dtype=torch.bfloat16)
-    torch.testing.assert_close(kernel, ref, rtol=2e-3, atol=0)
-    torch.testing.assert_close(kernel, plain, rtol=2e-2, atol=0)
+    torch.testing.assert_close(kernel, ref, rtol=1e-3, atol=0)
+    torch.testing.assert_close(kernel, plain, rtol=2e-3, atol=0)
+    # the tolerance is far tighter than what the anchors change
+    no_anchor = score_plain(model, anchor[:0], windows)
+    assert ((no_anchor - plain).abs() / plain).min() > 0.05
 
 
 @pytest.mark.gpu
@@ -203,4 +207,4 @@ def test_kernel_backend_on_gpu():
     kernel = score_paged(model, anchor, windows, batch=4, chunk=32, attention="kernel",
                          cache_dtype=torch.bfloat16)
     torch.testing.assert_close(naive, plain, rtol=1e-4, atol=0)
-    torch.testing.assert_close(kernel, plain, rtol=2e-2, atol=0)
+    torch.testing.assert_close(kernel, plain, rtol=5e-3, atol=0)
