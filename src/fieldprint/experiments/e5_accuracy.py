@@ -38,6 +38,7 @@ repeat for every seed in ``seeds``; deterministic roundings run once (seed = ``s
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,7 +205,9 @@ def _bits(fmt: str, rounding: str) -> int:
 
 def lm_rows(cfg: E5AccuracyConfig, device: str) -> list[dict]:
     model, trained = load_checkpoint(cfg.checkpoint, device)
-    about = {"params": sum(p.numel() for p in model.parameters()),
+    digest = hashlib.sha256(Path(cfg.checkpoint).read_bytes()).hexdigest()
+    about = {"checkpoint_sha256": digest[:16],  # ties these rows to one checkpoint
+             "params": sum(p.numel() for p in model.parameters()),
              "train_steps": trained["final"].get("step", ""),
              "train_val_bpb": trained["final"].get("val_bpb", "")}
     anchor, windows = lm_windows(cfg, model.cfg.context)
