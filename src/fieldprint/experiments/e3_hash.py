@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy
 import torch
 
 from fieldprint.experiments.common import ExperimentConfig, bench, check, hydra_main, resolve_device
@@ -164,7 +165,11 @@ def gpu_fn(impl: str, fmt: str, rounding: str, page_elems: int, seed: int,
         def copy(x):
             if not dst:
                 dst.append(torch.empty_like(x))
-            return dst[0].copy_(x)
+            if x.is_cuda:
+                return dst[0].copy_(x)
+            # host: a plain memcpy; torch's CPU copy_ wakes its thread pool, which on a busy
+            # machine costs milliseconds regardless of size
+            return numpy.copyto(dst[0].view(torch.uint8).numpy(), x.view(torch.uint8).numpy())
 
         return copy
     raise ValueError(f"not a GPU impl: {impl}")

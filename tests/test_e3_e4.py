@@ -1,0 +1,320 @@
+"""E3 (quantize + hash throughput) and E4 (digest stability): configs, rows, theory, match rates,
+report and figure on constructed rows. CPU only; the Triton paths run in the interpreter
+(conftest sets TRITON_INTERPRET=1 without a GPU)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fieldprint.experiments import e3_hash, e4_stability
+from fieldprint.experiments.common import compose, read_csv, write_csv
+from fieldprint.experiments.e4_stability import (
+    E4Config,
+    page_rows,
+    pow2_scale,
+    prove,
+    theory_match,
+    verify,
+)
+from fieldprint.quant import quantize
+
+E3_COLUMNS = {"impl", "fmt", "rounding", "bytes", "ms", "gbps", "threads", "device", "status"}
+E4_COLUMNS = {"variant", "fmt", "rounding", "page_elems", "pages", "match_rate", "p_flip",
+              "theory_match", "max_rel_perturbation", "out_dtype", "frac_over_bound"}
+
+
+# ---------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("name,schema", [("e3_hash", e3_hash.E3Config),
+                                         ("e4_stability", e4_stability.E4Config)])
+@pytest.mark.parametrize("scale", ["smoke", "paper"])
+def test_configs_compose_and_validate(name, schema, scale):
+    cfg = compose(name, schema, [f"scale={scale}"])
+    assert cfg.scale == scale and cfg.out_dir == f"results/{scale}/{name}"
+
+
+@pytest.mark.parametrize("override,match", [
+    ("sizes_kib=[1024,64]", "ascending"),
+    ("sizes_kib=[48]", "multiple of one bf16 page"),
+    ("impls=[blake3_gpu,md5]", "unknown names"),
+    ("quant_cases=[e4m3/round_up]", "quant case"),
+    ("quant_cases=[e3m4/rne]", "quant case"),
+    ("cpu_max_kib=0", "cpu_max_kib"),
+    ("page_elems=1000", "page_elems"),
+])
+def test_e3_config_rejects_bad_values(override, match):
+    with pytest.raises(ValueError, match=match):
+        compose("e3_hash", e3_hash.E3Config, ["scale=smoke", override])
+
+
+def test_e3_config_rejects_unknown_key():
+    with pytest.raises(Exception, match="no_such_key"):
+        compose("e3_hash", e3_hash.E3Config, ["scale=smoke", "+no_such_key=1"])
+
+
+@pytest.mark.parametrize("override,match", [
+    ("variants=[split_k3_fwd]", "split count"),
+    ("variants=[split_k2_up]", "unknown variant"),
+    ("variants=[batch_rows7]", "row count"),
+    ("block_sizes=[48]", "multiple of every block size"),
+    ("out_dtypes=[float16]", "out_dtypes"),
+    ("cases=[bf16/two-grid]", "case"),
+    ("attn_heads_q=12", "multiple of heads_kv"),
+    ("triton_tokens=100000", "triton_tokens"),
+])
+def test_e4_config_rejects_bad_values(override, match):
+    with pytest.raises(ValueError, match=match):
+        compose("e4_stability", e4_stability.E4Config, ["scale=smoke", override])
+
+
+# ---------------------------------------------------------------- E4 pieces
+
+
+def test_theory_match_values():
+    assert theory_match(0.0, 16384) == 1.0
+    assert theory_match(1.0, 0) == 1.0 and theory_match(1.0, 5) == 0.0
+    assert theory_match(0.5, 2) == pytest.approx(0.25)
+    assert theory_match(1e-4, 16384) == pytest.approx((1 - 1e-4) ** 16384, rel=1e-12)
+    ps = [0.0, 1e-7, 1e-5, 1e-3, 0.1, 0.9]
+    vals = [theory_match(p, 1000) for p in ps]
+    assert all(a > b for a, b in zip(vals, vals[1:], strict=False))  # falls with p
+    ns = [1, 10, 1000, 65536]
+    vals = [theory_match(1e-5, n) for n in ns]
+    assert all(a > b for a, b in zip(vals, vals[1:], strict=False))  # falls with n
+    with pytest.raises(ValueError, match="p_flip"):
+        theory_match(-0.1, 10)
+    with pytest.raises(ValueError, match="n must"):
+        theory_match(0.1, -1)
+
+
+def test_pow2_scale_is_smallest_power_of_two():
+    amax = torch.tensor([[0.0], [1.0], [448.0], [449.0], [3e-3], [1e6]])
+    s = pow2_scale(amax, "e4m3")
+    assert s.shape == amax.shape
+    assert torch.all(amax <= 448.0 * s)
+    nonzero = amax[:, 0] > 0
+    assert torch.all(amax[nonzero] > 448.0 * s[nonzero] / 2)  # half would not fit
+    assert float(s[0]) == 1.0
+    assert pow2_scale(amax, "bf16") is None
+
+
+@pytest.mark.parametrize("fmt,rounding", [("e4m3", "two_grid"), ("bf16", "rne"),
+                                          ("int8", "stochastic")])
+def test_page_rows_are_canonical_bytes_of_each_page(fmt, rounding):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 64, generator=g)
+    seed = 5 if rounding == "stochastic" else None
+    qt = quantize(x, fmt, rounding, seed=seed, scale=pow2_scale(x.abs().amax(1, True), fmt))
+    rows = page_rows(qt, 64)
+    for p in range(3):
+        one = quantize(x[p], fmt, rounding, seed=seed,
+                       scale=None if fmt == "bf16" else qt.scale[p].reshape(()))
+        if rounding == "stochastic":  # counter bits follow the flat index: compare codes only
+            assert rows.shape == (3, 64) and torch.equal(rows[p], qt.codes[p])
+            continue
+        assert torch.equal(rows[p], one.canonical_bytes())
+    with pytest.raises(ValueError, match="whole number of pages"):
+        page_rows(qt, 128)
+
+
+def test_match_rate_identical_and_one_flip():
+    g = torch.Generator().manual_seed(11)
+    n, P = 1024, 6
+    x = torch.randn(P * n, generator=g)
+    proof = prove(x, "e4m3", "rne", 0, n)
+    (same,) = verify(proof, x.clone(), [n])
+    assert same["match_rate"] == 1.0 and same["p_flip"] == 0.0 and same["code_flips"] == 0
+    assert same["theory_match"] == 1.0 and same["raw_page_match"] == 1.0
+    assert same["max_rel_perturbation"] == 0.0
+    # move one element of page 4 across a whole grid cell: exactly that page must mismatch
+    i = 4 * n + 17
+    xp = x.clone()
+    xp[i] = x[i] * 1.5 + 0.5
+    (one,) = verify(proof, xp, [n])
+    assert one["code_flips"] == 1 and one["p_flip"] == pytest.approx(1 / (P * n))
+    assert one["match_rate"] == pytest.approx((P - 1) / P)
+    assert one["raw_page_match"] == pytest.approx((P - 1) / P)
+    assert one["max_rel_perturbation"] > 1 and one["frac_over_bound"] == pytest.approx(1 / (P * n))
+    # the same data as two-page groups: one of three pages mismatches
+    (pairs,) = verify(proof, xp, [2 * n])
+    assert pairs["pages"] == 3 and pairs["match_rate"] == pytest.approx(2 / 3)
+
+
+def test_two_grid_holds_inside_the_bound_and_rne_does_not():
+    g = torch.Generator().manual_seed(7)
+    n = 4096
+    x = torch.randn(8 * n, generator=g)
+    tg = prove(x, "e4m3", "two_grid", 0, n)
+    u = torch.rand(x.shape, generator=g) * 2 - 1
+    xp = (x.double() + 0.99 * u.double() * tg.tol).float()  # just inside a quarter spacing
+    (res,) = verify(tg, xp, [n])
+    assert res["max_rel_perturbation"] < 1 and res["frac_over_bound"] == 0
+    assert res["match_rate"] == 1.0 and res["code_flips"] == 0
+    (rne,) = verify(prove(x, "e4m3", "rne", 0, n), xp, [n])
+    assert rne["code_flips"] > 0 and rne["match_rate"] < 1
+
+
+def test_rehash_compares_stored_bytes():
+    x = torch.randn(2048, generator=torch.Generator().manual_seed(2))
+    proof = prove(x, "int8", "two_grid", 0, 1024)
+    (res,) = verify(proof, x + 1.0, [1024], rehash=True)  # x_prime ignored for the digests
+    assert res["match_rate"] == 1.0 and res["code_flips"] == 0
+
+
+def test_triton_matmul_matches_float64():
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(40, 96, generator=g).bfloat16()
+    b = torch.randn(96, 72, generator=g).bfloat16()
+    c = e4_stability.triton_matmul(a, b)
+    ref = a.double() @ b.double()
+    assert c.dtype == torch.float32 and c.shape == (40, 72)
+    assert torch.allclose(c.double(), ref, rtol=1e-5, atol=1e-4)
+    with pytest.raises(TypeError, match="bfloat16"):
+        e4_stability.triton_matmul(a.float(), b)
+    with pytest.raises(ValueError, match="do not fit"):
+        e4_stability.triton_matmul(a, b[:50])
+
+
+# ---------------------------------------------------------------- tiny runs
+
+
+def test_e4_tiny_run_rows(tmp_path):
+    cfg = E4Config(tokens=32, d_model=64, heads_kv=2, head_dim=32, block_sizes=[8, 16],
+                   variants=["rehash", "split_k4_rev", "batch_rows8", "bf16_gemm", "triton_mm",
+                             "tf32"],
+                   cases=["e4m3/rne", "e4m3/two_grid", "bf16/rne"], triton_tokens=16)
+    rows = e4_stability.run(cfg)
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert all(E4_COLUMNS <= set(r) for r in ok)
+    assert {r["variant"] for r in rows if r["status"] != "ok"} == {"tf32"}  # needs CUDA
+    assert all(r["match_rate"] == 1.0 for r in ok if r["variant"] == "rehash")
+    assert all(r["match_rate"] == 1.0 for r in ok
+               if r["rounding"] == "two_grid" and r["max_rel_perturbation"] < 1)
+    assert not any(r["variant"] == "bf16_gemm" and r["out_dtype"] == "float32" for r in ok)
+    tri = [r for r in ok if r["variant"] == "triton_mm" and r["page_elems"] == 8 * 64]
+    assert tri and all(r["pages"] == 2 for r in tri)  # 16 rows of 64 elements
+    write_csv(tmp_path / "e4.csv", rows)
+    back = read_csv(tmp_path / "e4.csv")
+    from fieldprint.report import e4_stability as rep
+
+    keys = rep.macros(back, {"gpu": None, "cpu_count": 2, "date": "2026-01-01", "config": {}})
+    assert "e4.two_grid.rows_inside" in keys
+    ids = {c.id for c in rep.claims(back, {})}
+    assert {"stability.two_grid_within_bound", "stability.rehash_always"} <= ids
+
+
+def test_e3_tiny_run_rows():
+    cfg = e3_hash.E3Config(sizes_kib=[32, 64], quant_cases=["e4m3/rne"], page_elems=16384,
+                           interp_kib=0, warmup_ms=1, rep_ms=2, cpu_max_kib=32)
+    rows = e3_hash.run(cfg)
+    assert all(E3_COLUMNS <= set(r) for r in rows)
+    ok = {(r["impl"], r["bytes"]) for r in rows if r["status"] == "ok"}
+    assert ("blake3_cpu_1t", 32 * 1024) in ok and ("sha256_cpu_1t", 32 * 1024) in ok
+    assert ("blake3_cpu_all", 64 * 1024) not in ok  # above cpu_max_kib
+    assert ("d2d_copy", 64 * 1024) in ok
+    for r in rows:
+        if r["status"] == "ok":
+            assert r["gbps"] == pytest.approx(
+                (2 if r["counted"] == "read+write" else 1) * r["bytes"] / r["ms"] / 1e6, rel=1e-3)
+    skipped = {r["impl"] for r in rows if r["status"].startswith("skipped")}
+    assert {"blake3_gpu", "quant_blake3_gpu", "d2h_pinned_blake3"} <= skipped
+
+
+def test_e3_interpreter_hash_path_is_correct():
+    """The Triton path the GPU rows time gives the reference digests (interpreter, one page)."""
+    import blake3 as ref
+
+    from fieldprint.hashing import blake3_many
+
+    x = e3_hash.bf16_buffers(2 * 512, 1, "cpu", 0)[0]
+    rows = x.view(torch.uint8).view(1, -1)
+    got = blake3_many(rows, backend="triton")
+    assert bytes(got[0].tolist()) == ref.blake3(bytes(rows[0].tolist())).digest()
+
+
+def test_rotation_count():
+    assert e3_hash.rotation_count(100 << 20, 50 << 20) == 1
+    assert e3_hash.rotation_count(1 << 20, 50 << 20) == 100
+    assert e3_hash.rotation_count(1024, 50 << 20) == 128
+
+
+# ---------------------------------------------------------------- report on constructed rows
+
+
+def _e3_row(impl, nbytes, gbps, fmt="", rounding="", device="cuda", threads=""):
+    ms = nbytes / gbps / 1e6
+    return {"impl": impl, "fmt": fmt, "rounding": rounding, "bytes": str(nbytes), "ms": str(ms),
+            "gbps": str(gbps), "threads": str(threads), "device": device, "backend": "triton",
+            "counted": "input", "page_elems": "16384", "peak_gpu_gib": "17.5", "status": "ok"}
+
+
+def test_e3_report_on_constructed_rows():
+    from fieldprint.report import e3_hash as rep
+
+    G = 1 << 30
+    rows = [_e3_row("blake3_gpu", G, 1200), _e3_row("blake3_gpu", 8 * G, 1300),
+            _e3_row("blake3_many_gpu", 8 * G, 1250), _e3_row("blake3_many_gpu", G, 1100),
+            _e3_row("d2d_copy", 8 * G, 4200),
+            _e3_row("quant_blake3_gpu", G, 1000, "e4m3", "rne"),
+            _e3_row("quant_blake3_gpu", G, 800, "e4m3", "two_grid"),
+            _e3_row("blake3_cpu_all", G, 60, device="cpu", threads=16),
+            _e3_row("blake3_cpu_1t", G, 5, device="cpu", threads=1),
+            _e3_row("d2h_pinned_blake3", G, 30)]
+    m = rep.macros(rows, {"gpu": "NVIDIA H200", "date": "2026-11-29", "cpu": "x86_64"})
+    assert m["e3.blake3_gpu_tbps"] == "1.30"
+    assert m["e3.gpu_over_cpu_all"] == "20"  # 1200 / 60 at 1 GiB
+    assert m["e3.quant_over_hash_min"] == f"{800 / 1100:.2f}"
+    assert m["e3.quant_over_hash_min_case"] == "e4m3/two\\_grid"
+    assert m["e3.d2h_pinned_slowdown"] == "40"  # 1200 / 30
+    assert m["e3.sha256_cpu_1t_gbps"] == "n/a"
+    verdict = {c.id: c.supported for c in rep.claims(rows, {"gpu": "NVIDIA H200"})}
+    assert verdict == {"hash.gpu_blake3_1tbps": True, "hash.quant_hash_0p8": False,
+                       "hash.gpu_15x_cpu_all": True, "hash.d2h_slowdown_10x": True}
+
+
+def test_e4_claims_flag_a_two_grid_failure_inside_the_bound():
+    from fieldprint.report import e4_stability as rep
+
+    def row(variant, rounding, match, p, ratio, raw=1e-3):
+        return {"variant": variant, "out_dtype": "bfloat16", "fmt": "e4m3", "rounding": rounding,
+                "page_elems": "16384", "pages": "200", "match_rate": str(match),
+                "p_flip": str(p), "theory_match": str(theory_match(p, 16384)),
+                "raw_diff_rate": str(raw), "raw_page_match": "0.0",
+                "max_rel_perturbation": str(ratio), "frac_over_bound": "0.0", "status": "ok"}
+
+    good = [row("split_k4_rev", "two_grid", 1.0, 0.0, 0.1),
+            row("split_k4_rev", "rne", theory_match(8.5e-5, 16384), 8.5e-5, 0.1),
+            row("rehash", "rne", 1.0, 0.0, 0.0, raw=0.0)]
+    verdict = {c.id: c.supported for c in rep.claims(good, {})}
+    assert verdict["stability.two_grid_within_bound"] and verdict["stability.rne_not_stable"]
+    assert verdict["stability.theory_matches"] and verdict["stability.rehash_always"]
+    bad = [*good, row("batch_rows16", "two_grid", 0.99, 1e-6, 0.5)]
+    verdict = {c.id: c.supported for c in rep.claims(bad, {})}
+    assert not verdict["stability.two_grid_within_bound"]
+    m = rep.macros(good, {"gpu": "NVIDIA H200", "date": "2026-11-29", "config": {"tokens": 32768}})
+    assert m["e4.tokens"] == "32{,}768"
+    assert m["e4.head.variant"] == "split\\_k4\\_rev"
+    assert m["e4.head.rne_reduction"] == f"{1e-3 / 8.5e-5:.0f}"
+    assert math.isclose(float(m["e4.split_k4_rev.bfloat16.e4m3.rne.16k.match"]),
+                        100 * theory_match(8.5e-5, 16384), rel_tol=0.01)
+
+
+def test_figures_draw(tmp_path):
+    from fieldprint.plots import e3_hash as p3
+    from fieldprint.plots import e4_stability as p4
+
+    G = 1 << 30
+    rows = [_e3_row("blake3_gpu", G, 1200), _e3_row("blake3_gpu", 8 * G, 1300),
+            _e3_row("quant_blake3_gpu", G, 900, "e4m3", "rne"),
+            _e3_row("blake3_cpu_all", G, 60, device="cpu")]
+    p3.draw(rows, {"gpu": "NVIDIA H200", "date": "2026-11-29"}, tmp_path / "e3")
+    assert (tmp_path / "e3.png").stat().st_size > 0
+    cfg = E4Config(tokens=16, d_model=32, heads_kv=2, head_dim=16, block_sizes=[8],
+                   variants=["split_k2_rev"], cases=["e4m3/rne", "e4m3/two_grid"], triton_tokens=0)
+    rows4 = [{k: str(v) for k, v in r.items()} for r in e4_stability.run(cfg)]
+    p4.draw(rows4, {"gpu": None, "cpu_count": 2, "date": "2026-11-29"}, tmp_path / "e4")
+    assert (tmp_path / "e4.pdf").stat().st_size > 0
