@@ -318,3 +318,13 @@ def test_figures_draw(tmp_path):
     rows4 = [{k: str(v) for k, v in r.items()} for r in e4_stability.run(cfg)]
     p4.draw(rows4, {"gpu": None, "cpu_count": 2, "date": "2026-11-29"}, tmp_path / "e4")
     assert (tmp_path / "e4.pdf").stat().st_size > 0
+
+
+def test_e3_failing_measurement_becomes_an_error_row():
+    cfg = e3_hash.E3Config(sizes_kib=[32], warmup_ms=1, rep_ms=1)
+
+    def boom():
+        raise RuntimeError("CUDA out of memory. Tried to allocate 8 GiB\ndetails")
+
+    ms, status = e3_hash._timed(lambda: boom, "cpu", cfg)
+    assert ms is None and status == "error: RuntimeError: CUDA out of memory. Tried to allocate 8 GiB"

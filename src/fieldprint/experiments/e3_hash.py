@@ -26,6 +26,7 @@ import hashlib
 import itertools
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,7 +69,7 @@ class E3Config(ExperimentConfig):
     l2_mib: int = 50  # inputs smaller than this rotate through >= 2x this many bytes
     warmup_ms: float = 25.0
     rep_ms: float = 100.0
-    time_budget_s: float = 170.0  # no new size starts after this
+    time_budget_s: float = 170.0  # no new size starts after this (sizes run largest first)
 
     def validate(self) -> None:
         super().validate()
@@ -236,29 +237,42 @@ def _measure_gpu(cfg, impl, nbytes, bufs, device, label) -> list[dict]:
     for fmt, rounding in _cases(impl, cfg):
         if impl.startswith("quant") and nbytes > cfg.quant_max_kib * KIB:
             continue
-        fn = cycling(gpu_fn(impl, fmt, rounding, cfg.page_elems, cfg.seed, bufs), bufs)
-        ms = bench(fn, device, cfg.warmup_ms, cfg.rep_ms)
+        ms, status = _timed(lambda f=fmt, r=rounding: cycling(
+            gpu_fn(impl, f, r, cfg.page_elems, cfg.seed, bufs), bufs), device, cfg)
         rows.append(_row(impl, nbytes, ms, device=device, fmt=fmt,
                          backend="torch" if impl == "d2d_copy" else label,
                          rounding=rounding, page_elems=cfg.page_elems if impl != "d2d_copy" else "",
                          counted="read+write" if impl == "d2d_copy" else "input",
-                         peak_gib=_peak_gib(device)))
+                         peak_gib=_peak_gib(device), status=status))
     return rows
+
+
+def _timed(make_fn, device: str, cfg: E3Config) -> tuple[float | None, str]:
+    """(median ms, "ok") of the fn ``make_fn()`` builds, or (None, "error: ...") when building
+    or running it fails (out of memory, a kernel error), so one failing size does not discard
+    the rest of a sweep; the error is in the CSV and on stderr."""
+    try:
+        return bench(make_fn(), device, cfg.warmup_ms, cfg.rep_ms), "ok"
+    except (RuntimeError, ValueError) as e:
+        msg = f"error: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        print(f"e3_hash: {msg}", file=sys.stderr)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        return None, msg
 
 
 def _measure_cpu(cfg, impl, nbytes, host_bufs) -> dict:
     hash_fn, threads = cpu_hash(impl)
     views = [b.numpy() for b in host_bufs]
-    ms = bench(cycling(hash_fn, views), "cpu", cfg.warmup_ms, cfg.rep_ms)
+    ms, status = _timed(lambda: cycling(hash_fn, views), "cpu", cfg)
     backend = "hashlib" if impl.startswith("sha") else "blake3-package"
-    return _row(impl, nbytes, ms, device="cpu", backend=backend, threads=threads)
+    return _row(impl, nbytes, ms, device="cpu", backend=backend, threads=threads, status=status)
 
 
 def _measure_d2h(cfg, impl, nbytes, bufs) -> dict:
-    fn = cycling(d2h_fn(impl, nbytes), bufs)
-    ms = bench(fn, "cuda", cfg.warmup_ms, cfg.rep_ms)
+    ms, status = _timed(lambda: cycling(d2h_fn(impl, nbytes), bufs), "cuda", cfg)
     return _row(impl, nbytes, ms, device="cuda", backend="blake3-package",
-                threads=cpu_hash(impl)[1], peak_gib=_peak_gib("cuda"))
+                threads=cpu_hash(impl)[1], peak_gib=_peak_gib("cuda"), status=status)
 
 
 def _interpreter_rows(cfg: E3Config) -> list[dict]:
@@ -291,8 +305,11 @@ def run(cfg: E3Config) -> list[dict]:
     device = resolve_device(cfg.device)
     started = time.monotonic()
     rows: list[dict] = []
-    for size_kib in cfg.sizes_kib:
+    # Largest first: those are the sizes the claims use, and kernels compile on the first call.
+    for size_kib in reversed(cfg.sizes_kib):
         if time.monotonic() - started > cfg.time_budget_s:
+            print(f"e3_hash: time budget spent, sizes below {size_kib} KiB not run",
+                  file=sys.stderr)
             break
         nbytes = size_kib * KIB
         count = rotation_count(nbytes, cfg.l2_mib * 2**20)
