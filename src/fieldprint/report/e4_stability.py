@@ -67,8 +67,23 @@ def macros(rows, manifest) -> dict[str, str]:
             out[f"{k}.match"] = _pct(float(r["match_rate"]))
             out[f"{k}.theory"] = _pct(float(r["theory_match"]))
             out[f"{k}.pflip"] = _pct(float(r["p_flip"]))
+        for r in (x for x in ok if x["variant"] == h["variant"] and x["out_dtype"] == "bfloat16"
+                  and x["fmt"] == "e4m3" and x["rounding"] == "rne"):
+            out[f"e4.head.raw_match.{int(r['page_elems']) // 1024}k"] = _pct(
+                float(r["raw_page_match"]))
         p = float(h["p_flip"])
         out["e4.head.rne_reduction"] = f"{float(h['raw_diff_rate']) / p:.0f}" if p else "n/a"
+    attn = {r["rounding"]: r for r in ok if r["variant"] == "attention" and r["fmt"] == "e4m3"
+            and int(r["page_elems"]) == min(int(x["page_elems"]) for x in ok)}
+    for rounding in ("rne", "two_grid"):
+        r = attn.get(rounding)
+        out[f"e4.attn.{rounding}.match"] = _pct(float(r["match_rate"])) if r else "n/a"
+    r = attn.get("two_grid")
+    out["e4.attn.max_ratio"] = f"{float(r['max_rel_perturbation']):.3g}" if r else "n/a"
+    out["e4.attn.frac_over"] = _pct(float(r["frac_over_bound"])) if r else "n/a"
+    out["e4.attn.raw_diff"] = _pct(float(r["raw_diff_rate"])) if r else "n/a"
+    rehash = [float(r["match_rate"]) for r in ok if r["variant"] == "rehash"]
+    out["e4.rehash.min_match"] = _pct(min(rehash)) if rehash else "n/a"
     tg = [r for r in ok if r["rounding"] == "two_grid"]
     inside = [r for r in tg if float(r["max_rel_perturbation"]) < 1]
     out["e4.two_grid.rows"] = str(len(tg))
