@@ -148,6 +148,16 @@ def test_fp8_kv_takes_16_bit_queries():
         assert out.dtype == q_dtype and out.isfinite().all()
 
 
+def test_fp8_kv_rejects_queries_beyond_fp16_range():
+    args = good(torch.bfloat16)
+    args["k_cache"] = args["k_cache"].to(torch.float8_e4m3fn)
+    args["v_cache"] = args["v_cache"].to(torch.float8_e4m3fn)
+    args["q"] = args["q"].clone()
+    args["q"][0, 0, 0] = 70000.0
+    with pytest.raises(ValueError, match=r"q: .*65504"):
+        paged_anchor_attention(**args)
+
+
 def test_validate_false_still_checks_shapes():
     args = good()
     args["block_table"] = torch.zeros(2, 2, dtype=torch.int64)

@@ -29,9 +29,12 @@ token, split-KV on), otherwise *prefill* (``BLOCK_Q`` tokens per tile, one split
 parallelism from query tiles). Batch invariance holds between calls of the same mode; a token's
 low-order bits may differ between a decode call and a prefill call (different tile shapes).
 
-fp8 KV (``float8_e4m3fn``) is loaded as bytes and converted to q's dtype in registers (exact:
-every e4m3 value is a bf16/fp16 value); ``k_scale`` is folded into the score scale and ``v_scale``
-into the final normalization, per tensor or per KV head.
+fp8 KV (``float8_e4m3fn``) is loaded as bytes and converted to fp16 in registers (exact: every
+e4m3 value is an fp16 value, and Hopper converts e4m3 pairs to fp16 pairs in one instruction
+while e4m3 -> bf16 goes through fp32, which made the fp8 kernel compute-bound on the H200); q is
+converted to fp16 as well (exact for |q| <= 65504, checked when ``validate``), so the dots run in
+fp16 with fp32 accumulation. ``k_scale`` is folded into the score scale and ``v_scale`` into the
+final normalization, per tensor or per KV head.
 """
 
 from __future__ import annotations
@@ -167,7 +170,7 @@ def _paged_anchor_attn_kernel(
     GROUP: tl.constexpr, GP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     HEAD_DIM: tl.constexpr, BS: tl.constexpr, TILE_N: tl.constexpr,
     HAS_ANCHORS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    KS_MODE: tl.constexpr, VS_MODE: tl.constexpr,
+    KS_MODE: tl.constexpr, VS_MODE: tl.constexpr, DOT_FP16: tl.constexpr,
 ):
     """q: [T, Hq, D]; k/v: [num_blocks, BS, Hkv, D]; out: [T, Hq, D]; lse: [T, Hq] fp32;
     part_out: [T, Hq, max_splits, D] fp32; part_lse: [T, Hq, max_splits] fp32 (log2 units).
@@ -233,6 +236,11 @@ def _paged_anchor_attn_kernel(
     tok_row = (q_start + qj).to(tl.int64)
     q = tl.load(q_ptr + tok_row[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
+    if DOT_FP16:
+        # fp8 KV: e4m3 -> fp16 is one hardware conversion (e4m3 -> bf16 is not), and every e4m3
+        # value is exact in fp16; bf16 q is exact in fp16 too within |q| <= 65504 (checked by the
+        # wrapper when validate=True). The dots then run in fp16 with fp32 accumulation.
+        q = q.to(tl.float16)
     pos = L - q_len + qj
     p_lo = L - q_len + q0
     p_hi = L - q_len + tl.minimum(q0 + BLOCK_Q, q_len) - 1
@@ -365,10 +373,10 @@ def kernel_config(head_dim: int, block_size: int, group: int, mode: str, kv_dtyp
     if mode == "decode":
         block_m = max(16, gp)
         tile_n = 32 if head_dim > 128 else (128 if fp8 else 64)
-        num_warps, num_stages = 4, (2 if head_dim > 128 else 3)
+        num_warps, num_stages = 4, 2
     else:
         block_m = max(64 if head_dim > 128 else 128, gp)
-        tile_n = 32 if head_dim > 128 else 64
+        tile_n = 32 if head_dim > 128 else 128
         num_warps, num_stages = 8, (2 if head_dim > 128 else 3)
     cfg = {"tile_n": tile_n, "block_m": block_m, "num_warps": num_warps, "num_stages": num_stages}
     cfg.update({k: v for k, v in overrides.items() if v})
@@ -384,6 +392,11 @@ def kernel_config(head_dim: int, block_size: int, group: int, mode: str, kv_dtyp
 
 # ----------------------------------------------------------------------------------------------
 # Launch
+
+
+def _dot_fp16(q_dtype: torch.dtype, kv_dtype: torch.dtype) -> bool:
+    """Run the dots in fp16 when the cache is fp8 (see the kernel): fast conversion, exact values."""
+    return kv_dtype == torch.float8_e4m3fn
 
 
 def _scale_arg(scale):
@@ -443,7 +456,7 @@ def _launch(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_
         GROUP=group, GP=cfg["group_pad"], BLOCK_Q=cfg["block_q"], BLOCK_M=cfg["block_m"],
         HEAD_DIM=D, BS=BS, TILE_N=TN, HAS_ANCHORS=has_anchors,
         HAS_WINDOW=bool(sliding_window), HAS_SOFTCAP=bool(logit_softcap),
-        KS_MODE=ks_mode, VS_MODE=vs_mode,
+        KS_MODE=ks_mode, VS_MODE=vs_mode, DOT_FP16=_dot_fp16(q.dtype, k_cache.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if max_splits > 1:
@@ -530,6 +543,10 @@ def paged_anchor_attention(
                          anchor_block_table, anchor_lens, kv_split_tokens)
     if validate:
         check_values(shapes, block_table, seq_lens, query_start_loc, anchor_block_table, anchor_lens)
+        if _dot_fp16(q.dtype, k_cache.dtype) and q.dtype == torch.bfloat16 and q.numel():
+            if float(q.abs().amax()) > 65504.0:
+                raise ValueError("q: with a float8_e4m3fn KV cache the dots run in fp16, so |q| must "
+                                 "be <= 65504 (scale q down, or use a bf16 cache)")
     cfg = dict(config or {})
     decode_tile = kernel_config(shapes.D, shapes.block_size, shapes.group, "decode", k_cache.dtype, **cfg)["tile_n"]
     kernel_config(shapes.D, shapes.block_size, shapes.group, "prefill", k_cache.dtype, **cfg)
@@ -596,7 +613,8 @@ def sm90_compile_specs(head_dim: int, block_size: int, kv_dtype: torch.dtype, gr
     constexprs = {"GROUP": group, "GP": cfg["group_pad"], "BLOCK_Q": cfg["block_q"],
                   "BLOCK_M": cfg["block_m"], "HEAD_DIM": head_dim, "BS": block_size,
                   "TILE_N": cfg["tile_n"], "HAS_ANCHORS": anchors, "HAS_WINDOW": sliding_window,
-                  "HAS_SOFTCAP": logit_softcap, "KS_MODE": scale_mode, "VS_MODE": scale_mode}
+                  "HAS_SOFTCAP": logit_softcap, "KS_MODE": scale_mode, "VS_MODE": scale_mode,
+                  "DOT_FP16": _dot_fp16(q_dtype, kv_dtype)}
     fn = _paged_anchor_attn_kernel
     sig = {}
     for name in fn.arg_names:
