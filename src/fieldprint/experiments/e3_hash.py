@@ -240,7 +240,8 @@ def _measure_gpu(cfg, impl, nbytes, bufs, device, label) -> list[dict]:
         ms, status = _timed(lambda f=fmt, r=rounding: cycling(
             gpu_fn(impl, f, r, cfg.page_elems, cfg.seed, bufs), bufs), device, cfg)
         rows.append(_row(impl, nbytes, ms, device=device, fmt=fmt,
-                         backend="torch" if impl == "d2d_copy" else label,
+                         backend=("torch" if device == "cuda" else "numpy") if impl == "d2d_copy"
+                         else label,
                          rounding=rounding, page_elems=cfg.page_elems if impl != "d2d_copy" else "",
                          counted="read+write" if impl == "d2d_copy" else "input",
                          peak_gib=_peak_gib(device), status=status))

@@ -96,7 +96,7 @@ def macros(rows, manifest) -> dict[str, str]:
     return out
 
 
-def theory_agreement(rows, min_pages: int = 50) -> tuple[int, int, dict | None]:
+def theory_agreement(rows, min_pages: int = 16) -> tuple[int, int, dict | None]:
     """(rows within 3 binomial sigma + 0.02 of theory, rows compared, worst row) over the
     rne/trunc/stochastic rows with at least ``min_pages`` pages and some flips."""
     cmp = [r for r in _ok(rows) if r["rounding"] in ("rne", "trunc", "stochastic")
@@ -147,7 +147,7 @@ def claims(rows, manifest) -> list[Claim]:
         Claim("stability.theory_matches",
               "The independent-flip model 1-(1-p)^n predicts the measured page match rate.",
               n_cmp > 0 and good >= 0.9 * n_cmp,
-              f"{good} of {n_cmp} rows (>= 50 pages, p > 0) within 3 sigma + 0.02"
+              f"{good} of {n_cmp} rows (>= 16 pages, p > 0) within 3 sigma + 0.02"
               + (f"; worst {worst['variant']}/{worst['fmt']}/{worst['rounding']}@"
                  f"{worst['page_elems']}: measured {float(worst['match_rate']):.3f} vs theory "
                  f"{float(worst['theory_match']):.3f} over {worst['pages']} pages"
