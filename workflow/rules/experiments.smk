@@ -26,7 +26,7 @@ rule experiment:
         csv=f"{RESULTS}/{{scale}}/{{exp}}/{{exp}}.csv",
         manifest=f"{RESULTS}/{{scale}}/{{exp}}/{{exp}}.manifest.json",
     params:
-        env=RUN_ENV,
+        env=lambda wc: run_env(wc.exp),
         out_dir=lambda wc: f"{RESULTS}/{wc.scale}/{wc.exp}",
     resources:
         gpu=lambda wc: gpu_slot(wc.exp),
@@ -49,7 +49,7 @@ rule train:
         csv=f"{RESULTS}/{{scale}}/e5_train/e5_train.csv",
         manifest=f"{RESULTS}/{{scale}}/e5_train/e5_train.manifest.json",
     params:
-        env=RUN_ENV,
+        env=run_env("e5"),
         out_dir=lambda wc: f"{RESULTS}/{wc.scale}/e5_train",
     resources:
         gpu=lambda wc: gpu_slot("e5_train"),
@@ -71,7 +71,7 @@ rule accuracy:
         csv=f"{RESULTS}/{{scale}}/e5_accuracy/e5_accuracy.csv",
         manifest=f"{RESULTS}/{{scale}}/e5_accuracy/e5_accuracy.manifest.json",
     params:
-        env=RUN_ENV,
+        env=run_env("e5"),
         out_dir=lambda wc: f"{RESULTS}/{wc.scale}/e5_accuracy",
     resources:
         gpu=lambda wc: gpu_slot("e5_accuracy"),
