@@ -35,7 +35,7 @@ def draw(rows, manifest, out_stem) -> None:
                 series[f"quantize ({r['fmt']} {r['rounding']}) + BLAKE3"].append((b, g))
         elif r["impl"] in LABELS:
             series[LABELS[r["impl"]]].append((b, g))
-    fig, axes = figure(height=2.8)
+    fig, axes = figure(height=2.4)
     ax = axes[0][0]
     if band:
         xs = sorted(band)
@@ -48,5 +48,5 @@ def draw(rows, manifest, out_stem) -> None:
                 label=label, color=f"C{i % 10}")
     ax.set(xscale="log", yscale="log", xlabel="input bytes", ylabel="GB/s of input")
     ax.set_title(source_label(manifest), loc="right")
-    ax.legend(fontsize=5.5, ncol=2, loc="upper left")
+    ax.legend(fontsize=5.5, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     save(fig, out_stem)
