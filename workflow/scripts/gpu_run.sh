@@ -35,7 +35,9 @@ done
 python3 -m snakemake --cores all --config scale=paper gpu=True --keep-going "${targets[@]}" 2>&1 | tail -40 || status=1
 for log in results/logs/*.log; do [ -e "$log" ] && { echo "== $log"; tail -15 "$log"; }; done
 if [ -n "${OUT:-}" ]; then
-  tar czf "$OUT/results.tar.gz" results
+  # Checkpoints travel split in parts (the transfer takes files of at most 16 MB).
+  tar czf "$OUT/results.tar.gz" --exclude='*.pt' results
+  for pt in results/paper/*/*.pt; do [ -e "$pt" ] && split -b 15M "$pt" "$OUT/$(basename "$pt")."; done
   ls -la "$OUT"
 fi
 exit $status
