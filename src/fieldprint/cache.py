@@ -187,7 +187,7 @@ class PagedKVCache:
         self.allocator = BlockAllocator(num_blocks)
         self.num_layers, self.block_size = num_layers, block_size
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
-        self.device = torch.device(device)
+        self.device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0", comparable with tensors
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=self.device)
         self.v = torch.zeros(shape, dtype=dtype, device=self.device)

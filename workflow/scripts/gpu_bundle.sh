@@ -19,8 +19,8 @@ for whl in .whl/*-cp3*.whl; do
 done
 # 3. Packages the GPU image already holds (device/KINDS.md): keep its versions, carry none of them.
 for have in numpy PyYAML pyyaml Jinja2 jinja2 MarkupSafe markupsafe packaging psutil requests urllib3 idna \
-    certifi charset_normalizer tabulate wrapt attrs Pygments pygments typing_extensions platformdirs \
-    filelock setuptools six python_dateutil; do
+    certifi charset_normalizer tabulate wrapt attrs Pygments pygments typing_extensions \
+    filelock setuptools six python_dateutil; do  # (platformdirs is not in the image: carried)
   rm -f .whl/"$have"-*.whl
 done
 ls .whl | cut -d- -f1 | tr '\n' ' '; echo
