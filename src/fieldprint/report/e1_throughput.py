@@ -69,15 +69,19 @@ def claims(rows, manifest) -> list[Claim]:
                          f"{_fmt(r)}x ({fused['tbps'] if fused else '?'} vs {cudnn['tbps'] if cudnn else '?'} TB/s)"
                          if r is not None else "not measured"))
     gains = []
+    no_anchor = []
     for B, L in KEY_SHAPE:
         for A in (0, 64, 1024):
             g = _ratio(_row(rows, "fused", batch=B, context=L, anchors=A),
                        _row(rows, "gather_sdpa", batch=B, context=L, anchors=A))
             if g is not None:
-                gains.append(g)
-    out.append(Claim("e1.gather_10x", "The fused kernel is >= 10x gather+concat+SDPA at every decode shape.",
-                     bool(gains) and min(gains) >= 10, f"min {_fmt(min(gains) if gains else None, 1)}x "
-                     f"over {len(gains)} shapes"))
+                # The target (DESIGN.md §6) is set with anchors, where gather+SDPA must also
+                # concatenate; without anchors there is nothing to concatenate: reported, not judged.
+                (gains if A else no_anchor).append(g)
+    out.append(Claim("e1.gather_10x", "With anchors, the fused kernel is >= 10x gather+concat+SDPA at every "
+                     "decode shape.", bool(gains) and min(gains) >= 10,
+                     f"min {_fmt(min(gains) if gains else None, 1)}x over {len(gains)} shapes with anchors; "
+                     f"without anchors (gather only, no concat) min {_fmt(min(no_anchor) if no_anchor else None, 1)}x"))
     fp8 = [_ratio(_row(rows, "fused", batch=B, context=L, kv="fp8"), _row(rows, "fused", batch=B, context=L))
            for B, L in KEY_SHAPE]
     fp8 = [x for x in fp8 if x is not None]
