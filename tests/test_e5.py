@@ -24,15 +24,6 @@ from fieldprint.quant import dequantize, quantize
 MODEL = dict(n_layer=2, d_model=32, n_head=4, n_kv_head=2, context=64)
 
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP oversubscription on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 def write_text(path, n: int, seed: int) -> str:
     """Printable pseudo-text with some structure (words, lines)."""
     g = torch.Generator().manual_seed(seed)

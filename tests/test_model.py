@@ -16,15 +16,6 @@ from fieldprint.model import (
 TINY = ModelConfig(n_layer=2, d_model=32, n_head=4, n_kv_head=2, context=48)
 
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP oversubscription on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 def tiny_model(seed: int, dtype=torch.float64, cfg: ModelConfig = TINY) -> Transformer:
     torch.manual_seed(seed)
     model = Transformer(cfg).to(dtype).eval()

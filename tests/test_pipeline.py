@@ -35,8 +35,8 @@ def pipeline(tmp_path_factory):
     tracked_copy(root)
     env = {**os.environ, "PYTHONPATH": str(root / "src"),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--config", "gpu=False", "sram_scale=smoke"],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=1500)
+    command = [sys.executable, "-m", "snakemake", "--cores", "2", "--config", "gpu=False", "sram_scale=smoke"]
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return root
 
