@@ -62,11 +62,14 @@ def parse_ptxas(text: str) -> dict[str, int]:
             "spill_loads": int(m.group(3)), "ptxas_registers": int(r.group(1))}
 
 
-def compile_resources(jit_fn, signature: dict, constexprs: dict, options: dict) -> dict:
+def compile_resources(jit_fn, signature: dict, constexprs: dict, options: dict, attrs: dict | None = None) -> dict:
     """Compile one launch for sm_90 and return its per-program resources.
 
     signature: argument name -> Triton type (``"*bf16"``, ``"i32"``, ``"constexpr"``...);
-    constexprs: name -> value; options: ``num_warps``, ``num_stages``...
+    constexprs: name -> value; options: ``num_warps``, ``num_stages``...; attrs: the argument
+    specializations a real launch makes (``{(index,): [["tt.divisibility", 16]]}`` for 16-byte
+    aligned pointers and strides). Without them the compiler cannot assume aligned, vectorizable
+    addresses, and registers and spills come out higher than in a real launch.
     Returns ``shared_bytes`` (dynamic shared memory per program), ``registers`` (per thread),
     ``spill_stores``, ``spill_loads``, ``local_bytes``, ``stack_bytes``, ``num_warps``, ``hash``
     (of the compiled kernel: equal hashes mean the same binary), ``name``.
@@ -74,7 +77,7 @@ def compile_resources(jit_fn, signature: dict, constexprs: dict, options: dict) 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=_as_jit(jit_fn), signature=dict(signature), constexprs=dict(constexprs))
+    src = ASTSource(fn=_as_jit(jit_fn), signature=dict(signature), constexprs=dict(constexprs), attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget(*SM90), options=dict(options))
     md = kernel.metadata
     with tempfile.TemporaryDirectory() as tmp:

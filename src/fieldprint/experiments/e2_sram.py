@@ -67,8 +67,11 @@ class E2Config(ExperimentConfig):
 
 
 def model_bytes(cfg: dict, head_dim: int, kv_bytes: int, q_bytes: int = 2) -> int:
-    """Analytic shared memory of one attention program: Q tile + one K tile + one V tile."""
-    return cfg["block_m"] * head_dim * q_bytes + 2 * cfg["tile_n"] * head_dim * kv_bytes
+    """Analytic shared memory of one attention program: the Q tile, plus the K and V tiles that
+    Triton's software pipeline keeps in flight (``num_stages - 1`` buffers of each, at least one).
+    Nothing in it depends on the number of anchors or the context length."""
+    buffers = max(1, cfg["num_stages"] - 1)
+    return cfg["block_m"] * head_dim * q_bytes + buffers * 2 * cfg["tile_n"] * head_dim * kv_bytes
 
 
 def _variants(cfg: E2Config):
@@ -95,7 +98,7 @@ def _compile_rows(cfg: E2Config) -> list[dict]:
         kc = kernel_config(D, bs, group, mode, kv_dtype, **over)
         kvb = torch.empty(0, dtype=kv_dtype).element_size()
         for i, spec in enumerate(sm90_compile_specs(D, bs, kv_dtype, group, mode, **over)):
-            res = compile_resources(*spec)
+            res = compile_resources(*spec, attrs=spec.attrs)
             attn = i == 0
             threads = 32 * res["num_warps"]
             row = {"kind": "variant", "mode": mode, "kernel": "attention" if attn else "combine",
@@ -128,7 +131,7 @@ def _flat_rows(cfg: E2Config) -> list[dict]:
     rows = []
     for A, L in cfg.flat_pairs:
         spec = sm90_compile_specs(D, bs, torch.bfloat16, group, "decode", anchors=True)[0]
-        res = compile_resources(*spec)
+        res = compile_resources(*spec, attrs=spec.attrs)
         tiles = -(-(-(-A // bs) * bs) // tn) + -(-(-(-L // bs) * bs) // tn)
         per_split = KV_SPLIT_TOKENS // tn
         splits = max(1, -(-tiles // per_split))
