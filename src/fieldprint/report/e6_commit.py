@@ -71,6 +71,8 @@ def macros(rows: list[dict[str, str]], manifest: dict) -> dict[str, str]:
         out["e6.target.interval"] = str(i)
         out["e6.target.async_overhead_pct"] = _pct(float(a["overhead"]))
         out["e6.target.async_d2h_bytes_per_step"] = f"{float(a['d2h_bytes_per_step']):.0f}"
+        # Extra time per commit: the per-step overhead times the steps between two commits.
+        out["e6.target.ms_per_commit"] = f"{(float(a['ms_per_step']) - base_ms) * i:.1f}"
         if ("commit_sync", i) in timing:
             out["e6.target.sync_overhead_pct"] = _pct(float(timing[("commit_sync", i)]["overhead"]))
         if ("per_step_copy_cpu", 1) in timing:
