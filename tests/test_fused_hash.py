@@ -1,0 +1,159 @@
+"""Fused quantize-and-hash (fieldprint.hashing.fused) against quantize + merkle.hash_pages, page by page."""
+
+import os
+
+import pytest
+import torch
+
+from fieldprint.merkle import hash_pages
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                                reason="needs TRITON_INTERPRET=1 or a GPU")
+
+SEED = 0x0123456789ABCDEF  # uses both 32-bit halves of the seed
+
+
+def _fused(*args, **kw):
+    from fieldprint.hashing.fused import quantize_hash_pages
+
+    return quantize_hash_pages(*args, **kw)
+
+
+def _device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _pages(shape, dtype, gen, fmt):
+    """Random pages with a spread of magnitudes, -0.0, zero pages and values at saturation."""
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    x = x * torch.exp2(torch.randint(-6, 7, shape, generator=gen).double())
+    x = x.to(dtype)
+    flat = x.view(shape[0], -1)
+    flat[0, :3] = -0.0
+    if shape[0] > 2:
+        flat[1].fill_(-0.0)  # an all-(-0) page: scale exponent 0
+        # page 2: amax exactly at fmax, plus values just below it and at tiny magnitudes
+        fmax = {"e4m3": 448.0, "e5m2": 57344.0, "int8": 127.0}[fmt]
+        flat[2, 0] = -fmax
+        flat[2, 1] = flat[2, 0] * 0.99
+        flat[2, 2] = flat[2, 0] * 2.0**-20
+    return x
+
+
+def _reference(x, fmt, rounding, seed, ids, layer, kind):
+    from fieldprint.quant import quantize
+
+    out = []
+    for i in range(x.shape[0]):
+        qt = quantize(x[i:i + 1].cpu(), fmt, rounding, seed=seed, backend="torch")
+        d = hash_pages(qt, page_ids=[ids[i]], layer=layer, kind=kind, backend="reference")
+        out.append((qt.codes.reshape(-1), qt.scale.reshape(()), qt.helper, d[0]))
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2", "int8"])
+@pytest.mark.parametrize("rounding", ["rne", "trunc", "stochastic", "two_grid"])
+def test_matches_quantize_then_hash_pages(fmt, rounding):
+    gen = torch.Generator().manual_seed(hash((fmt, rounding)) % 2**31)
+    dtype = {"rne": torch.bfloat16, "trunc": torch.float16, "stochastic": torch.float32,
+             "two_grid": torch.bfloat16}[rounding]
+    x = _pages((5, 4, 2, 16), dtype, gen, fmt)  # 128 elements: a one-chunk leaf, root in the chunk
+    ids = [0, 7, 2**40 + 3, 2**63 - 1, 12]
+    seed = SEED if rounding == "stochastic" else None
+    codes, scales, helper, dig = _fused(x.to(_device()), fmt, rounding, page_ids=ids, layer=2**32 - 1,
+                                        kind="v", seed=seed)
+    assert codes.shape == (5, 128) and codes.dtype == torch.uint8
+    assert scales.shape == (5,) and scales.dtype == torch.float32
+    assert dig.shape == (5, 32) and dig.dtype == torch.uint8
+    assert (helper is None) == (rounding != "two_grid")
+    for i, (c, s, h, d) in enumerate(_reference(x, fmt, rounding, seed, ids, 2**32 - 1, "v")):
+        assert torch.equal(codes[i].cpu(), c), i
+        assert scales[i].item() == s.item(), i
+        if h is not None:
+            assert torch.equal(helper[i].cpu(), h), i
+        assert torch.equal(dig[i].cpu(), d), i
+    assert scales[1].item() == 1.0  # the all-(-0) page
+
+
+@pytest.mark.parametrize("shape,fmt,rounding", [
+    ((3, 1, 1, 4), "e4m3", "rne"),        # 4 elements: codes end inside a block (slow word path)
+    ((2, 3, 1, 8), "int8", "two_grid"),   # 24 elements: a partial helper word
+    ((2, 16, 1, 64), "e5m2", "two_grid"),  # 1024 elements: a 2-chunk leaf (parent kernel)
+    ((1, 8, 2, 128), "e4m3", "stochastic"),  # 2048 elements: 3 chunks, an odd node carried up
+])
+def test_ragged_and_multi_chunk_pages(shape, fmt, rounding):
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = _pages(shape, torch.bfloat16, gen, fmt)
+    ids = list(range(100, 100 + shape[0]))
+    seed = 5 if rounding == "stochastic" else None
+    codes, scales, helper, dig = _fused(x.to(_device()), fmt, rounding, page_ids=torch.tensor(ids),
+                                        layer=0, kind="k", seed=seed)
+    for i, (c, s, h, d) in enumerate(_reference(x, fmt, rounding, seed, ids, 0, "k")):
+        assert torch.equal(codes[i].cpu(), c)
+        assert scales[i].item() == s.item()
+        if h is not None:
+            assert torch.equal(helper[i].cpu(), h)
+        assert torch.equal(dig[i].cpu(), d)
+
+
+def test_key_none_and_page_header_fields_change_the_digest():
+    import blake3 as ref
+
+    from fieldprint.merkle import page_leaf_bytes
+    from fieldprint.quant import quantize
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn((2, 4, 2, 16), generator=gen).to(_device())
+    _, _, _, plain = _fused(x, "e4m3", "rne", page_ids=[1, 2], layer=1, kind="k", key=None)
+    leaf = page_leaf_bytes(quantize(x[1:2].cpu(), "e4m3", "rne"), page_ids=[2], layer=1, kind="k")
+    assert bytes(plain[1].cpu().tolist()) == ref.blake3(bytes(leaf[0].tolist())).digest()
+    base = _fused(x, "e4m3", "rne", page_ids=[1, 2], layer=1, kind="k")[3]
+    for kw in (dict(page_ids=[1, 3], layer=1, kind="k"), dict(page_ids=[1, 2], layer=2, kind="k"),
+               dict(page_ids=[1, 2], layer=1, kind="v")):
+        other = _fused(x, "e4m3", "rne", **kw)[3]
+        assert torch.equal(other[0], base[0]) == (kw["page_ids"][0] == 1 and kw["layer"] == 1
+                                                  and kw["kind"] == "k")
+        assert not torch.equal(other[1], base[1])
+
+
+def _ok_pages():
+    return torch.randn((2, 4, 2, 16)).to(_device())
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda x: _fused(x.double(), page_ids=[0, 1], layer=0, kind="k"), TypeError, "pages"),
+    (lambda x: _fused(x.tolist(), page_ids=[0, 1], layer=0, kind="k"), TypeError, "pages"),
+    (lambda x: _fused(x.transpose(2, 3), page_ids=[0, 1], layer=0, kind="k"), ValueError, "pages.*contiguous"),
+    (lambda x: _fused(x[0, 0, 0], page_ids=[0], layer=0, kind="k"), ValueError, "pages"),
+    (lambda x: _fused(x[:, :1, :1, :3].contiguous(), page_ids=[0, 1], layer=0, kind="k"), ValueError, "multiple of 4"),
+    (lambda x: _fused(x[:, :1, :1, :4].contiguous(), "e4m3", "two_grid", page_ids=[0, 1], layer=0, kind="k"),
+     ValueError, "multiple of 8"),
+    (lambda x: _fused(x, "bf16", page_ids=[0, 1], layer=0, kind="k"), ValueError, "fmt"),
+    (lambda x: _fused(x, "e4m3", "nearest", page_ids=[0, 1], layer=0, kind="k"), ValueError, "rounding"),
+    (lambda x: _fused(x, "e4m3", "stochastic", page_ids=[0, 1], layer=0, kind="k"), ValueError, "seed"),
+    (lambda x: _fused(x, "e4m3", "rne", page_ids=[0, 1], layer=0, kind="k", seed=1), ValueError, "seed"),
+    (lambda x: _fused(x, "e4m3", "stochastic", page_ids=[0, 1], layer=0, kind="k", seed=2**64), ValueError, "seed"),
+    (lambda x: _fused(x, page_ids=[0], layer=0, kind="k"), ValueError, "page_ids"),
+    (lambda x: _fused(x, page_ids=[0, -1], layer=0, kind="k"), ValueError, "page_ids"),
+    (lambda x: _fused(x, page_ids=torch.zeros(2), layer=0, kind="k"), TypeError, "page_ids"),
+    (lambda x: _fused(x, page_ids=[0, 1], layer=-1, kind="k"), ValueError, "layer"),
+    (lambda x: _fused(x, page_ids=[0, 1], layer=0, kind="q"), ValueError, "kind"),
+    (lambda x: _fused(x, page_ids=[0, 1], layer=0, kind="k", key=b"short"), ValueError, "key"),
+])
+def test_bad_inputs(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call(_ok_pages())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_pages_are_rejected(bad):
+    x = _ok_pages()
+    x[1, 2, 1, 5] = bad
+    with pytest.raises(ValueError, match="pages contains NaN or Inf"):
+        _fused(x, "int8", "two_grid", page_ids=[0, 1], layer=0, kind="k")
+
+
+def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="pages must be on a CUDA device"):
+        _fused(torch.randn((2, 4, 2, 16)), page_ids=[0, 1], layer=0, kind="k")
