@@ -20,7 +20,8 @@ Two launches plus the BLAKE3 parent levels:
    chunk index of BLOCK consecutive pages, so which part of the leaf a 64-byte block holds
    (header, codes, scale/helper/padding) is the same for every lane and is decided by scalar
    branches, without divergence. Each lane builds its message words in registers: a code block
-   quantizes 64 elements (`quant_kernels.quant_code`) and packs them 4 to a little-endian word;
+   quantizes its 64 elements 16 at a time (`quant_kernels.quant_code`) and packs them 4 to a
+   little-endian word;
    the scale word is ``(k + 127) << 23``; a helper word recomputes the helper bits of its 32
    elements (`pack` order of `quant.canonical_bytes`); header words come from the page id and
    scalar arguments. Codes and helper bytes are stored as side outputs; the leaf itself is
@@ -210,65 +211,31 @@ def _fused_kernel(x_ptr, kexp_ptr, ids_ptr, codes_ptr, helper_ptr, out_ptr,
     while b < n_blocks:
         gb = ci * 16 + b  # block index inside the leaf, the same for every lane
         wb = gb * 16
+        cols = tl.arange(0, 16)[None, :]
+        tile = tl.zeros([BLOCK, 16], tl.int32)  # the block's 16 message words
         if (gb >= 1) & (wb + 16 <= code_end):
-            # fast path: 64 codes, one load per lane
-            elem = (gb - 1) * 64 + tl.arange(0, 64)[None, :]
-            mask = valid[:, None] & (elem < E)
-            code, _ = _codes_of(xrow, elem, mask, k, key0, key1,
-                                MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING)
-            tl.store(crow[:, None] + elem, code.to(tl.uint8), mask=mask)
-            words = tl.sum(tl.reshape(code, [BLOCK, 16, 4]) << (8 * tl.arange(0, 4))[None, None, :], axis=2)
-            m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15 = _split16(
-                words.to(tl.uint32, bitcast=True), BLOCK)
+            # fast path, 16 codes (4 words) at a time: a whole block of codes per lane
+            q = 0
+            while q < 4:
+                elem = (gb - 1) * 64 + q * 16 + tl.arange(0, 16)[None, :]
+                mask = valid[:, None] & (elem < E)
+                code, _ = _codes_of(xrow, elem, mask, k, key0, key1,
+                                    MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING)
+                tl.store(crow[:, None] + elem, code.to(tl.uint8), mask=mask)
+                w4 = tl.sum(tl.reshape(code, [BLOCK, 4, 4]) << (8 * tl.arange(0, 4))[None, None, :], axis=2)
+                at = (q * 4 + tl.arange(0, 4))[None, :, None] == cols[:, None, :]  # [1, 4, 16]
+                tile += tl.sum(tl.where(at, w4[:, :, None], 0), axis=1)
+                q += 1
         else:
-            m0 = _word(wb + 0, xrow, crow, hrow, page_lo, page_hi, k, valid, E, code_end, helper_end, H,
-                       layer, hw5, seed_lo, seed_hi, has_seed, key0, key1,
-                       MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, BLOCK)
-            m1 = _word(wb + 1, xrow, crow, hrow, page_lo, page_hi, k, valid, E, code_end, helper_end, H,
-                       layer, hw5, seed_lo, seed_hi, has_seed, key0, key1,
-                       MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, BLOCK)
-            m2 = _word(wb + 2, xrow, crow, hrow, page_lo, page_hi, k, valid, E, code_end, helper_end, H,
-                       layer, hw5, seed_lo, seed_hi, has_seed, key0, key1,
-                       MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, BLOCK)
-            m3 = _word(wb + 3, xrow, crow, hrow, page_lo, page_hi, k, valid, E, code_end, helper_end, H,
-                       layer, hw5, seed_lo, seed_hi, has_seed, key0, key1,
-                       MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, BLOCK)
-            m4 = _word(wb + 4, xrow, crow, hrow, page_lo, page_hi, k, valid, E, code_end, helper_end, H,
-                       layer, hw5, seed_lo, seed_hi, has_seed, key0, key1,
-                       MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, BLOCK)
-            m5 = _word(wb + 5, xrow, crow, hrow, page_lo, page_hi, k, valid, E, code_end, helper_end, H,
-                       layer, hw5, seed_lo, seed_hi, has_seed, key0, key1,
-                       MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, BLOCK)
-            m6 = _word(wb + 6, xrow, crow, hrow, page_lo, page_hi, k, valid, E, code_end, helper_end, H,
-                       layer, hw5, seed_lo, seed_hi, has_seed, key0, key1,
-                       MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, BLOCK)
-            m7 = _word(wb + 7, xrow, crow, hrow, page_lo, page_hi, k, valid, E, code_end, helper_end, H,
-                       layer, hw5, seed_lo, seed_hi, has_seed, key0, key1,
-                       MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, BLOCK)
-            m8 = _word(wb + 8, xrow, crow, hrow, page_lo, page_hi, k, valid, E, code_end, helper_end, H,
-                       layer, hw5, seed_lo, seed_hi, has_seed, key0, key1,
-                       MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, BLOCK)
-            m9 = _word(wb + 9, xrow, crow, hrow, page_lo, page_hi, k, valid, E, code_end, helper_end, H,
-                       layer, hw5, seed_lo, seed_hi, has_seed, key0, key1,
-                       MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, BLOCK)
-            m10 = _word(wb + 10, xrow, crow, hrow, page_lo, page_hi, k, valid, E, code_end, helper_end, H,
-                        layer, hw5, seed_lo, seed_hi, has_seed, key0, key1,
-                        MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, BLOCK)
-            m11 = _word(wb + 11, xrow, crow, hrow, page_lo, page_hi, k, valid, E, code_end, helper_end, H,
-                        layer, hw5, seed_lo, seed_hi, has_seed, key0, key1,
-                        MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, BLOCK)
-            m12 = _word(wb + 12, xrow, crow, hrow, page_lo, page_hi, k, valid, E, code_end, helper_end, H,
-                        layer, hw5, seed_lo, seed_hi, has_seed, key0, key1,
-                        MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, BLOCK)
-            m13 = _word(wb + 13, xrow, crow, hrow, page_lo, page_hi, k, valid, E, code_end, helper_end, H,
-                        layer, hw5, seed_lo, seed_hi, has_seed, key0, key1,
-                        MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, BLOCK)
-            m14 = _word(wb + 14, xrow, crow, hrow, page_lo, page_hi, k, valid, E, code_end, helper_end, H,
-                        layer, hw5, seed_lo, seed_hi, has_seed, key0, key1,
-                        MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, BLOCK)
-            m15 = _word(wb + 15, xrow, crow, hrow, page_lo, page_hi, k, valid, E, code_end, helper_end, H,
-                        layer, hw5, seed_lo, seed_hi, has_seed, key0, key1,
-                        MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, BLOCK)
+            j = 0
+            while j < 16:
+                w = _word(wb + j, xrow, crow, hrow, page_lo, page_hi, k, valid, E, code_end, helper_end, H,
+                          layer, hw5, seed_lo, seed_hi, has_seed, key0, key1,
+                          MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, BLOCK)
+                tile = tl.where(cols == j, w.to(tl.int32, bitcast=True)[:, None], tile)
+                j += 1
+        m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15 = _split16(
+            tile.to(tl.uint32, bitcast=True), BLOCK)
         at_end = b == n_blocks - 1
         flags = (kf | tl.where(b == 0, K.CHUNK_START, 0) | tl.where(at_end, K.CHUNK_END, 0)
                  | tl.where(at_end & (C == 1), K.ROOT, 0)).to(tl.uint32)
