@@ -26,8 +26,10 @@ PAPER_PDF = "paper/main.pdf"
 
 def run_env(exp):
     """Without a GPU, Triton kernels run on the CPU only in the interpreter (slow: smoke shapes
-    only); the SRAM study compiles for sm_90 instead and must not be interpreted."""
-    return "" if HAS_CUDA or exp == "e2_sram" else "TRITON_INTERPRET=1"
+    only); the SRAM study compiles for sm_90 instead, and GPU runs compile for the GPU: both
+    must not be interpreted, whatever the caller's environment says."""
+    interpret = not HAS_CUDA and exp != "e2_sram"
+    return "TRITON_INTERPRET=1" if interpret else "env -u TRITON_INTERPRET"
 
 
 # Experiments whose paper numbers need the H200; without CUDA the paper quotes the committed
