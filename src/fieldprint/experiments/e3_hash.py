@@ -37,7 +37,10 @@ import torch
 from fieldprint.experiments.common import ExperimentConfig, bench, check, hydra_main, resolve_device
 from fieldprint.experiments.e4_stability import page_rows, pow2_scale
 
-GPU_IMPLS = ("blake3_gpu", "blake3_many_gpu", "quant_gpu", "quant_blake3_gpu", "d2d_copy")
+GPU_IMPLS = ("blake3_gpu", "blake3_many_gpu", "quant_gpu", "quant_blake3_gpu", "fused_quant_blake3_gpu",
+             "d2d_copy")
+# Quantize + hash impls (fused: quantize in the hash kernel, one page leaf per 16K-element page).
+QUANT_IMPLS = ("quant_gpu", "quant_blake3_gpu", "fused_quant_blake3_gpu")
 CPU_IMPLS = ("blake3_cpu_1t", "blake3_cpu_all", "sha256_cpu_1t")
 D2H_IMPLS = ("d2h_pinned_blake3", "d2h_pageable_blake3")
 IMPLS = GPU_IMPLS + CPU_IMPLS + D2H_IMPLS
@@ -160,6 +163,17 @@ def gpu_fn(impl: str, fmt: str, rounding: str, page_elems: int, seed: int,
         return quant
     if impl == "quant_blake3_gpu":
         return lambda x: blake3_many(page_rows(quant(x), page_elems), backend="triton")
+    if impl == "fused_quant_blake3_gpu":
+        # Whole page leaves (header, codes, per-page scale, helper) hashed as they are built; the
+        # per-page amax pass is part of the timed call, unlike the precomputed scale above.
+        from fieldprint.hashing.fused import quantize_hash_pages
+
+        def fused(x):
+            pages = x.view(-1, page_elems)
+            ids = torch.arange(pages.shape[0], device=x.device)
+            return quantize_hash_pages(pages, fmt, rounding, page_ids=ids, layer=0, kind="k", seed=s)
+
+        return fused
     if impl == "d2d_copy":
         dst: list[torch.Tensor] = []  # allocated on the first call, reused after
 
@@ -222,7 +236,11 @@ def _row(impl, nbytes, ms, *, device, backend, fmt="", rounding="", threads="", 
 
 
 def _cases(impl: str, cfg: E3Config) -> list[tuple[str, str]]:
-    if impl in ("quant_gpu", "quant_blake3_gpu"):
+    if impl == "fused_quant_blake3_gpu":
+        from fieldprint.hashing.fused import FUSED_FORMATS
+
+        return [c for c in map(parse_case, cfg.quant_cases) if c[0] in FUSED_FORMATS]
+    if impl in QUANT_IMPLS:
         return [parse_case(c) for c in cfg.quant_cases]
     return [("", "")]
 
@@ -235,7 +253,7 @@ def _measure_gpu(cfg, impl, nbytes, bufs, device, label) -> list[dict]:
     """Rows of one GPU impl (each quant case); ``label``: the backend column."""
     rows = []
     for fmt, rounding in _cases(impl, cfg):
-        if impl.startswith("quant") and nbytes > cfg.quant_max_kib * KIB:
+        if impl in QUANT_IMPLS and nbytes > cfg.quant_max_kib * KIB:
             continue
         ms, status = _timed(lambda f=fmt, r=rounding: cycling(
             gpu_fn(impl, f, r, cfg.page_elems, cfg.seed, bufs), bufs), device, cfg)
@@ -279,7 +297,9 @@ def _measure_d2h(cfg, impl, nbytes, bufs) -> dict:
 def _interpreter_rows(cfg: E3Config) -> list[dict]:
     """The Triton path on a CPU-only machine: one call each at ``interp_kib`` under the
     interpreter (quantize + hash for the first quant case only: seconds per call), or skipped."""
-    impls = [i for i in cfg.impls if i in GPU_IMPLS and i != "d2d_copy"]
+    # The fused kernel takes over a minute per 16K-element page in the interpreter: its CPU check
+    # is tests/test_fused_hash.py, not this table.
+    impls = [i for i in cfg.impls if i in GPU_IMPLS and i not in ("d2d_copy", "fused_quant_blake3_gpu")]
     if os.environ.get("TRITON_INTERPRET") != "1" or cfg.interp_kib == 0:
         why = "skipped: no CUDA and TRITON_INTERPRET unset" if cfg.interp_kib else \
             "skipped: no CUDA and interp_kib=0"

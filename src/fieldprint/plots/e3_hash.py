@@ -33,6 +33,9 @@ def draw(rows, manifest, out_stem) -> None:
             band[b].append(g)
             if (r["fmt"], r["rounding"]) in QUANT_SHOWN:
                 series[f"quantize ({r['fmt']} {r['rounding']}) + BLAKE3"].append((b, g))
+        elif r["impl"] == "fused_quant_blake3_gpu":
+            if (r["fmt"], r["rounding"]) in QUANT_SHOWN:
+                series[f"fused quantize+BLAKE3 ({r['fmt']} {r['rounding']})"].append((b, g))
         elif r["impl"] in LABELS:
             series[LABELS[r["impl"]]].append((b, g))
     fig, axes = figure(height=2.4)
