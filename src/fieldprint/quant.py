@@ -198,6 +198,19 @@ def canonical_bytes(qt: QTensor) -> torch.Tensor:
     return data
 
 
+def check_seed(rounding: str, seed) -> None:
+    """``seed``: required for ``stochastic`` rounding (an int in [0, 2**64)), refused otherwise."""
+    if rounding == "stochastic":
+        if seed is None:
+            raise ValueError("seed is required for rounding='stochastic'")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        if not 0 <= seed < 2**64:
+            raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    elif seed is not None:
+        raise ValueError(f"seed only applies to rounding='stochastic', not {rounding!r}")
+
+
 def _check_choice(name: str, value: object, choices) -> None:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
@@ -370,15 +383,7 @@ def quantize(
     _check_choice("rounding", rounding, ROUNDINGS)
     _check_choice("backend", backend, BACKENDS)
     f = FORMATS[fmt]
-    if rounding == "stochastic":
-        if seed is None:
-            raise ValueError("seed is required for rounding='stochastic'")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        if not 0 <= seed < 2**64:
-            raise ValueError(f"seed must be in [0, 2**64), got {seed}")
-    elif seed is not None:
-        raise ValueError(f"seed only applies to rounding='stochastic', not {rounding!r}")
+    check_seed(rounding, seed)
     n = x.numel()
     if helper is not None:
         if rounding != "two_grid":

@@ -101,6 +101,19 @@ def _u32(x):
 
 
 @triton.jit
+def store_cv(o, h0, h1, h2, h3, h4, h5, h6, h7, valid):
+    """Store eight uint32 chaining-value words per lane at ``o + 0 .. o + 7`` (int32 buffer)."""
+    tl.store(o + 0, h0.to(tl.int32, bitcast=True), mask=valid)
+    tl.store(o + 1, h1.to(tl.int32, bitcast=True), mask=valid)
+    tl.store(o + 2, h2.to(tl.int32, bitcast=True), mask=valid)
+    tl.store(o + 3, h3.to(tl.int32, bitcast=True), mask=valid)
+    tl.store(o + 4, h4.to(tl.int32, bitcast=True), mask=valid)
+    tl.store(o + 5, h5.to(tl.int32, bitcast=True), mask=valid)
+    tl.store(o + 6, h6.to(tl.int32, bitcast=True), mask=valid)
+    tl.store(o + 7, h7.to(tl.int32, bitcast=True), mask=valid)
+
+
+@triton.jit
 def _split(x, N: tl.constexpr, HALF: tl.constexpr):
     # [N, 2*HALF] -> even and odd columns, [N, HALF] each (HALF == 1 gives [N] vectors)
     if HALF == 1:
@@ -187,14 +200,7 @@ def chunk_kernel(x_ptr, out_ptr, n_chunks, C, L, W, n_blocks,
         h7 = tl.where(live, n7, h7)
         b += 1
     o = out_ptr + g * 8
-    tl.store(o + 0, h0.to(tl.int32, bitcast=True), mask=valid)
-    tl.store(o + 1, h1.to(tl.int32, bitcast=True), mask=valid)
-    tl.store(o + 2, h2.to(tl.int32, bitcast=True), mask=valid)
-    tl.store(o + 3, h3.to(tl.int32, bitcast=True), mask=valid)
-    tl.store(o + 4, h4.to(tl.int32, bitcast=True), mask=valid)
-    tl.store(o + 5, h5.to(tl.int32, bitcast=True), mask=valid)
-    tl.store(o + 6, h6.to(tl.int32, bitcast=True), mask=valid)
-    tl.store(o + 7, h7.to(tl.int32, bitcast=True), mask=valid)
+    store_cv(o, h0, h1, h2, h3, h4, h5, h6, h7, valid)
 
 
 @triton.jit

@@ -44,7 +44,7 @@ import triton.language as tl
 from fieldprint.hashing import PARENT_BLOCK, _key_args, _key_bytes
 from fieldprint.hashing import _kernels as K
 from fieldprint.merkle import FORMAT_IDS, HEADER_BYTES, KIND_IDS, LAYOUT_VERSION, LEAF_KEY, MAGIC
-from fieldprint.quant import FORMATS, ROUNDING_IDS, format_constants, seed_keys
+from fieldprint.quant import FORMATS, ROUNDING_IDS, check_seed, format_constants, seed_keys
 from fieldprint.quant_kernels import counter_bits, quant_code
 
 __all__ = ["FUSED_FORMATS", "quantize_hash_pages"]
@@ -245,14 +245,7 @@ def _fused_kernel(x_ptr, kexp_ptr, ids_ptr, codes_ptr, helper_ptr, out_ptr,
             t_lo, t_hi, t_hi + 64, t_hi + flags)
         b += 1
     o = out_ptr + (page64 * C + ci) * 8
-    tl.store(o + 0, h0.to(tl.int32, bitcast=True), mask=valid)
-    tl.store(o + 1, h1.to(tl.int32, bitcast=True), mask=valid)
-    tl.store(o + 2, h2.to(tl.int32, bitcast=True), mask=valid)
-    tl.store(o + 3, h3.to(tl.int32, bitcast=True), mask=valid)
-    tl.store(o + 4, h4.to(tl.int32, bitcast=True), mask=valid)
-    tl.store(o + 5, h5.to(tl.int32, bitcast=True), mask=valid)
-    tl.store(o + 6, h6.to(tl.int32, bitcast=True), mask=valid)
-    tl.store(o + 7, h7.to(tl.int32, bitcast=True), mask=valid)
+    K.store_cv(o, h0, h1, h2, h3, h4, h5, h6, h7, valid)
 
 
 def _s32(v: int) -> int:
@@ -325,15 +318,7 @@ def quantize_hash_pages(pages: torch.Tensor, fmt: str = "e4m3", rounding: str = 
             "(bf16/fp16 codes: use fieldprint.quant.quantize + merkle.hash_pages)")
     if not isinstance(rounding, str) or rounding not in ROUNDING_IDS:
         raise ValueError(f"rounding must be one of {list(ROUNDING_IDS)}, got {rounding!r}")
-    if rounding == "stochastic":
-        if seed is None:
-            raise ValueError("seed is required for rounding='stochastic'")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        if not 0 <= seed < 2**64:
-            raise ValueError(f"seed must be in [0, 2**64), got {seed}")
-    elif seed is not None:
-        raise ValueError(f"seed only applies to rounding='stochastic', not {rounding!r}")
+    check_seed(rounding, seed)
     two_grid = rounding == "two_grid"
     if two_grid and e % 8:
         raise ValueError(f"two_grid pages need a multiple of 8 elements per page, got {e}")
