@@ -102,6 +102,19 @@ def _cdiv(a, b):
 
 
 @triton.jit
+def _kv_scale(value, ptr, kvh, MODE: tl.constexpr):
+    """k_scale / v_scale of KV head ``kvh``: 0 = the scalar ``value``, 1 = one-element tensor,
+    2 = per-KV-head tensor."""
+    if MODE == 0:
+        s = value
+    elif MODE == 1:
+        s = tl.load(ptr).to(tl.float32)
+    else:
+        s = tl.load(ptr + kvh).to(tl.float32)
+    return s
+
+
+@triton.jit
 def _attend_tile(
     acc, l_i, m_i, q, k_ptr, v_ptr, table_row, tile, n_tokens, pos, window, k_head, v_head,
     stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_mul, softcap,
@@ -206,18 +219,8 @@ def _paged_anchor_attn_kernel(
     t_lo = split * tiles_per_split
     t_hi = tl.minimum(t_lo + tiles_per_split, n_tiles)
 
-    if KS_MODE == 0:
-        ks = k_scale_val
-    elif KS_MODE == 1:
-        ks = tl.load(k_scale_ptr).to(tl.float32)
-    else:
-        ks = tl.load(k_scale_ptr + kvh).to(tl.float32)
-    if VS_MODE == 0:
-        vs = v_scale_val
-    elif VS_MODE == 1:
-        vs = tl.load(v_scale_ptr).to(tl.float32)
-    else:
-        vs = tl.load(v_scale_ptr + kvh).to(tl.float32)
+    ks = _kv_scale(k_scale_val, k_scale_ptr, kvh, KS_MODE)
+    vs = _kv_scale(v_scale_val, v_scale_ptr, kvh, VS_MODE)
     if HAS_SOFTCAP:
         qk_scale = sm_scale * ks
         cap_mul = softcap * 1.4426950408889634
