@@ -18,10 +18,35 @@ for whl in .whl/*-cp3*.whl; do
     -d .whl "$spec"
 done
 # 3. Packages the GPU image already holds (device/KINDS.md): keep its versions, carry none of them.
-for have in numpy PyYAML pyyaml Jinja2 jinja2 MarkupSafe markupsafe packaging psutil requests urllib3 idna \
-    certifi charset_normalizer tabulate wrapt attrs Pygments pygments typing_extensions \
-    filelock setuptools six python_dateutil; do  # (platformdirs is not in the image: carried)
-  rm -f .whl/"$have"-*.whl
+IMAGE_HAS="numpy PyYAML Jinja2 MarkupSafe packaging psutil requests urllib3 idna certifi charset_normalizer
+  tabulate wrapt attrs Pygments typing_extensions filelock setuptools six python_dateutil"
+for have in $IMAGE_HAS; do
+  rm -f .whl/"$have"-*.whl .whl/"${have,,}"-*.whl
 done
+# 4. Every dependency of every carried wheel is carried or on the image (a missing one, such as
+#    platformdirs once, only shows on the GPU machine, where nothing can be installed).
+python3 - "$IMAGE_HAS" <<'PY'
+import re, sys, zipfile, pathlib
+from packaging.markers import Marker
+from packaging.requirements import Requirement
+norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
+env = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
+       "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
+       "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
+have = {norm(n) for n in sys.argv[1].split()}
+wheels = list(pathlib.Path(".whl").glob("*.whl"))
+have |= {norm(w.name.split("-")[0]) for w in wheels}
+missing = set()
+for w in wheels:
+    meta = next(n for n in zipfile.ZipFile(w).namelist() if n.endswith(".dist-info/METADATA"))
+    for line in zipfile.ZipFile(w).read(meta).decode().splitlines():
+        if line.startswith("Requires-Dist:"):
+            req = Requirement(line.split(":", 1)[1].strip())
+            if (req.marker is None or req.marker.evaluate(env)) and norm(req.name) not in have:
+                missing.add(f"{req.name} (needed by {w.name.split('-')[0]})")
+if missing:
+    sys.exit("missing from the bundle and the image: " + ", ".join(sorted(missing)))
+print(f"bundle closed: {len(wheels)} wheels")
+PY
 ls .whl | cut -d- -f1 | tr '\n' ' '; echo
 du -sh .whl
