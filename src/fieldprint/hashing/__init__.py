@@ -113,10 +113,16 @@ def _triton_many(rows: torch.Tensor, key: bytes | None) -> torch.Tensor:
     K.chunk_kernel[grid](words, nodes, n * c, c, length, w, n_blocks, *kw, kf,
                          BLOCK=CHUNK_BLOCK, ALIGNED=w % 16 == 0,
                          num_warps=CHUNK_BLOCK // 32)
-    m = c
+    return reduce_parents(nodes, n, c, kw, kf)
+
+
+def reduce_parents(nodes: torch.Tensor, n: int, chunks: int, kw, kf) -> torch.Tensor:
+    """BLAKE3's tree above the chunks: nodes [n * chunks, 8] int32 chaining values (row-major
+    per row) -> [n, 32] uint8 digests, two tree levels per launch. kw, kf: ``_key_args``."""
+    m = chunks
     while m > 1:
         mo = (m + 3) // 4
-        nxt = torch.empty((n * mo, 8), dtype=torch.int32, device=rows.device)
+        nxt = torch.empty((n * mo, 8), dtype=torch.int32, device=nodes.device)
         grid = (triton.cdiv(n * mo, PARENT_BLOCK),)
         K.parent_kernel[grid](nodes, nxt, n * mo, m, mo, *kw, kf,
                               BLOCK=PARENT_BLOCK, num_warps=PARENT_BLOCK // 32)

@@ -26,7 +26,7 @@ Two launches plus the BLAKE3 parent levels:
    elements (`pack` order of `quant.canonical_bytes`); header words come from the page id and
    scalar arguments. Codes and helper bytes are stored as side outputs; the leaf itself is
    never written to memory. Chunk chaining values then go through the hashing module's
-   `parent_kernel`, as in `blake3_many`.
+   `reduce_parents`, as in `blake3_many`.
 
 Two_grid pages therefore read their elements twice inside the fused kernel (codes, then helper
 words); the second read usually hits L2.
@@ -41,8 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fieldprint.hashing import PARENT_BLOCK, _key_args, _key_bytes
 from fieldprint.hashing import _kernels as K
+from fieldprint.hashing import _key_args, _key_bytes, reduce_parents
 from fieldprint.merkle import FORMAT_IDS, HEADER_BYTES, KIND_IDS, LAYOUT_VERSION, LEAF_KEY, MAGIC
 from fieldprint.quant import FORMATS, ROUNDING_IDS, check_seed, format_constants, seed_keys
 from fieldprint.quant_kernels import counter_bits, quant_code
@@ -360,13 +360,7 @@ def quantize_hash_pages(pages: torch.Tensor, fmt: str = "e4m3", rounding: str = 
         _s32(layer), hw5, _s32(s), _s32(s >> 32), int(seed is not None), *keys, *kw, kf,
         **format_constants(fmt), ROUNDING=ROUNDING_IDS[rounding], BLOCK=block,
         num_warps=max(1, block // 32))
-    m = n_chunks
-    while m > 1:  # BLAKE3's tree above the chunks, as in blake3_many
-        mo = (m + 3) // 4
-        nxt = torch.empty((n_pages * mo, 8), dtype=torch.int32, device=dev)
-        K.parent_kernel[(triton.cdiv(n_pages * mo, PARENT_BLOCK),)](
-            nodes, nxt, n_pages * mo, m, mo, *kw, kf, BLOCK=PARENT_BLOCK, num_warps=PARENT_BLOCK // 32)
-        nodes, m = nxt, mo
+    digests = reduce_parents(nodes, n_pages, n_chunks, kw, kf)
     if int(flag.item()):
         raise ValueError("pages contains NaN or Inf")
-    return codes, scales, helper, nodes.view(torch.uint8).view(n_pages, 32)
+    return codes, scales, helper, digests
