@@ -425,8 +425,8 @@ def prefix_blocks(q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
 
 @dataclass
 class FlexState:
-    q4: torch.Tensor  # [1, Hq, T, D]
-    k: torch.Tensor  # [1, Hkv, num_blocks * block_size, D]: the pool, one long key axis
+    q4: torch.Tensor  # [B, Hq, q_len, D]: one batch entry per sequence
+    k: torch.Tensor  # [1, Hkv, num_blocks * block_size, D]: the pool, one key axis for every sequence
     v: torch.Tensor
     block_mask: Any
     scale: float
@@ -435,25 +435,31 @@ class FlexState:
 
 
 def flex_setup(case: PagedCase, scales: Scales) -> FlexState:
-    """FlexAttention over the physical pool: keys are pool slots, the mask_mod maps a slot back
-    to (block, offset), looks the block up in an inverse block table and applies the anchor /
-    causal rule. The block mask is built at page granularity (KV block = one page), so the kernel
-    only visits pages the query's sequence owns. Needs CUDA (compiled) and an unquantized cache.
+    """FlexAttention over the physical pool: keys are pool slots (one KV batch entry, broadcast
+    to every sequence), the mask_mod maps a slot back to (block, offset), looks the block up in
+    an inverse block table and applies the anchor / causal rule. The block mask has one batch
+    entry per sequence and page granularity (KV block = one page), so each sequence's program
+    visits only the pages it owns. Needs CUDA (compiled), an unquantized cache, sequences of
+    equal query length (decode; a single prefill chunk) and finite values in the unwritten
+    slots of owned pages (a masked score gives p = 0, and 0 * NaN is NaN).
     """
     if not case.q.is_cuda:
         raise RuntimeError("FlexAttention is compiled for CUDA here; the CPU path is not timed")
     if case.k_cache.dtype in FP8_DTYPES:
         raise TypeError("FlexAttention takes no float8 KV cache")
+    for name, sc in (("k_scale", scales.k_scale), ("v_scale", scales.v_scale)):
+        if sc not in (None, 1.0):
+            raise ValueError(f"flex baseline takes no {name}")
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     dev = case.q.device
     N, bs, Hkv, D = case.k_cache.shape
-    T = case.q.shape[0]
-    q_lens = (case.query_start_loc[1:] - case.query_start_loc[:-1]).long()
+    T, Hq, _ = case.q.shape
+    q_lens = case.query_start_loc[1:] - case.query_start_loc[:-1]
     B = q_lens.shape[0]
-    seq_of = torch.repeat_interleave(torch.arange(B, device=dev), q_lens)  # [T]
-    pos = (torch.arange(T, device=dev) - case.query_start_loc[:-1].long()[seq_of]
-           + (case.seq_lens.long() - q_lens)[seq_of])  # [T] query positions
+    q_len = T // B
+    if T % B or bool((q_lens != q_len).any()):
+        raise ValueError("flex baseline needs sequences of equal query length")
     # owner[blk] = sequence owning a context block, its logical index; anchor blocks likewise.
     ctx_owner = torch.full((N,), -1, dtype=torch.long, device=dev)
     ctx_index = torch.zeros(N, dtype=torch.long, device=dev)
@@ -471,26 +477,24 @@ def flex_setup(case: PagedCase, scales: Scales) -> FlexState:
             anchor_of[b, ids] = True
             anchor_index[b, ids] = torch.arange(n, device=dev)
     alens = case.anchor_lens.long() if case.anchor_lens is not None else torch.zeros(B, dtype=torch.long, device=dev)
+    first_pos = case.seq_lens.long() - q_len  # position of each sequence's first new token
 
     def mask_mod(b, h, q_idx, kv_idx):
-        s = seq_of[q_idx]
         blk, off = kv_idx // bs, kv_idx % bs
         ctx_tok = ctx_index[blk] * bs + off
-        in_ctx = (ctx_owner[blk] == s) & (ctx_tok <= pos[q_idx])
-        in_anchor = anchor_of[s, blk] & (anchor_index[s, blk] * bs + off < alens[s])
+        in_ctx = (ctx_owner[blk] == b) & (ctx_tok <= first_pos[b] + q_idx)
+        in_anchor = anchor_of[b, blk] & (anchor_index[b, blk] * bs + off < alens[b])
         return in_ctx | in_anchor
 
-    block_mask = create_block_mask(mask_mod, 1, None, T, N * bs, device=dev,
-                                   BLOCK_SIZE=(128 if T >= 128 else 16, bs))
+    # Flex decoding needs the query block to be a multiple of its row tile (>= 16 rows).
+    q_block = 128 if q_len >= 128 else 16
+    block_mask = create_block_mask(mask_mod, B, None, q_len, N * bs, device=dev, BLOCK_SIZE=(q_block, bs))
     k = case.k_cache.flatten(0, 1).transpose(0, 1).unsqueeze(0).contiguous()
     v = case.v_cache.flatten(0, 1).transpose(0, 1).unsqueeze(0).contiguous()
-    q4 = case.q.transpose(0, 1).unsqueeze(0).contiguous()
-    for name, sc in (("k_scale", scales.k_scale), ("v_scale", scales.v_scale)):
-        if sc not in (None, 1.0):
-            raise ValueError(f"flex baseline takes no {name}")
+    q4 = case.q.view(B, q_len, Hq, D).transpose(1, 2).contiguous()
     fn = torch.compile(flex_attention, dynamic=False)
     scale = scales.softmax_scale or 1.0 / math.sqrt(D)
-    state = FlexState(q4, k, v, block_mask, scale, fn, note=f"pool-wide mask, KV block {bs}")
+    state = FlexState(q4, k, v, block_mask, scale, fn, note=f"pool broadcast to {B} sequences, KV block {bs}")
     flex_run(state)
     return state
 
@@ -498,7 +502,7 @@ def flex_setup(case: PagedCase, scales: Scales) -> FlexState:
 def flex_run(state: FlexState) -> torch.Tensor:
     out = state.fn(state.q4, state.k, state.v, block_mask=state.block_mask, scale=state.scale,
                    enable_gqa=True)
-    return out[0].transpose(0, 1)  # [T, Hq, D]
+    return out.transpose(1, 2).flatten(0, 1)  # [T, Hq, D]
 
 
 # ---------------------------------------------------------------------------------- registry

@@ -33,8 +33,9 @@ fp8 KV (``float8_e4m3fn``) is loaded as bytes and converted to fp16 in registers
 e4m3 value is an fp16 value, and Hopper converts e4m3 pairs to fp16 pairs in one instruction
 while e4m3 -> bf16 goes through fp32, which made the fp8 kernel compute-bound on the H200); q is
 converted to fp16 as well (exact for |q| <= 65504, checked when ``validate``), so the dots run in
-fp16 with fp32 accumulation. ``k_scale`` is folded into the score scale and ``v_scale`` into the
-final normalization, per tensor or per KV head.
+fp16 with fp32 accumulation. V tiles are converted with inline PTX in their load layout (see
+``_e4m3_to_fp16``; a plain cast read them from shared memory one byte at a time). ``k_scale`` is
+folded into the score scale and ``v_scale`` into the final normalization, per tensor or per KV head.
 """
 
 from __future__ import annotations
@@ -115,12 +116,24 @@ def _kv_scale(value, ptr, kvh, MODE: tl.constexpr):
 
 
 @triton.jit
+def _e4m3_to_fp16(x):
+    """An e4m3 tile as fp16 (exact) through an explicit ``cvt.rn.f16x2.e4m3x2`` (compiled kernels
+    only: the interpreter has no PTX). A plain cast lets Triton move the conversion after the
+    shared-memory read into the mma operand layout; for the V tile (tokens on the reduction axis,
+    bytes contiguous along D) that layout is read one byte per instruction, which made the fp8
+    kernel issue-bound. The inline conversion happens in the load layout, and the fp16 tile then
+    reaches the mma through the 16-bit transposing path."""
+    return tl.inline_asm_elementwise("cvt.rn.f16x2.e4m3x2 $0, $1;", "=r,h", [x.to(tl.uint8, bitcast=True)],
+                                     dtype=tl.float16, is_pure=False, pack=2)
+
+
+@triton.jit
 def _attend_tile(
     acc, l_i, m_i, q, k_ptr, v_ptr, table_row, tile, n_tokens, pos, window, k_head, v_head,
     stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_mul, softcap,
     offs_n, offs_d,
     BS: tl.constexpr, TILE_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, E4M3_ASM: tl.constexpr,
 ):
     """One online-softmax step over KV tile ``tile`` of a block table row.
 
@@ -167,6 +180,8 @@ def _attend_tile(
         v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :], mask=tok_ok[:, None], other=0.0)
     else:
         v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :])
+    if E4M3_ASM:
+        v = _e4m3_to_fp16(v)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc)
     return acc, l_i, m_new
@@ -183,7 +198,7 @@ def _paged_anchor_attn_kernel(
     GROUP: tl.constexpr, GP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     HEAD_DIM: tl.constexpr, BS: tl.constexpr, TILE_N: tl.constexpr,
     HAS_ANCHORS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    KS_MODE: tl.constexpr, VS_MODE: tl.constexpr, DOT_FP16: tl.constexpr,
+    KS_MODE: tl.constexpr, VS_MODE: tl.constexpr, DOT_FP16: tl.constexpr, E4M3_ASM: tl.constexpr,
 ):
     """q: [T, Hq, D]; k/v: [num_blocks, BS, Hkv, D]; out: [T, Hq, D]; lse: [T, Hq] fp32;
     part_out: [T, Hq, max_splits, D] fp32; part_lse: [T, Hq, max_splits] fp32 (log2 units).
@@ -261,7 +276,7 @@ def _paged_anchor_attn_kernel(
             acc, l_i, m_i = _attend_tile(
                 acc, l_i, m_i, q, k_ptr, v_ptr, a_row, t, A, pos, window, k_head, v_head,
                 stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_mul, softcap, offs_n, offs_d,
-                BS, TILE_N, True, False, False, HAS_SOFTCAP)
+                BS, TILE_N, True, False, False, HAS_SOFTCAP, E4M3_ASM)
 
     # Context tiles of this split, clipped to what the tile's rows can see.
     c_lo = tl.maximum(t_lo - n_a, 0)
@@ -279,17 +294,17 @@ def _paged_anchor_attn_kernel(
         acc, l_i, m_i = _attend_tile(
             acc, l_i, m_i, q, k_ptr, v_ptr, c_row, t, L, pos, window, k_head, v_head,
             stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_mul, softcap, offs_n, offs_d,
-            BS, TILE_N, True, True, HAS_WINDOW, HAS_SOFTCAP)
+            BS, TILE_N, True, True, HAS_WINDOW, HAS_SOFTCAP, E4M3_ASM)
     for t in range(mid_lo, mid_hi):
         acc, l_i, m_i = _attend_tile(
             acc, l_i, m_i, q, k_ptr, v_ptr, c_row, t, L, pos, window, k_head, v_head,
             stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_mul, softcap, offs_n, offs_d,
-            BS, TILE_N, False, False, False, HAS_SOFTCAP)
+            BS, TILE_N, False, False, False, HAS_SOFTCAP, E4M3_ASM)
     for t in range(mid_hi, c_hi):
         acc, l_i, m_i = _attend_tile(
             acc, l_i, m_i, q, k_ptr, v_ptr, c_row, t, L, pos, window, k_head, v_head,
             stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_mul, softcap, offs_n, offs_d,
-            BS, TILE_N, True, True, HAS_WINDOW, HAS_SOFTCAP)
+            BS, TILE_N, True, True, HAS_WINDOW, HAS_SOFTCAP, E4M3_ASM)
 
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)  # rows that saw no token (empty split): out 0, lse -inf
@@ -362,8 +377,9 @@ def kernel_config(head_dim: int, block_size: int, group: int, mode: str, kv_dtyp
 
     decode: one token per tile, the GQA group's heads as rows (padded to 16 for ``tl.dot``),
     KV tiles of 64 tokens (128 for fp8, which moves half the bytes per token; 32 at D=256),
-    4 warps, 3 pipeline stages. prefill: 128 rows (64 at D=256) = ``128 / group`` tokens x
-    group heads, KV tiles of 64 (32 at D=256), 8 warps, 3 stages (2 at D=256).
+    4 warps, 2 pipeline stages. prefill: 128 rows (64 at D=256) = ``128 / group`` tokens x
+    group heads, KV tiles of 128 (32 at D=256), 8 warps, 3 stages (2 at D=256). Chosen by timing
+    variants on the H200 at the E1 shapes.
     Overrides: ``tile_n``, ``block_m``, ``num_warps``, ``num_stages`` (for tuning and tests).
     """
     if mode not in ("decode", "prefill"):
@@ -400,6 +416,11 @@ def kernel_config(head_dim: int, block_size: int, group: int, mode: str, kv_dtyp
 def _dot_fp16(q_dtype: torch.dtype, kv_dtype: torch.dtype) -> bool:
     """Run the dots in fp16 when the cache is fp8 (see the kernel): fast conversion, exact values."""
     return kv_dtype == torch.float8_e4m3fn
+
+
+def _e4m3_asm(kv_dtype: torch.dtype) -> bool:
+    """Convert fp8 V tiles with inline PTX (see ``_e4m3_to_fp16``): compiled kernels only."""
+    return kv_dtype == torch.float8_e4m3fn and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 def _scale_arg(scale):
@@ -460,6 +481,7 @@ def _launch(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_
         HEAD_DIM=D, BS=BS, TILE_N=TN, HAS_ANCHORS=has_anchors,
         HAS_WINDOW=bool(sliding_window), HAS_SOFTCAP=bool(logit_softcap),
         KS_MODE=ks_mode, VS_MODE=vs_mode, DOT_FP16=_dot_fp16(q.dtype, k_cache.dtype),
+        E4M3_ASM=_e4m3_asm(k_cache.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if max_splits > 1:
@@ -617,7 +639,7 @@ def sm90_compile_specs(head_dim: int, block_size: int, kv_dtype: torch.dtype, gr
                   "BLOCK_M": cfg["block_m"], "HEAD_DIM": head_dim, "BS": block_size,
                   "TILE_N": cfg["tile_n"], "HAS_ANCHORS": anchors, "HAS_WINDOW": sliding_window,
                   "HAS_SOFTCAP": logit_softcap, "KS_MODE": scale_mode, "VS_MODE": scale_mode,
-                  "DOT_FP16": _dot_fp16(q_dtype, kv_dtype)}
+                  "DOT_FP16": _dot_fp16(q_dtype, kv_dtype), "E4M3_ASM": kv_dtype == torch.float8_e4m3fn}
     fn = _paged_anchor_attn_kernel
     sig = {}
     for name in fn.arg_names:
