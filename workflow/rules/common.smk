@@ -72,3 +72,9 @@ def hydra_inputs(exp, scale):
 
 def gpu_slot(exp):
     return 1 if HAS_CUDA and exp in TIMED else 0
+
+
+def timed_threads(exp):
+    """A timed GPU run owns the machine's cores too: Snakemake sets OMP_NUM_THREADS to a job's
+    threads, which would leave the host-side work of the baselines (CPU hashing, copies) on one."""
+    return workflow.cores if gpu_slot(exp) else 1

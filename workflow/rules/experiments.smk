@@ -28,6 +28,7 @@ rule experiment:
     params:
         env=lambda wc: run_env(wc.exp),
         out_dir=lambda wc: f"{RESULTS}/{wc.scale}/{wc.exp}",
+    threads: lambda wc: timed_threads(wc.exp)
     resources:
         gpu=lambda wc: gpu_slot(wc.exp),
     log:
@@ -51,6 +52,7 @@ rule train:
     params:
         env=run_env("e5"),
         out_dir=lambda wc: f"{RESULTS}/{wc.scale}/e5_train",
+    threads: timed_threads("e5_train")
     resources:
         gpu=lambda wc: gpu_slot("e5_train"),
     log:
