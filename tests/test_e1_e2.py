@@ -65,13 +65,14 @@ def _row(impl, ms, B=64, L=4096, A=64, kv="bf16", mode="decode", err="1e-3"):
 
 @pytest.mark.parametrize("fused_ms, verdict", [(1.05, True), (1.5, False)])
 def test_e1_claims_follow_the_rows(fused_ms, verdict):
-    rows = [_row("fused", fused_ms), _row("cudnn_sdpa", 1.0), _row("gather_sdpa", 20.0)]
+    rows = [_row("fused", fused_ms), _row("cudnn_sdpa", 1.0), _row("gather_sdpa", 20.0), _row("flex", 3.0)]
     got = {c.id: c for c in r1.claims(rows, {})}
     assert got["e1.cudnn_ratio_b64_l4096"].supported is verdict
     assert got["e1.cudnn_ratio_b16_l32768"].supported is False  # not measured is not supported
     assert got["e1.gather_10x"].supported is True
     m = r1.macros(rows, {"gpu": "NVIDIA H200"})
     assert m["e1.ratio_cudnn_b64l4k"] == f"{1 / fused_ms:.2f}" and m["e1.fused_tbps_b16l32k"] == "n/a"
+    assert m["e1.ratio_flex_b64l4k"] == f"{3.0 / fused_ms:.1f}" and m["e1.ratio_flex_b1l128k"] == "n/a"
 
 
 def test_e2_claims_and_hbm_rows():

@@ -261,6 +261,8 @@ def test_e3_report_on_constructed_rows():
             _e3_row("d2d_copy", 8 * G, 4200),
             _e3_row("quant_blake3_gpu", G, 1000, "e4m3", "rne"),
             _e3_row("quant_blake3_gpu", G, 800, "e4m3", "two_grid"),
+            _e3_row("fused_quant_blake3_gpu", G, 500, "e4m3", "rne"),
+            _e3_row("fused_quant_blake3_gpu", G, 880, "e4m3", "two_grid"),
             _e3_row("blake3_cpu_all", G, 60, device="cpu", threads=16),
             _e3_row("blake3_cpu_1t", G, 5, device="cpu", threads=1),
             _e3_row("d2h_pinned_blake3", G, 30)]
@@ -271,6 +273,8 @@ def test_e3_report_on_constructed_rows():
     assert m["e3.quant_over_hash_min_case"] == "e4m3/two\\_grid"
     assert m["e3.d2h_pinned_slowdown"] == "40"  # 1200 / 30
     assert m["e3.sha256_cpu_1t_gbps"] == "n/a"
+    assert m["e3.fused_over_unfused.e4m3.rne"] == "0.50" and m["e3.fused_over_unfused_max"] == "1.10"
+    assert m["e3.fused_over_hash_min"] == f"{500 / 1100:.2f}" and m["e3.fused_over_hash_max"] == "0.80"
     verdict = {c.id: c.supported for c in rep.claims(rows, {"gpu": "NVIDIA H200"})}
     assert verdict == {"hash.gpu_blake3_1tbps": True, "hash.quant_hash_0p8": False,
                        "hash.gpu_15x_cpu_all": True, "hash.d2h_slowdown_10x": True}

@@ -42,6 +42,7 @@ def macros(rows, manifest) -> dict[str, str]:
         m[f"e1.ratio_gather_{key}"] = _fmt(_ratio(fused, _row(rows, "gather_sdpa", batch=B, context=L)), 1)
         m[f"e1.ratio_cascade_{key}"] = _fmt(_ratio(fused, _row(rows, "cascade", batch=B, context=L)))
         m[f"e1.ratio_prefix_{key}"] = _fmt(_ratio(fused, _row(rows, "prefix_blocks", batch=B, context=L)))
+        m[f"e1.ratio_flex_{key}"] = _fmt(_ratio(fused, _row(rows, "flex", batch=B, context=L)), 1)
         fp8 = _row(rows, "fused", batch=B, context=L, kv="fp8")
         m[f"e1.fp8_speedup_{key}"] = _fmt(_ratio(fp8, fused))
     for L in (8192, 32768):

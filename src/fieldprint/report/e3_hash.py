@@ -41,7 +41,8 @@ def summary(rows) -> dict:
     s: dict = {"gpu_bytes": None, "gpu_gbps": None, "many_gbps": None, "copy_gbps": None,
                "cpu_bytes": None, "cpu_all_gbps": None, "cpu_1t_gbps": None, "sha_gbps": None,
                "cpu_threads": None, "common_bytes": None, "gpu_over_cpu": None,
-               "quant_bytes": None, "quant_ratios": {}, "d2h_bytes": None,
+               "quant_bytes": None, "quant_ratios": {}, "fused_ratios": {}, "fused_over_unfused": {},
+               "d2h_bytes": None,
                "d2h_pinned_x": None, "d2h_pageable_x": None, "peak_gib": None}
     if gpu:
         top = max(gpu)
@@ -70,6 +71,14 @@ def summary(rows) -> dict:
             b = both[-1]
             s["quant_bytes"] = b
             s["quant_ratios"][(fmt, rounding)] = float(q[b]["gbps"]) / float(many[b]["gbps"])
+    for fmt, rounding in _quant_cases(rows):
+        fused = _ok(rows, "fused_quant_blake3_gpu", fmt, rounding)
+        q = _ok(rows, "quant_blake3_gpu", fmt, rounding)
+        both = sorted(set(fused) & set(many) & set(q))
+        if both:
+            b = both[-1]
+            s["fused_ratios"][(fmt, rounding)] = float(fused[b]["gbps"]) / float(many[b]["gbps"])
+            s["fused_over_unfused"][(fmt, rounding)] = float(fused[b]["gbps"]) / float(q[b]["gbps"])
     for impl, key in (("d2h_pinned_blake3", "d2h_pinned_x"), ("d2h_pageable_blake3",
                                                               "d2h_pageable_x")):
         d = _ok(rows, impl)
@@ -119,6 +128,13 @@ def macros(rows, manifest) -> dict[str, str]:
     }
     for (fmt, rounding), r in ratios.items():
         out[f"e3.quant_over_hash.{fmt}.{rounding}"] = f"{r:.2f}"
+    fused, vs = s["fused_ratios"], s["fused_over_unfused"]
+    out["e3.fused_over_hash_min"] = _f(min(fused.values()) if fused else None, ".2f")
+    out["e3.fused_over_hash_max"] = _f(max(fused.values()) if fused else None, ".2f")
+    out["e3.fused_over_unfused_min"] = _f(min(vs.values()) if vs else None, ".2f")
+    out["e3.fused_over_unfused_max"] = _f(max(vs.values()) if vs else None, ".2f")
+    for (fmt, rounding), r in vs.items():
+        out[f"e3.fused_over_unfused.{fmt}.{rounding}"] = f"{r:.2f}"
     return out
 
 
