@@ -10,6 +10,7 @@ having written, shows up as NaN.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from fieldprint.attention import paged_anchor_attention, reference_attention
+from fieldprint.attention import paged_anchor_attention, paged_inputs, reference_attention
 
 # CPU tests through the interpreter (conftest sets it without CUDA); on a GPU machine the same
 # checks run at realistic shapes in tests/test_attention_gpu.py.
@@ -37,48 +38,17 @@ def poisoned_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", nan_empty)
 
 
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def make_case(seed, q_lens, lens, a_lens, *, Hq=4, Hkv=2, D=64, bs=16, q_dtype=BF16, kv_dtype=None,
               shared_anchors=True, extra_cols=0):
-    """A paged pool with scrambled block ids, NaN in every slot no sequence owns.
-
+    """Keyword arguments of one call: a paged pool with scrambled block ids, NaN in every slot no
+    sequence owns, unused table entries pointing past the pool (``paged_inputs.make_case``).
     Shared anchors: every sequence's anchors are a prefix of one pinned block list (the same
-    physical blocks); otherwise each sequence has its own anchor blocks.
-    """
-    g = torch.Generator().manual_seed(seed)
-    kv_dtype = kv_dtype or q_dtype
-    B = len(lens)
-    need = [cdiv(n, bs) for n in lens]
-    a_need = [cdiv(a, bs) for a in a_lens]
-    n_anchor = max(a_need + [0]) if shared_anchors else sum(a_need)
-    nb = sum(need) + n_anchor + 2  # two blocks nobody owns
-    ids = torch.randperm(nb, generator=g).tolist()
-    bad = nb + 1000  # unused table entries point outside the pool: the kernel must never read them
-    bt = torch.full((B, max(need) + extra_cols), bad, dtype=torch.int32)
-    for b in range(B):
-        bt[b, :need[b]] = torch.tensor([ids.pop() for _ in range(need[b])], dtype=torch.int32)
-    at = torch.full((B, max(max(a_need), 1) + extra_cols), bad, dtype=torch.int32)
-    pinned = [ids.pop() for _ in range(max(a_need + [0]))] if shared_anchors else None
-    for b in range(B):
-        row = pinned[:a_need[b]] if shared_anchors else [ids.pop() for _ in range(a_need[b])]
-        at[b, :a_need[b]] = torch.tensor(row, dtype=torch.int32)
-    owned = torch.zeros(nb, bs, dtype=torch.bool)
-    for table, ls, ns in ((bt, lens, need), (at, a_lens, a_need)):
-        for b in range(B):
-            for i in range(ns[b]):
-                owned[table[b, i], : min(bs, ls[b] - i * bs)] = True
-    k = torch.randn(nb, bs, Hkv, D, generator=g)
-    v = torch.randn(nb, bs, Hkv, D, generator=g)
-    k[~owned] = float("nan")
-    v[~owned] = float("nan")
-    qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
-    q = torch.randn(int(qsl[-1]), Hq, D, generator=g).to(q_dtype)
-    return dict(q=q, k_cache=k.to(kv_dtype), v_cache=v.to(kv_dtype), block_table=bt,
-                seq_lens=torch.tensor(lens, dtype=torch.int32), query_start_loc=qsl,
-                anchor_block_table=at, anchor_lens=torch.tensor(a_lens, dtype=torch.int32))
+    physical blocks); otherwise each sequence has its own anchor blocks."""
+    case = paged_inputs.make_case(
+        lens, q_lens, a_lens, heads_q=Hq, heads_kv=Hkv, head_dim=D, block_size=bs, dtype=q_dtype,
+        kv_dtype=kv_dtype, shared_anchors=shared_anchors, spare_blocks=2, unused_ids="out_of_pool",
+        extra_cols=extra_cols, generator=torch.Generator().manual_seed(seed))
+    return {f.name: getattr(case, f.name) for f in dataclasses.fields(case)}
 
 
 def reference(case, **kw):

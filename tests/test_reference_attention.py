@@ -96,3 +96,19 @@ def test_shared_anchor_blocks_and_fp8_scales():
     vd = v8.double() * vs.double()[None, None, :, None]
     want = reference_attention(case.q.double(), kd, vd, *case.args()[3:])
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+
+
+def test_make_case_unused_table_entries_and_dtypes():
+    g = torch.Generator().manual_seed(5)
+    case = make_case([20, 3], [1, 1], [5, 0], heads_q=4, heads_kv=2, head_dim=8, block_size=4,
+                     dtype=torch.bfloat16, kv_dtype=torch.float8_e4m3fn, unused_ids="out_of_pool",
+                     extra_cols=2, generator=g)
+    pool = case.k_cache.shape[0]
+    assert case.q.dtype == torch.bfloat16 and case.k_cache.dtype == torch.float8_e4m3fn
+    assert case.block_table.shape == (2, 5 + 2) and case.anchor_block_table.shape == (2, 2 + 1 + 2)
+    assert (case.block_table[0, 5:] >= pool).all() and (case.block_table[1, 1:] >= pool).all()
+    assert (case.block_table[0, :5] < pool).all() and (case.anchor_block_table[0, :2] < pool).all()
+    ref = reference_attention(*case.args())  # never reads an unused entry
+    assert ref.isfinite().all()
+    with pytest.raises(ValueError, match="unused_ids"):
+        make_case([4], [1], None, heads_q=2, heads_kv=1, head_dim=8, block_size=4, unused_ids="zero")

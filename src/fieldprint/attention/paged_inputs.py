@@ -28,14 +28,21 @@ class PagedCase:
 
 def make_case(
     seq_lens: list[int], q_lens: list[int], anchor_lens: list[int] | None, *, heads_q: int,
-    heads_kv: int, head_dim: int, block_size: int, dtype=torch.float32, device="cpu",
+    heads_kv: int, head_dim: int, block_size: int, dtype=torch.float32, kv_dtype=None, device="cpu",
     shared_anchors: bool = True, poison: float = float("nan"), spare_blocks: int = 3,
-    generator: torch.Generator | None = None,
+    unused_ids: str = "in_pool", extra_cols: int = 0, generator: torch.Generator | None = None,
 ) -> PagedCase:
     """A random case. Each sequence owns its context blocks (placed at random pool slots); the
     anchor blocks are allocated once and shared by every sequence when ``shared_anchors`` (each
     sequence sees its own ``anchor_lens[b]`` prefix of them), else one set per sequence. Slots past
-    a sequence's length, unused table entries and spare blocks hold ``poison``."""
+    a sequence's length and spare blocks hold ``poison``.
+
+    q is in ``dtype``, the caches in ``kv_dtype`` (default ``dtype``). Table entries past a
+    sequence's blocks (``extra_cols`` more columns than needed) are random pool blocks with
+    ``unused_ids="in_pool"`` (what gather-based baselines can index) or ids past the end of the
+    pool with ``"out_of_pool"`` (a kernel that read one would fault or read garbage)."""
+    if unused_ids not in ("in_pool", "out_of_pool"):
+        raise ValueError(f"unused_ids must be 'in_pool' or 'out_of_pool', got {unused_ids!r}")
     g = generator or torch.Generator().manual_seed(0)
     B = len(seq_lens)
     if len(q_lens) != B or (anchor_lens is not None and len(anchor_lens) != B):
@@ -65,8 +72,12 @@ def make_case(
         return ids
 
     def table(rows: list[list[int]], width: int) -> torch.Tensor:
-        # Unused entries point at random blocks: the kernel must never read them.
-        t = torch.randint(0, num_blocks, (B, max(width, 1)), generator=g, dtype=torch.int32)
+        # Unused entries: the kernel must never read them.
+        shape = (B, max(width, 1) + extra_cols)
+        if unused_ids == "in_pool":
+            t = torch.randint(0, num_blocks, shape, generator=g, dtype=torch.int32)
+        else:
+            t = torch.full(shape, num_blocks + 1000, dtype=torch.int32)
         for b, ids in enumerate(rows):
             t[b, :len(ids)] = torch.tensor(ids, dtype=torch.int32)
         return t
@@ -88,8 +99,9 @@ def make_case(
     def to(x):
         return None if x is None else x.to(device)
 
+    kv_dtype = kv_dtype or dtype
     return PagedCase(
-        q.to(dtype).to(device), k_cache.to(dtype).to(device), v_cache.to(dtype).to(device),
+        q.to(dtype).to(device), k_cache.to(kv_dtype).to(device), v_cache.to(kv_dtype).to(device),
         to(block_table), torch.tensor(seq_lens, dtype=torch.int32, device=device), to(qsl),
         to(abt), to(alens),
     )
