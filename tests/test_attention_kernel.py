@@ -226,3 +226,17 @@ def test_compile_specs_refuse_interpreter():
 
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         sm90_compile_specs(64, 16, BF16, 4, "decode")
+
+
+def test_inline_e4m3_conversion_only_where_the_gpu_has_it(monkeypatch):
+    """fp8 V tiles use inline PTX only in compiled kernels on sm_89+ (the interpreter and older
+    GPUs take the plain cast)."""
+    from fieldprint.attention import kernel
+
+    cuda = torch.device("cuda", 0)
+    assert not kernel._e4m3_asm(FP8, cuda)  # the interpreter is on in this file
+    monkeypatch.delenv("TRITON_INTERPRET")
+    for cap, want in (((9, 0), True), ((8, 9), True), ((8, 0), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, cap=cap: cap)
+        assert kernel._e4m3_asm(FP8, cuda) is want
+    assert not kernel._e4m3_asm(BF16, cuda) and not kernel._e4m3_asm(FP8, torch.device("cpu"))

@@ -120,9 +120,9 @@ def _e4m3_to_fp16(x):
     """An e4m3 tile as fp16 (exact) through an explicit ``cvt.rn.f16x2.e4m3x2`` (compiled kernels
     only: the interpreter has no PTX). A plain cast lets Triton move the conversion after the
     shared-memory read into the mma operand layout; for the V tile (tokens on the reduction axis,
-    bytes contiguous along D) that layout is read one byte per instruction, which made the fp8
-    kernel issue-bound. The inline conversion happens in the load layout, and the fp16 tile then
-    reaches the mma through the 16-bit transposing path."""
+    bytes contiguous along D) that layout is read one byte per instruction, which kept fp8 decode
+    barely faster than bf16 on the H200. The inline conversion happens in the load layout, and
+    the fp16 tile then reaches the mma through the 16-bit transposing path."""
     return tl.inline_asm_elementwise("cvt.rn.f16x2.e4m3x2 $0, $1;", "=r,h", [x.to(tl.uint8, bitcast=True)],
                                      dtype=tl.float16, is_pure=False, pack=2)
 
@@ -418,9 +418,12 @@ def _dot_fp16(q_dtype: torch.dtype, kv_dtype: torch.dtype) -> bool:
     return kv_dtype == torch.float8_e4m3fn
 
 
-def _e4m3_asm(kv_dtype: torch.dtype) -> bool:
-    """Convert fp8 V tiles with inline PTX (see ``_e4m3_to_fp16``): compiled kernels only."""
-    return kv_dtype == torch.float8_e4m3fn and os.environ.get("TRITON_INTERPRET") != "1"
+def _e4m3_asm(kv_dtype: torch.dtype, device: torch.device) -> bool:
+    """Convert fp8 V tiles with inline PTX (see ``_e4m3_to_fp16``): compiled kernels on GPUs
+    with the e4m3 conversion instruction (sm_89 and later) only."""
+    if kv_dtype != torch.float8_e4m3fn or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def _scale_arg(scale):
@@ -481,7 +484,7 @@ def _launch(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_
         HEAD_DIM=D, BS=BS, TILE_N=TN, HAS_ANCHORS=has_anchors,
         HAS_WINDOW=bool(sliding_window), HAS_SOFTCAP=bool(logit_softcap),
         KS_MODE=ks_mode, VS_MODE=vs_mode, DOT_FP16=_dot_fp16(q.dtype, k_cache.dtype),
-        E4M3_ASM=_e4m3_asm(k_cache.dtype),
+        E4M3_ASM=_e4m3_asm(k_cache.dtype, q.device),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if max_splits > 1:
