@@ -31,10 +31,10 @@ Writing new tokens is two steps, so that a decode step allocates once and writes
 (``k, v: [L, n, Hkv, D]``, one indexed write per tensor).
 
 :meth:`kernel_args` ``(seqs, query_lens)`` builds the arguments of
-:func:`fieldprint.attention.paged_anchor_attention` (docs/DESIGN.md, "Kernel arguments"): ``block_table [B, max_blocks]``,
-``seq_lens [B]``, ``query_start_loc [B+1]``, ``anchor_block_table [B, max_anchor_blocks]``,
-``anchor_lens [B]``, all int32 on the cache's device; unused table entries are 0 (a valid page
-that the kernel never reads past the lengths).
+:func:`fieldprint.attention.paged_anchor_attention` (docs/DESIGN.md, "Kernel arguments"):
+``block_table [B, max_blocks]``, ``seq_lens [B]``, ``query_start_loc [B+1]``,
+``anchor_block_table [B, max_anchor_blocks]``, ``anchor_lens [B]``, all int32 on the cache's
+device; unused table entries are 0 (a valid page that the kernel never reads past the lengths).
 
 :meth:`free_sequence` returns a sequence's pages to the pool (its anchor stays pinned);
 :meth:`truncate` cuts a sequence back. :meth:`complete_pages` lists a sequence's full pages.
