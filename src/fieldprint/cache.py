@@ -214,6 +214,7 @@ class PagedKVCache:
         self._next_seq = 0
         self._next_anchor = 0
         self._writable: torch.Tensor | None = None  # the slots of the latest extend()
+        self._scratch: int | None = None  # page of scratch_slot()
 
     # ------------------------------------------------------------------ views
 
@@ -338,13 +339,22 @@ class PagedKVCache:
 
     # ------------------------------------------------------------------ writing
 
-    def extend(self, seqs: list[int], counts: list[int]) -> torch.Tensor:
+    def extend(self, seqs: list[int], counts: list[int], *, out: torch.Tensor | None = None) -> torch.Tensor:
         """Reserve ``counts[i]`` new slots at the end of sequence ``seqs[i]``.
 
         Returns ``slots [sum(counts)] int64`` on the cache device, in packed order (sequence by
         sequence), to pass to :meth:`write`. Pages that become full are recorded as sealed.
-        On :class:`CacheFullError` nothing is changed.
+        With ``out`` (a 1-D int64 tensor on the cache device, at least ``sum(counts)`` long: the
+        static slot buffer of a CUDA graph), the slots are copied into ``out[:n]``, the entries
+        past them point at the cache's scratch page (:meth:`scratch_slot`), and ``out`` is
+        returned. On an error (:class:`CacheFullError` included) nothing is changed.
         """
+        if out is not None:
+            if (not isinstance(out, torch.Tensor) or out.dtype != torch.int64 or out.dim() != 1
+                    or out.device != self.device or out.numel() < sum(counts)):
+                raise ValueError(f"out must be a 1-D int64 tensor on {self.device} with at least "
+                                 f"sum(counts) = {sum(counts)} entries")
+            self.scratch_slot()
         if len(seqs) != len(counts):
             raise ValueError(f"seqs and counts must have the same length, got {len(seqs)} and {len(counts)}")
         if len(set(seqs)) != len(seqs):
@@ -367,8 +377,24 @@ class PagedKVCache:
             parts.append(self._slots(s.blocks, start, c, as_tensor=False))
             for i in range(start // S, s.length // S):  # pages whose last slot is now handed out
                 self._sealed.append(PageRef("context", sid, i, s.blocks[i], S))
-        self._writable = self._to_device(torch.tensor([x for p in parts for x in p], dtype=torch.int64))
+        flat = [x for p in parts for x in p]
+        if out is None:
+            self._writable = self._to_device(torch.tensor(flat, dtype=torch.int64))
+        else:
+            host = torch.full((out.numel(),), self.scratch_slot(), dtype=torch.int64)
+            host[:len(flat)] = torch.tensor(flat, dtype=torch.int64)
+            out.copy_(self._to_device(host), non_blocking=True)
+            self._writable = out
         return self._writable
+
+    def scratch_slot(self) -> int:
+        """First slot of the scratch page: one pinned page that no sequence or anchor owns or
+        reads, written by the padded rows of a fixed-shape (graph-captured) step. Allocated on
+        first use."""
+        if self._scratch is None:
+            self._scratch = self.allocator.allocate(1)[0]
+            self.allocator.pin([self._scratch])
+        return self._scratch * self.block_size
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store ``k, v: [T, Hkv, D]`` of layer ``layer`` at ``slots [T]``.
