@@ -35,6 +35,7 @@ import torch
 
 from fieldprint.cache import PagedKVCache
 from fieldprint.commit import COMMIT_MODES, MODES, Committer
+from fieldprint.decode import GraphDecoder
 from fieldprint.experiments.common import ExperimentConfig, check, hydra_main, resolve_device
 from fieldprint.model import ModelConfig, Transformer, forward_sequences, prefill_anchor
 
@@ -61,6 +62,8 @@ class E6Config(ExperimentConfig):
     reps: int = 1
     dtype: str = "float32"
     attention: str = "reference"
+    graphs: bool = False  # decode steps replayed from CUDA graphs (fieldprint.decode.GraphDecoder)
+    sync: bool = False  # copy each step's tokens to the host (the synchronization of sampling)
     fmt: str = "e4m3"
     rounding: str = "two_grid"
     tamper_trials: int = 16
@@ -86,6 +89,8 @@ class E6Config(ExperimentConfig):
                   "attention=kernel needs head_dim = hidden / heads_q of 64, 128 or 256")
             check(self.block_size in (16, 32, 64, 128), "attention=kernel needs block_size 16, 32, 64 or 128")
             check(self.dtype in ("bfloat16", "float16"), "attention=kernel needs dtype bfloat16 or float16")
+        check(not self.graphs or (self.attention == "kernel" and self.device != "cpu"),
+              "graphs=true needs attention=kernel on a CUDA device")
 
     @property
     def head_dim(self) -> int:
@@ -134,16 +139,23 @@ def run(cfg: E6Config) -> list[dict]:
     cache.take_sealed()
     tokens0 = torch.randint(cfg.vocab, (cfg.batch,), generator=gen).to(device)
     validated = False
+    graph = GraphDecoder(model, cache, max_batch=cfg.batch, max_blocks=-(-max_len // S), buckets=[cfg.batch],
+                         max_anchor_blocks=max(1, -(-cfg.anchors // S)), sync=cfg.sync) if cfg.graphs else None
 
     def decode(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One greedy decode step of every sequence: next tokens [B] (on the device), slots [B]."""
         nonlocal validated
+        if graph is not None:
+            return graph.step(seqs, tokens)
         # The kernel's index checks read the tables on the host (a sync); the cache builds them,
         # so they are checked on the first step only and the loop never waits for the GPU.
         logits, slots = forward_sequences(model, cache, seqs, tokens, [1] * len(seqs),
                                           attention=cfg.attention, validate=not validated)
         validated = True
-        return logits.argmax(-1), slots
+        next_tokens = logits.argmax(-1)
+        if cfg.sync:
+            next_tokens.cpu()
+        return next_tokens, slots
 
     configs = [(m, 1) for m in cfg.modes if m not in COMMIT_MODES]
     configs += [(m, i) for m in cfg.modes if m in COMMIT_MODES for i in cfg.intervals]
@@ -196,7 +208,8 @@ def run(cfg: E6Config) -> list[dict]:
         rows.append({
             "kind": "timing", "mode": mode, "interval": interval, "batch": cfg.batch,
             "context": cfg.context, "anchors": cfg.anchors, "layers": cfg.layers, "steps": cfg.steps,
-            "reps": cfg.reps, "dtype": cfg.dtype, "attention": cfg.attention, "device": device,
+            "reps": cfg.reps, "dtype": cfg.dtype, "attention": cfg.attention, "graphs": cfg.graphs,
+            "sync": cfg.sync, "device": device,
             "ms_per_step": round(ms, 5), "ms_min": round(min(times[(mode, interval)]), 5),
             "tokens_per_s": round(cfg.batch * 1e3 / ms, 2), "overhead": round(ms / base - 1, 5),
             "commits": commits[(mode, interval)],
