@@ -100,16 +100,40 @@ SMOLLM2_135M = ModelConfig(n_layer=30, d_model=576, n_head=9, n_kv_head=3, conte
                            rope_base=100000.0, vocab_size=49152, ffn_hidden=1536, norm_eps=1e-5)
 
 
+def _batch_invariant_ops():
+    # imported when asked for: the module decorates Triton kernels, which must happen after
+    # TRITON_INTERPRET is set (tests and CPU runs set it before they build a model)
+    from fieldprint import batch_invariant
+
+    return batch_invariant
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.batch_invariant = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch_invariant:
+            return _batch_invariant_ops().rms_norm(x, self.weight.to(x.dtype), self.eps)
         # normalized in float32, then scaled in x's dtype (as Llama implementations do)
         rms = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
         return (x.float() * rms).to(x.dtype) * self.weight.to(x.dtype)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` without bias that switches to :func:`fieldprint.batch_invariant.linear`."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__(n_in, n_out, bias=False)
+        self.batch_invariant = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch_invariant:
+            return _batch_invariant_ops().linear(x, self.weight)
+        return super().forward(x)
 
 
 def rotary(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
@@ -161,10 +185,10 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         d, hd = cfg.d_model, cfg.head_dim
-        self.wq = nn.Linear(d, cfg.n_head * hd, bias=False)
-        self.wk = nn.Linear(d, cfg.n_kv_head * hd, bias=False)
-        self.wv = nn.Linear(d, cfg.n_kv_head * hd, bias=False)
-        self.wo = nn.Linear(cfg.n_head * hd, d, bias=False)
+        self.wq = Linear(d, cfg.n_head * hd)
+        self.wk = Linear(d, cfg.n_kv_head * hd)
+        self.wv = Linear(d, cfg.n_kv_head * hd)
+        self.wo = Linear(cfg.n_head * hd, d)
 
     def qkv(self, x: torch.Tensor, positions: torch.Tensor):
         """x: [..., T, d] -> rotated q [..., T, Hq, D], rotated k and v [..., T, Hkv, D]."""
@@ -193,9 +217,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
-        self.up = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
-        self.down = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
+        self.gate = Linear(cfg.d_model, cfg.mlp_hidden)
+        self.up = Linear(cfg.d_model, cfg.mlp_hidden)
+        self.down = Linear(cfg.mlp_hidden, cfg.d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.silu(self.gate(x)) * self.up(x))
@@ -223,6 +247,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
+        self.batch_invariant = False
         self.apply(self._init)
         # GPT-2 style: residual projections scaled down with depth
         for block in self.blocks:
@@ -234,7 +259,19 @@ class Transformer(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
 
+    def set_batch_invariant(self, on: bool = True) -> Transformer:
+        """Batch-invariant mode: every linear layer, RMSNorm and the output layer run the
+        fixed-reduction-order kernels of :mod:`fieldprint.batch_invariant`, so with the (batch
+        invariant) paged attention kernel a token's K/V and logits do not depend on the other
+        tokens of the batch. Returns the model."""
+        for m in self.modules():
+            if isinstance(m, (Linear, RMSNorm, Transformer)):
+                m.batch_invariant = bool(on)
+        return self
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self.batch_invariant:
+            return _batch_invariant_ops().linear(self.norm(h), self.embed.weight)
         return self.norm(h) @ self.embed.weight.t()  # tied output layer
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
