@@ -163,9 +163,10 @@ class PagedStep:
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {backend!r}")
         self.cache, self.args, self.write, self.store = cache, args, write, store
-        self.backend = backend
-        # The kernel's index checks read the tables on the host (a sync); a decode loop whose
-        # tables the cache built may turn them off.
+        self.backend, self.validate = backend, validate
+        # The value checks (token ids, the kernel's index tables) read tensors on the host (a
+        # sync, and an error inside CUDA-graph capture); a decode loop whose inputs the cache and
+        # the model built may turn them off.
         self.kwargs = {"validate": validate} if backend == "kernel" else {}
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -295,8 +296,9 @@ class Transformer(nn.Module):
 
         tokens, positions: [T] int64 (rotary position of each new token), in the packed order of
         the step's ``query_start_loc``; ``step`` writes their K/V and attends (see :class:`PagedStep`).
+        Token ids are range-checked unless ``step.validate`` is off.
         """
-        self.check_tokens(tokens, "tokens", 1)
+        self.check_tokens(tokens, "tokens", 1, values=step.validate)
         if positions.shape != tokens.shape:
             raise ValueError(f"positions {tuple(positions.shape)} must have the shape of tokens "
                              f"{tuple(tokens.shape)}")
@@ -305,13 +307,14 @@ class Transformer(nn.Module):
             h = block(h, positions, step)
         return self.logits(h)
 
-    def check_tokens(self, x: torch.Tensor, name: str, ndim: int) -> None:
+    def check_tokens(self, x: torch.Tensor, name: str, ndim: int, values: bool = True) -> None:
+        """x must be an int64 tensor of ``ndim`` dims; with ``values``, of ids in [0, vocab)."""
         vocab = self.cfg.vocab_size
         if not isinstance(x, torch.Tensor) or x.dtype != torch.int64:
             raise TypeError(f"{name} must be an int64 tensor of token ids, got {getattr(x, 'dtype', type(x))}")
         if x.dim() != ndim:
             raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(x.shape)}")
-        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab):
+        if values and x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab):
             raise ValueError(f"{name} must hold token ids in [0, {vocab})")
 
     def new_cache(self, num_blocks: int, block_size: int, *, dtype: torch.dtype | None = None,
