@@ -62,14 +62,20 @@ import math
 import struct
 from dataclasses import dataclass
 
+import blake3 as _b3
 import torch
 
+from fieldprint import merkle
 from fieldprint.cache import PagedKVCache, PageRef
+from fieldprint.formats import FORMAT_IDS, FORMATS, ROUNDING_IDS
+from fieldprint.hashing import blake3_many
+from fieldprint.merkle import MerkleTree, verify_proof
+from fieldprint.quant import quantize
+from fieldprint.quant_kernels import launch_quantize
 
 MODES = ("none", "per_step_copy_cpu", "per_step_gpu", "commit_sync", "commit_async")
 COMMIT_MODES = ("commit_sync", "commit_async")
-FORMATS = ("e4m3", "e5m2", "int8", "bf16", "fp16")
-ROUNDINGS = ("rne", "trunc", "two_grid")
+ROUNDINGS = tuple(r for r in ROUNDING_IDS if r != "stochastic")  # stochastic would need a seed per page
 HEADER_BYTES = 64  # fieldprint.merkle page-leaf header
 _ROOT_RING = 8  # pinned root buffers in flight
 
@@ -127,7 +133,7 @@ class Committer:
         if not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be a positive int, got {interval!r}")
         if fmt not in FORMATS:
-            raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+            raise ValueError(f"fmt must be one of {list(FORMATS)}, got {fmt!r}")
         if rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS} (stochastic would need a seed per page), "
                              f"got {rounding!r}")
@@ -251,8 +257,6 @@ class Committer:
     def verify(self, root: bytes | None = None) -> VerifyResult:
         """Re-hash every stored page leaf and check it against the committed ``root`` (default:
         the latest); localize mismatches with Merkle proofs over the host's leaf digests."""
-        from fieldprint.merkle import MerkleTree, verify_proof
-
         trusted_root = self.root() if root is None else root
         if not isinstance(trusted_root, bytes | bytearray) or len(trusted_root) != 32:
             raise ValueError(f"root must be 32 bytes, got {trusted_root!r}")
@@ -305,7 +309,7 @@ class Committer:
     def _layout(self) -> list[tuple[str, int]]:
         c = self.cache
         elems = c.block_size * c.num_kv_heads * c.head_dim
-        fields = [("header", HEADER_BYTES), ("codes", elems * _code_width(self.fmt)), ("scale", 4),
+        fields = [("header", HEADER_BYTES), ("codes", elems * FORMATS[self.fmt].width), ("scale", 4),
                   ("helper", elems // 8 if self.rounding == "two_grid" else 0)]
         return fields + [("padding", -sum(n for _, n in fields) % 64)]
 
@@ -326,8 +330,6 @@ class Committer:
         return torch.cat(parts, dim=1)
 
     def _per_step_cpu(self, slots: torch.Tensor) -> None:
-        import blake3 as _b3
-
         c = self.cache
         shape = (c.num_layers, c.num_blocks * c.block_size, c.num_kv_heads, c.head_dim)
         k = c.k.view(shape)[:, slots].cpu()  # blocking device-to-host copy of the new K/V
@@ -426,8 +428,6 @@ def _page_exponents(flat: torch.Tensor, fmt: str) -> torch.Tensor:
     """Per-page power-of-two scale exponents ``[P]`` int32 of ``flat [P, E]``: the smallest k with
     ``amax(|page|) <= fmax * 2**k`` (clamped to [-126, 127], 0 for an all-zero page), the rule
     ``fieldprint.quant`` applies per tensor; 0 for the unscaled formats."""
-    from fieldprint.quant import FORMATS
-
     f = FORMATS[fmt]
     if not f.scaled:
         return torch.zeros(flat.shape[0], dtype=torch.int32, device=flat.device)
@@ -450,8 +450,6 @@ def _quantize_pages(x: torch.Tensor, fmt: str, rounding: str, backend: str = "au
     given scale on the host, and either would stall the decode stream behind an async commit.
     Both paths produce the codes of ``quantize(page, fmt, rounding, scale=2**k)``.
     """
-    from fieldprint.quant import FORMATS, quantize
-
     P = x.shape[0]
     flat = x.reshape(P, -1)
     if flat.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -459,8 +457,6 @@ def _quantize_pages(x: torch.Tensor, fmt: str, rounding: str, backend: str = "au
     k = _page_exponents(flat, fmt)
     flag = None
     if backend == "triton" or (backend == "auto" and x.is_cuda):
-        from fieldprint.quant_kernels import launch_quantize
-
         n = flat.numel()
         codes = torch.empty(n, dtype=FORMATS[fmt].code_dtype, device=x.device)
         helper = torch.empty((n + 7) // 8, dtype=torch.uint8, device=x.device) if rounding == "two_grid" else None
@@ -476,17 +472,10 @@ def _quantize_pages(x: torch.Tensor, fmt: str, rounding: str, backend: str = "au
     return codes, helper, scale.contiguous().view(torch.uint8), flag
 
 
-def _code_width(fmt: str) -> int:
-    return 2 if fmt in ("bf16", "fp16") else 1
-
-
 def _headers(pages: list[PageRef], L: int, cache: PagedKVCache, fmt: str, rounding: str) -> torch.Tensor:
     """[P*L*2, 64] uint8 page-leaf headers (``fieldprint.merkle`` layout v1), leaf order."""
-    from fieldprint import merkle
-    from fieldprint.quant import ROUNDING_IDS
-
     elems = cache.block_size * cache.num_kv_heads * cache.head_dim
-    width = _code_width(fmt)
+    width = FORMATS[fmt].width
     helper = elems // 8 if rounding == "two_grid" else 0
     head = struct.pack("<4sHH", merkle.MAGIC, merkle.LAYOUT_VERSION, HEADER_BYTES)
     out = bytearray()
@@ -495,16 +484,13 @@ def _headers(pages: list[PageRef], L: int, cache: PagedKVCache, fmt: str, roundi
         for layer in range(L):
             for kind in ("k", "v"):
                 out += head + pid + struct.pack(
-                    "<IBBBBIIIIQB15x", layer, merkle.KIND_IDS[kind], merkle.FORMAT_IDS[fmt],
+                    "<IBBBBIIIIQB15x", layer, merkle.KIND_IDS[kind], FORMAT_IDS[fmt],
                     ROUNDING_IDS[rounding], width, elems, elems * width, 1, helper, 0, 0)
     return torch.frombuffer(out, dtype=torch.uint8).reshape(-1, HEADER_BYTES)
 
 
 def _hash(rows: torch.Tensor, kind: str, backend: str) -> torch.Tensor:
     """BLAKE3 of each row, keyed for ``kind`` ("leaf" or "node") as in :mod:`fieldprint.merkle`."""
-    from fieldprint import merkle
-    from fieldprint.hashing import blake3_many
-
     return blake3_many(rows, key=merkle.LEAF_KEY if kind == "leaf" else merkle.NODE_KEY, backend=backend)
 
 

@@ -25,8 +25,8 @@ Page leaf layout (version 1), all integers little-endian:
     8      8     page id (u64)
     16     4     layer (u32)
     20     1     kind: 0 = K, 1 = V
-    21     1     format: 1 e4m3, 2 e5m2, 3 int8, 4 bf16, 5 fp16
-    22     1     rounding: fieldprint.quant.ROUNDING_IDS (rne 0, trunc 1, stochastic 2, two_grid 3)
+    21     1     format: fieldprint.formats.FORMAT_IDS (1 e4m3, 2 e5m2, 3 int8, 4 bf16, 5 fp16)
+    22     1     rounding: fieldprint.formats.ROUNDING_IDS (rne 0, trunc 1, stochastic 2, two_grid 3)
     23     1     code width in bytes (1 or 2)
     24     4     element count E of the page (u32)
     28     4     code bytes = E * width (u32)
@@ -50,9 +50,12 @@ from __future__ import annotations
 import dataclasses
 import struct
 
+import blake3
 import torch
 
+from fieldprint.formats import FORMAT_IDS, ROUNDING_IDS
 from fieldprint.hashing import blake3_many
+from fieldprint.quant import canonical_bytes
 
 __all__ = [
     "LEAF_KEY",
@@ -68,9 +71,7 @@ NODE_CONTEXT = "fieldprint 2026 merkle node v1"
 
 
 def _derive(context: str) -> bytes:
-    import blake3 as _b3
-
-    return _b3.blake3(b"", derive_key_context=context).digest()
+    return blake3.blake3(b"", derive_key_context=context).digest()
 
 
 LEAF_KEY = _derive(LEAF_CONTEXT)
@@ -79,7 +80,6 @@ NODE_KEY = _derive(NODE_CONTEXT)
 MAGIC = b"FPKV"
 LAYOUT_VERSION = 1
 HEADER_BYTES = 64
-FORMAT_IDS = {"e4m3": 1, "e5m2": 2, "int8": 3, "bf16": 4, "fp16": 5}
 KIND_IDS = {"k": 0, "v": 1}
 
 
@@ -98,9 +98,7 @@ def _digest_bytes(x, name: str) -> bytes:
 
 
 def _node(left: bytes, right: bytes) -> bytes:
-    import blake3 as _b3
-
-    return _b3.blake3(left + right, key=NODE_KEY).digest()
+    return blake3.blake3(left + right, key=NODE_KEY).digest()
 
 
 class MerkleTree:
@@ -193,8 +191,6 @@ def _page_parts(qt, n_pages: int):
     codes = qt.codes
     e = codes[0].numel()
     width = codes.element_size()
-    from fieldprint.quant import canonical_bytes
-
     code_bytes = canonical_bytes(dataclasses.replace(qt, helper=None)).reshape(n_pages, e * width)
     scale = qt.scale.to(torch.float32)
     if scale.numel() == 1:
@@ -237,8 +233,6 @@ def page_leaf_bytes(qt, *, page_ids, layer: int, kind: str) -> torch.Tensor:
         raise ValueError(f"page_ids must have {n_pages} entries (one per page), got {len(ids)}")
     if any(not 0 <= p < 2**63 for p in ids):
         raise ValueError("page_ids must be non-negative")
-    from fieldprint.quant import ROUNDING_IDS
-
     code_bytes, scales, helper, e, width = _page_parts(qt, n_pages)
     seed = qt.seed
     fixed = struct.pack("<4sHH", MAGIC, LAYOUT_VERSION, HEADER_BYTES)

@@ -43,9 +43,9 @@ import triton
 import triton.language as tl
 
 from fieldprint.experiments.common import ExperimentConfig, check, hydra_main, resolve_device
+from fieldprint.formats import FORMAT_IDS, ROUNDINGS, get_format
 
-FORMATS = ("e4m3", "e5m2", "int8", "bf16", "fp16")
-ROUNDINGS = ("rne", "trunc", "stochastic", "two_grid")
+FORMATS = tuple(FORMAT_IDS)
 OUT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 VARIANT_RE = re.compile(
     r"^(rehash|split_k(\d+)_(fwd|rev)|batch_rows(\d+)|tf32|bf16_gemm|triton_mm|cpu|attention)$"
@@ -130,9 +130,7 @@ class E4Config(ExperimentConfig):
 def pow2_scale(amax: torch.Tensor, fmt: str) -> torch.Tensor | None:
     """Smallest power of two 2**k with ``amax <= fmax * 2**k`` (float32, amax's shape), k in
     [-126, 127], 1 for an all-zero page; None for the unscaled formats (bf16, fp16)."""
-    from fieldprint.quant import FORMATS as QFORMATS
-
-    f = QFORMATS[fmt]
+    f = get_format(fmt)
     if not f.scaled:
         return None
     amax = amax.float()

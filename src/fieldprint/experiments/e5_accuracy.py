@@ -47,14 +47,13 @@ import torch
 
 from fieldprint.experiments.common import ExperimentConfig, check, hydra_main, resolve_device
 from fieldprint.experiments.e5_train import read_bytes
+from fieldprint.formats import FORMAT_IDS, ROUNDINGS, get_format
 from fieldprint.model import ATTENTION_BACKENDS, load_checkpoint, score_paged
 
-FORMATS = ("bf16", "fp16", "e4m3", "e5m2", "int8")
-ROUNDINGS = ("rne", "trunc", "stochastic", "two_grid")
+FORMATS = tuple(FORMAT_IDS)
 RANDOM_ROUNDINGS = ("stochastic",)
 KV_SCALES = ("page", "row")
 KERNEL_FORMATS = ("bf16", "e4m3", "e5m2", "int8")  # values a bf16 cache holds exactly
-BITS = {"bf16": 16, "fp16": 16, "e4m3": 8, "e5m2": 8, "int8": 8}
 
 
 @dataclass
@@ -200,7 +199,7 @@ def _runs(cfg: E5AccuracyConfig, formats: list[str]):
 
 
 def _bits(fmt: str, rounding: str) -> int:
-    return BITS[fmt] + (rounding == "two_grid")  # the helper bit is stored too
+    return get_format(fmt).bits + (rounding == "two_grid")  # the helper bit is stored too
 
 
 def lm_rows(cfg: E5AccuracyConfig, device: str) -> list[dict]:

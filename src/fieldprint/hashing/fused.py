@@ -41,15 +41,16 @@ import torch
 import triton
 import triton.language as tl
 
+from fieldprint.formats import FORMAT_IDS, FORMATS, ROUNDING_IDS, format_constants
 from fieldprint.hashing import _kernels as K
 from fieldprint.hashing import _key_args, _key_bytes, reduce_parents
-from fieldprint.merkle import FORMAT_IDS, HEADER_BYTES, KIND_IDS, LAYOUT_VERSION, LEAF_KEY, MAGIC
-from fieldprint.quant import FORMATS, ROUNDING_IDS, check_seed, format_constants, seed_keys
+from fieldprint.merkle import HEADER_BYTES, KIND_IDS, LAYOUT_VERSION, LEAF_KEY, MAGIC
+from fieldprint.quant import check_seed, seed_keys
 from fieldprint.quant_kernels import counter_bits, quant_code
 
 __all__ = ["FUSED_FORMATS", "quantize_hash_pages"]
 
-FUSED_FORMATS = ("e4m3", "e5m2", "int8")
+FUSED_FORMATS = tuple(name for name, f in FORMATS.items() if f.width == 1)  # the fp8 and int8 codes
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SCALAR_ARGS = ["layer", "hw5", "seed_lo", "seed_hi", "has_seed", "key0", "key1",
                 "k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7", "key_flags"]
