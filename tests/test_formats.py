@@ -79,7 +79,7 @@ def test_scale_exponent_of_unscaled_formats_is_zero_and_pow2_is_exact():
 
 def test_verification_modules_import_at_the_top():
     """No function-level imports (they hid an import circle quant <-> quant_kernels)."""
-    modules = ["formats.py", "quant.py", "quant_kernels.py", "merkle.py", "hashing/__init__.py",
+    modules = ["formats.py", "leaf.py", "quant.py", "quant_kernels.py", "merkle.py", "hashing/__init__.py",
                "hashing/fused.py"] + [p.name for p in SRC.glob("commit*.py")]
     for name in modules:
         tree = ast.parse((SRC / name).read_text())

@@ -58,8 +58,6 @@ would make the host wait for the side stream.
 from __future__ import annotations
 
 import contextlib
-import math
-import struct
 from dataclasses import dataclass
 
 import blake3 as _b3
@@ -67,16 +65,16 @@ import torch
 
 from fieldprint import merkle
 from fieldprint.cache import PagedKVCache, PageRef
-from fieldprint.formats import FORMAT_IDS, FORMATS, ROUNDING_IDS
+from fieldprint.formats import FORMATS, ROUNDING_IDS, pow2
 from fieldprint.hashing import blake3_many
+from fieldprint.leaf import LeafSpec, header_rows, leaf_bytes, page_scales
 from fieldprint.merkle import MerkleTree, verify_proof
-from fieldprint.quant import quantize
+from fieldprint.quant import code_bytes, quantize
 from fieldprint.quant_kernels import launch_quantize
 
 MODES = ("none", "per_step_copy_cpu", "per_step_gpu", "commit_sync", "commit_async")
 COMMIT_MODES = ("commit_sync", "commit_async")
 ROUNDINGS = tuple(r for r in ROUNDING_IDS if r != "stochastic")  # stochastic would need a seed per page
-HEADER_BYTES = 64  # fieldprint.merkle page-leaf header
 _ROOT_RING = 8  # pinned root buffers in flight
 
 
@@ -143,6 +141,7 @@ class Committer:
             raise ValueError("num_kv_heads * head_dim of the cache must be a multiple of 8 (whole helper bytes "
                              f"per token), got {cache.num_kv_heads} * {cache.head_dim}")
         self.cache, self.mode, self.interval = cache, mode, interval
+        self._spec = LeafSpec(fmt, rounding, elems=cache.block_size * cache.num_kv_heads * cache.head_dim)
         self.fmt, self.rounding = fmt, rounding
         self.fetch_leaves, self.hash_backend, self.quant_backend = fetch_leaves, hash_backend, quant_backend
         self.device = cache.device
@@ -200,7 +199,9 @@ class Committer:
             return
         L = self.cache.num_layers
         self.leaves += [LeafRef(p, layer, kind) for p in pages for layer in range(L) for kind in ("k", "v")]
-        header = _headers(pages, L, self.cache, self.fmt, self.rounding)
+        ids = [page_id(p) for p in pages for _ in range(2 * L)]
+        header = header_rows(self._spec, ids, [layer for _ in pages for layer in range(L) for _ in "kv"],
+                             ["k", "v"] * (len(pages) * L))
         blocks = torch.tensor([p.block for p in pages], dtype=torch.int64)
         tokens = torch.tensor([p.tokens for p in pages], dtype=torch.int64)
         if self.device.type == "cuda":
@@ -299,19 +300,12 @@ class Committer:
                 break
             leaf -= rows.shape[0]
         out, at = {}, 0
-        for name, size in self._layout():
+        for name, size in self._spec.fields():
             out[name] = row[at:at + size]
             at += size
         return out
 
     # ------------------------------------------------------------------ internals
-
-    def _layout(self) -> list[tuple[str, int]]:
-        c = self.cache
-        elems = c.block_size * c.num_kv_heads * c.head_dim
-        fields = [("header", HEADER_BYTES), ("codes", elems * FORMATS[self.fmt].width), ("scale", 4),
-                  ("helper", elems // 8 if self.rounding == "two_grid" else 0)]
-        return fields + [("padding", -sum(n for _, n in fields) % 64)]
 
     def _leaf_rows(self, header: torch.Tensor, blocks: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """[P*L*2, row_bytes] uint8 leaf rows of pages ``blocks [P]`` (``tokens [P]`` valid each),
@@ -324,10 +318,7 @@ class Committer:
         x = x.masked_fill(~valid[:, None, None, :, None, None], 0).reshape(P * L * 2, -1)
         codes, helper, scale, flag = _quantize_pages(x, self.fmt, self.rounding, self.quant_backend)
         self._note_flag(flag)
-        parts = [header, codes, scale, helper]
-        pad = -sum(t.shape[1] for t in parts) % 64
-        parts.append(torch.zeros((x.shape[0], pad), dtype=torch.uint8, device=x.device))
-        return torch.cat(parts, dim=1)
+        return leaf_bytes(self._spec, header, codes, scale, helper)
 
     def _per_step_cpu(self, slots: torch.Tensor) -> None:
         c = self.cache
@@ -347,7 +338,7 @@ class Committer:
             x = pool.view(shape)[:, slots]  # [L, T, Hkv, D]
             codes, helper, scale, flag = _quantize_pages(x, self.fmt, self.rounding, self.quant_backend)
             self._note_flag(flag)
-            rows.append(torch.cat([codes, scale, helper], dim=1))
+            rows.append(torch.cat([codes, scale.view(torch.uint8), helper], dim=1))
         digests = _hash(torch.cat(rows, dim=1).contiguous(), "leaf", self.hash_backend)
         self.step_digests.append(bytes(digests.cpu().flatten().tolist()))  # synchronous fetch
         self._check_flags()
@@ -424,27 +415,13 @@ class _DeviceTree:
         return self.levels[h][0]
 
 
-def _page_exponents(flat: torch.Tensor, fmt: str) -> torch.Tensor:
-    """Per-page power-of-two scale exponents ``[P]`` int32 of ``flat [P, E]``: the smallest k with
-    ``amax(|page|) <= fmax * 2**k`` (clamped to [-126, 127], 0 for an all-zero page), the rule
-    ``fieldprint.quant`` applies per tensor; 0 for the unscaled formats."""
-    f = FORMATS[fmt]
-    if not f.scaled:
-        return torch.zeros(flat.shape[0], dtype=torch.int32, device=flat.device)
-    amax = flat.abs().amax(dim=1).float()
-    mant, e = torch.frexp(amax)
-    fm, fe = math.frexp(f.fmax)
-    k = e - fe + (mant > fm).to(torch.int32)
-    return torch.where(amax == 0, torch.zeros_like(k), k).clamp(-126, 127).to(torch.int32)
-
-
 def _quantize_pages(x: torch.Tensor, fmt: str, rounding: str, backend: str = "auto"):
     """Quantize pages ``x [P, ...]`` independently, each with its own power-of-two scale.
 
     Returns uint8 rows ``codes [P, C]``, ``helper [P, H]`` (H = 0 unless two_grid),
-    ``scale [P, 4]`` (the float32 ``2**k``, little-endian) and, on the Triton path, the device int32 [1]
-    non-finite flag (None on the torch path, where NaN/Inf raise at once). backend: ``"auto"``
-    (CUDA -> Triton, CPU -> torch), ``"torch"``, ``"triton"`` (a CPU tensor only under
+    ``scale [P, 1]`` (the float32 ``2**k`` of `fieldprint.leaf.page_scales`) and, on the Triton
+    path, the device int32 [1] non-finite flag (None on the torch path, where NaN/Inf raise at
+    once). backend: ``"auto"`` (CUDA -> Triton, CPU -> torch), ``"torch"``, ``"triton"`` (a CPU tensor only under
     TRITON_INTERPRET=1). The Triton path launches the quantization kernel of
     ``fieldprint.quant_kernels`` directly: ``quantize`` reads its finite flag and validates a
     given scale on the host, and either would stall the decode stream behind an async commit.
@@ -454,7 +431,7 @@ def _quantize_pages(x: torch.Tensor, fmt: str, rounding: str, backend: str = "au
     flat = x.reshape(P, -1)
     if flat.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         flat = flat.float()
-    k = _page_exponents(flat, fmt)
+    k, _ = page_scales(flat, fmt)
     flag = None
     if backend == "triton" or (backend == "auto" and x.is_cuda):
         n = flat.numel()
@@ -462,31 +439,13 @@ def _quantize_pages(x: torch.Tensor, fmt: str, rounding: str, backend: str = "au
         helper = torch.empty((n + 7) // 8, dtype=torch.uint8, device=x.device) if rounding == "two_grid" else None
         flag = launch_quantize(flat.contiguous().reshape(-1), k, fmt, rounding, 0, 0, None, codes, helper)
     else:
-        scale = torch.ldexp(torch.ones(P, 1), k.reshape(P, 1).float()) if FORMATS[fmt].scaled else None
+        scale = pow2(k).reshape(P, 1) if FORMATS[fmt].scaled else None
         qt = quantize(flat, fmt, rounding, scale=scale, backend="torch")
         codes, helper = qt.codes, qt.helper
-    codes = codes.reshape(P, -1).contiguous().view(torch.uint8)  # int16 codes: little-endian byte pairs
+    codes = code_bytes(codes.reshape(P, -1))
     helper = (helper.reshape(P, -1) if helper is not None
               else torch.zeros((P, 0), dtype=torch.uint8, device=x.device))
-    scale = torch.ldexp(torch.ones(P, 1, device=x.device), k.reshape(P, 1).float())
-    return codes, helper, scale.contiguous().view(torch.uint8), flag
-
-
-def _headers(pages: list[PageRef], L: int, cache: PagedKVCache, fmt: str, rounding: str) -> torch.Tensor:
-    """[P*L*2, 64] uint8 page-leaf headers (``fieldprint.merkle`` layout v1), leaf order."""
-    elems = cache.block_size * cache.num_kv_heads * cache.head_dim
-    width = FORMATS[fmt].width
-    helper = elems // 8 if rounding == "two_grid" else 0
-    head = struct.pack("<4sHH", merkle.MAGIC, merkle.LAYOUT_VERSION, HEADER_BYTES)
-    out = bytearray()
-    for p in pages:
-        pid = struct.pack("<Q", page_id(p))
-        for layer in range(L):
-            for kind in ("k", "v"):
-                out += head + pid + struct.pack(
-                    "<IBBBBIIIIQB15x", layer, merkle.KIND_IDS[kind], FORMAT_IDS[fmt],
-                    ROUNDING_IDS[rounding], width, elems, elems * width, 1, helper, 0, 0)
-    return torch.frombuffer(out, dtype=torch.uint8).reshape(-1, HEADER_BYTES)
+    return codes, helper, pow2(k).reshape(P, 1), flag
 
 
 def _hash(rows: torch.Tensor, kind: str, backend: str) -> torch.Tensor:
