@@ -4,6 +4,7 @@
     digests = hash_pages(qt, page_ids=ids, layer=3, kind="k")        # [P, 32] uint8
     tree = MerkleTree(digests); tree.root; tree.proof(i)
     verify_proof(tree.root, digests[i], i, P, tree.proof(i)) -> bool
+    grown = DeviceMerkleTree(device).append(digests[:3]).append(digests[3:])  # grown.root == tree.root
 
 Tree shape: RFC 6962, MTH(D[0:n]) = NODE(MTH(D[0:k]) || MTH(D[k:n])) with k the largest power
 of two < n, and MTH of one leaf digest = the digest itself. Built bottom-up by pairing
@@ -32,6 +33,7 @@ from fieldprint.quant import QTensor, code_bytes
 __all__ = [
     "LEAF_KEY",
     "NODE_KEY",
+    "DeviceMerkleTree",
     "MerkleTree",
     "hash_pages",
     "page_leaf_bytes",
@@ -115,6 +117,61 @@ class MerkleTree:
                 path.append(bytes(lvl[sib].tolist()))
             i //= 2
         return path
+
+
+class DeviceMerkleTree:
+    """The same RFC 6962 tree kept level by level on the device and grown by appending leaves:
+    the commit path's tree (`fieldprint.commit`), whose roots never leave the device until fetched.
+
+    Level 0 holds the leaf digests; node ``i`` of level ``h+1`` hashes nodes ``2i, 2i+1`` of
+    level ``h`` (keyed with NODE_KEY), or is node ``2i`` itself when that has no right sibling:
+    bottom-up promotion of a lone last node, as in `MerkleTree`. Appending recomputes only the
+    nodes to the right of the first new leaf. A tree is never changed in place: `append` returns
+    a new tree (sharing the untouched levels' tensors), so a caller can keep or drop either.
+    backend: as for `blake3_many`.
+    """
+
+    def __init__(self, device: torch.device | str, backend: str = "auto",
+                 levels: tuple[torch.Tensor, ...] = ()) -> None:
+        self.device, self.backend = torch.device(device), backend
+        self.levels = levels  # levels[0]: [n, 32] leaf digests, levels[-1]: [1, 32] the root
+
+    @property
+    def n(self) -> int:
+        """Number of leaves."""
+        return self.levels[0].shape[0] if self.levels else 0
+
+    @property
+    def root(self) -> torch.Tensor:
+        """[32] uint8 on the device (the tree must hold a leaf)."""
+        if not self.levels:
+            raise ValueError("an empty tree has no root: append leaves first")
+        return self.levels[-1][0]
+
+    def append(self, digests: torch.Tensor) -> DeviceMerkleTree:
+        """The tree with ``digests [m >= 1, 32]`` uint8 (on the tree's device) appended as leaves."""
+        if not isinstance(digests, torch.Tensor) or digests.dtype != torch.uint8:
+            raise TypeError("digests must be a uint8 tensor of shape [m, 32]")
+        if digests.dim() != 2 or digests.shape[1] != 32 or digests.shape[0] < 1:
+            raise ValueError(f"digests must have shape [m >= 1, 32], got {tuple(digests.shape)}")
+        if digests.device != self.device:
+            raise ValueError(f"digests is on {digests.device} but the tree is on {self.device}")
+        first = self.n
+        levels = [torch.cat([self.levels[0], digests]) if self.levels else digests.contiguous()]
+        h = 0
+        while levels[h].shape[0] > 1:
+            cur = levels[h]
+            n = cur.shape[0]
+            start = first // 2  # parents left of it are unchanged
+            pairs = (n - 2 * start) // 2
+            new = blake3_many(cur[2 * start: 2 * start + 2 * pairs].reshape(pairs, 64), key=NODE_KEY,
+                              backend=self.backend)
+            if n % 2:
+                new = torch.cat([new, cur[-1:]])
+            old = self.levels[h + 1][:start] if h + 1 < len(self.levels) else new[:0]
+            levels.append(torch.cat([old, new]))
+            first, h = start, h + 1
+        return DeviceMerkleTree(self.device, self.backend, tuple(levels))
 
 
 def verify_proof(root, leaf_digest, i: int, n: int, proof) -> bool:
