@@ -5,16 +5,12 @@ strides, head dim, page size, split length, config)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from fieldprint.attention import paged_anchor_attention, reference_attention
 
 BOTH = [paged_anchor_attention, reference_attention]
-interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                 reason="runs the kernel on CPU tensors: needs TRITON_INTERPRET=1")
 
 
 def good(dtype=torch.bfloat16):
@@ -88,7 +84,7 @@ def test_bad_input(fn, name, change, exc, text):
     assert text in str(err.value)
 
 
-@interpreted
+@pytest.mark.interpreted
 def test_unused_table_entries_are_not_checked():
     """Entries past a sequence's blocks may hold anything (they are never read)."""
     args = good()
@@ -138,7 +134,7 @@ def test_cpu_without_interpreter_points_at_reference(monkeypatch):
         paged_anchor_attention(**good())
 
 
-@interpreted
+@pytest.mark.interpreted
 def test_fp8_kv_takes_16_bit_queries():
     for q_dtype in (torch.float16, torch.bfloat16):
         args = good(q_dtype)
