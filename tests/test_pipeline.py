@@ -1,7 +1,6 @@
 """The whole CPU pipeline, run from a copy of the repository into a temporary folder: every
 figure is drawn, every generated number equals what its results file gives, the PDF builds."""
 
-import json
 import os
 import re
 import shutil
@@ -11,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from fieldprint.experiments.common import REPO_ROOT, read_csv
+from fieldprint.experiments.common import REPO_ROOT
 from fieldprint.report import render_macros
+from fieldprint.results import load_results
 
 pytestmark = pytest.mark.slow
 
@@ -63,9 +63,8 @@ def test_generated_numbers_come_from_results(pipeline):
     found = sources(pipeline)
     assert {"e0_unfused", "e1_throughput", "e2_sram", "e5_accuracy"} <= set(found)
     for exp, csv_path in found.items():
-        rows = read_csv(csv_path)
-        manifest = json.loads(csv_path.with_name(f"{exp}.manifest.json").read_text())
-        expected = importlib.import_module(f"fieldprint.report.{exp}").macros(rows, manifest)
+        res = load_results(exp, csv_path)
+        expected = importlib.import_module(f"fieldprint.report.{exp}").macros(res.rows, res.manifest)
         generated = (pipeline / "paper" / "generated" / f"{exp}.tex").read_text()
         assert expected and generated == render_macros(expected), exp
 
