@@ -71,7 +71,7 @@ def test_allocator_refcounts_and_bad_frees():
         BlockAllocator(0)
 
 
-@pytest.mark.parametrize("block_size", [1, 3, 4])
+@pytest.mark.parametrize("block_size", [1, 2, 4])
 def test_appends_across_pages_match_dense_reference(block_size):
     gen = torch.Generator().manual_seed(block_size)
     cache = PagedKVCache(L, 64, block_size, HKV, D, dtype=torch.float64)
@@ -202,3 +202,56 @@ def test_full_pool_and_bad_inputs():
         PagedKVCache(1, 4, 4, HKV, D, dtype=torch.int8)
     with pytest.raises(ValueError, match="block_size"):
         PagedKVCache(1, 4, 0, HKV, D)
+
+
+def test_write_refuses_slots_the_sequence_does_not_own():
+    """Only the slots of the latest extend() are writable: stale slots of a freed or truncated
+    sequence, hand-made slots (even equal ones) and anchor pages are refused, nothing written."""
+    gen = torch.Generator().manual_seed(3)
+    cache = PagedKVCache(L, 16, 4, HKV, D, dtype=torch.float64)
+    anchor = cache.add_anchor(*_kv(gen, L, 5, HKV, D))
+    a, b = cache.add_sequence(anchor=anchor), cache.add_sequence()
+    stale = cache.extend([a], [6])
+    cache.write(0, stale, *_kv(gen, 6, HKV, D))
+    cache.free_sequence(a)
+    before = cache.k.clone()
+    k, v = _kv(gen, 6, HKV, D)
+    with pytest.raises(ValueError, match="latest extend"):
+        cache.write(0, stale, k, v)  # the freed sequence's slots
+    slots = cache.extend([b], [2])
+    with pytest.raises(ValueError, match="latest extend"):
+        cache.write(0, slots.clone(), *_kv(gen, 2, HKV, D))
+    anchor_slots = torch.tensor(cache.anchors[anchor].blocks[:1], dtype=torch.int64) * 4
+    with pytest.raises(ValueError, match="write_anchor"):
+        cache.write(1, anchor_slots, *_kv(gen, 1, HKV, D))
+    cache.truncate(b, 1)
+    with pytest.raises(ValueError, match="latest extend"):
+        cache.write(0, slots, *_kv(gen, 2, HKV, D))
+    assert torch.equal(cache.k, before)
+
+
+def test_anchor_written_layer_by_layer_then_read_only():
+    gen = torch.Generator().manual_seed(4)
+    cache = PagedKVCache(L, 8, 4, HKV, D, dtype=torch.float64)
+    anchor = cache.reserve_anchor(6)
+    assert all(cache.allocator.is_pinned(blk) for blk in cache.anchors[anchor].blocks)
+    k0, v0 = _kv(gen, 6, HKV, D)
+    cache.write_anchor(0, anchor, k0, v0)
+    with pytest.raises(ValueError, match=r"layers \[1\]"):
+        cache.add_sequence(anchor=anchor)  # layer 1 not written yet
+    with pytest.raises(ValueError, match="6"):
+        cache.write_anchor(1, anchor, *_kv(gen, 5, HKV, D))
+    cache.write_anchor(1, anchor, *_kv(gen, 6, HKV, D))
+    seq = cache.add_sequence(anchor=anchor)
+    with pytest.raises(ValueError, match="read-only"):
+        cache.write_anchor(0, anchor, k0, v0)
+    args = cache.anchor_prefill_args(anchor)
+    assert args.seq_lens.tolist() == [6] and args.query_start_loc.tolist() == [0, 6]
+    torch.testing.assert_close(_gather(cache.k_cache(0), args.block_table[0], 6), k0)
+    assert cache.position(seq) == 6
+
+
+@pytest.mark.parametrize("block_size", [3, 0, True, 2.0])
+def test_block_size_must_be_a_power_of_two(block_size):
+    with pytest.raises(ValueError, match="block_size"):
+        PagedKVCache(L, 8, block_size, HKV, D)

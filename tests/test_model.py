@@ -1,13 +1,17 @@
 """The byte-level model: plain and paged-cache paths agree, training learns, bad input is an error."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from fieldprint.model import (
+    SMOLLM2_135M,
     ModelConfig,
-    PagedKV,
     Transformer,
+    forward_sequences,
     load_checkpoint,
+    prefill_anchor,
     rotary,
     score_paged,
     score_plain,
@@ -105,17 +109,52 @@ def test_rotary_is_a_rotation_and_relative():
     torch.testing.assert_close(s1, s2)
 
 
-def test_paged_kv_scrambles_and_pins(tmp_path):
-    cache = PagedKV(TINY, num_blocks=32, block_size=4, seed=1)
-    pinned = cache.allocate(3, pin=True)
-    first = cache.allocate(10)
-    assert first != sorted(first)  # scrambled block ids
-    cache.release(first + pinned)  # pinned blocks never go back
-    again = cache.allocate(29)
-    assert not set(again) & set(pinned)
-    with pytest.raises(ValueError, match="free blocks"):
-        cache.allocate(1)
-    assert torch.isnan(cache.k[0][again]).all()  # released blocks are poisoned
+def test_decode_steps_equal_plain_path():
+    """Ragged prompts sharing an anchor, prefilled in one chunked call, then greedy-free decode
+    steps of one token per sequence: every logit equals the plain path on the full text."""
+    model = tiny_model(11)
+    g = torch.Generator().manual_seed(11)
+    cache = model.new_cache(num_blocks=40, block_size=4, dtype=torch.float64, seed=11, poison=True)
+    anchor = torch.randint(0, 256, (6,), generator=g)
+    anchor_id = prefill_anchor(model, cache, anchor)
+    prompts = [torch.randint(0, 256, (n,), generator=g) for n in (5, 1, 9)]
+    seqs = [cache.add_sequence(anchor=anchor_id) for _ in prompts]
+    logits, _ = forward_sequences(model, cache, seqs, torch.cat(prompts), [p.numel() for p in prompts])
+    texts = list(prompts)
+    got = [[row] for row in logits.split([p.numel() for p in prompts])]
+    for _ in range(3):
+        new = torch.randint(0, 256, (len(seqs),), generator=g)
+        step, slots = forward_sequences(model, cache, seqs, new, [1] * len(seqs))
+        assert slots.shape == (len(seqs),)
+        for i in range(len(seqs)):
+            texts[i] = torch.cat([texts[i], new[i:i + 1]])
+            got[i].append(step[i:i + 1])
+    for text, parts in zip(texts, got, strict=True):
+        plain = model(torch.cat([anchor, text])[None])[0, anchor.numel():]
+        torch.testing.assert_close(torch.cat(parts), plain, rtol=1e-10, atol=1e-9)
+
+
+def test_scrambled_poisoned_cache_is_released():
+    """score_paged's cache: scrambled page order, NaN in every page not written, pages of
+    finished windows freed and poisoned again (a stale read would turn the loss NaN)."""
+    model = tiny_model(12)
+    cache = model.new_cache(num_blocks=16, block_size=4, dtype=torch.float64, seed=1, poison=True)
+    seq = cache.add_sequence()
+    forward_sequences(model, cache, [seq], torch.arange(10), [10])
+    blocks = cache.sequences[seq].blocks
+    assert blocks != sorted(blocks)  # scrambled block ids
+    assert torch.isnan(cache.k[:, blocks[-1], 2:]).all()  # unwritten tail of the last page
+    cache.free_sequence(seq)
+    assert torch.isnan(cache.k[:, blocks]).all() and torch.isnan(cache.v[:, blocks]).all()
+
+
+def test_smollm2_config_is_the_published_architecture():
+    assert (SMOLLM2_135M.n_layer, SMOLLM2_135M.n_head, SMOLLM2_135M.n_kv_head, SMOLLM2_135M.head_dim) == (30, 9, 3, 64)
+    model = Transformer(dataclasses.replace(SMOLLM2_135M, n_layer=1))
+    # 134.5M parameters with 30 layers: embeddings 49152*576 + 30 blocks
+    per_block = sum(p.numel() for p in model.blocks[0].parameters())
+    total = model.embed.weight.numel() + 30 * per_block + model.norm.weight.numel()
+    assert total == 134_515_008
 
 
 def test_checkpoint_round_trip(tmp_path):

@@ -13,23 +13,28 @@ sequence owns a *block table* (its pages, in token order); its token ``t`` lives
 *Anchors* (for example the KV of a system prompt) are written once by :meth:`add_anchor` into
 pages that are **pinned**: never returned to the free list, never in a sequence's own block table,
 so no append can overwrite them. Any number of sequences share one anchor
-(``add_sequence(anchor=a)``); the anchor's reference count says how many do.
+(``add_sequence(anchor=a)``); the anchor's reference count says how many do. A model's prefill
+writes an anchor layer by layer instead: :meth:`reserve_anchor` pins its pages,
+:meth:`write_anchor` stores one layer, :meth:`anchor_prefill_args` gives the kernel arguments of
+the anchor attending to itself; sequences may share it once every layer is written, after which
+its pages are read-only.
 
 Writing new tokens is two steps, so that a decode step allocates once and writes per layer:
 
 * :meth:`extend` ``(seqs, counts) -> slots [T] int64`` grows the sequences, allocating pages as
   needed, and returns the flat slot (``page * S + offset``) of each new token in packed order;
 * :meth:`write` ``(layer, slots, k, v)`` stores ``k, v: [T, Hkv, D]`` with one ``index_copy_``
-  per tensor (no Python loop over tokens).
+  per tensor (no Python loop over tokens). It accepts only the slots of the latest ``extend``,
+  the one narrow way into the pool for sequences.
 
 :meth:`append` ``(seq, k, v)`` does both for one sequence and all layers
 (``k, v: [L, n, Hkv, D]``, one indexed write per tensor).
 
 :meth:`kernel_args` ``(seqs, query_lens)`` builds the arguments of
-:func:`fieldprint.attention.paged_anchor_attention` (DESIGN.md §3): ``block_table [B, max_blocks]``,
-``seq_lens [B]``, ``query_start_loc [B+1]``, ``anchor_block_table [B, max_anchor_blocks]``,
-``anchor_lens [B]``, all int32 on the cache's device; unused table entries are 0 (a valid page
-that the kernel never reads past the lengths).
+:func:`fieldprint.attention.paged_anchor_attention` (docs/DESIGN.md, "Kernel arguments"):
+``block_table [B, max_blocks]``, ``seq_lens [B]``, ``query_start_loc [B+1]``,
+``anchor_block_table [B, max_anchor_blocks]``, ``anchor_lens [B]``, all int32 on the cache's
+device; unused table entries are 0 (a valid page that the kernel never reads past the lengths).
 
 :meth:`free_sequence` returns a sequence's pages to the pool (its anchor stays pinned);
 :meth:`truncate` cuts a sequence back. :meth:`complete_pages` lists a sequence's full pages.
@@ -61,11 +66,14 @@ class BlockAllocator:
     freed: ``free`` of a pinned page is an error, and so is a double free.
     """
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, seed: int | None = None) -> None:
         if not isinstance(num_blocks, int) or num_blocks <= 0:
             raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}")
         self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        if seed is None:
+            self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        else:  # a seeded random order: block tables scrambled as in a long-running server
+            self._free = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
         self._refs = [0] * num_blocks
         self._pinned: set[int] = set()
 
@@ -127,6 +135,8 @@ class Anchor:
     blocks: list[int]
     length: int
     refcount: int = 0
+    # layers whose K/V have been written; sequences may share the anchor once all are
+    written: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -162,7 +172,7 @@ class PageRef:
 
 @dataclass(frozen=True)
 class KernelArgs:
-    """Index arguments of ``paged_anchor_attention`` (DESIGN.md §3), int32 on the cache device."""
+    """Index arguments of ``paged_anchor_attention`` (docs/DESIGN.md, "Kernel arguments"), int32 on the cache device."""
 
     block_table: torch.Tensor  # [B, max_blocks]
     seq_lens: torch.Tensor  # [B]
@@ -176,26 +186,35 @@ class PagedKVCache:
 
     def __init__(
         self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-        dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", *,
+        seed: int | None = None, poison: bool = False,
     ) -> None:
         for name, val in (("num_layers", num_layers), ("block_size", block_size),
                           ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
-            if not isinstance(val, int) or val <= 0:
+            if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {block_size}")
         if dtype not in CACHE_DTYPES:
             raise TypeError(f"dtype must be one of {CACHE_DTYPES}, got {dtype}")
-        self.allocator = BlockAllocator(num_blocks)
+        self.allocator = BlockAllocator(num_blocks, seed)
+        # poison: pages hold NaN until written, and again once freed, so that a read of a slot
+        # never written (or of a freed page) shows up in any result instead of passing silently
+        self.poison = poison
         self.num_layers, self.block_size = num_layers, block_size
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0", comparable with tensors
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.v = torch.zeros(shape, dtype=dtype, device=self.device)
+        fill = float("nan") if poison else 0.0
+        self.k = torch.full(shape, fill, dtype=dtype, device=self.device)
+        self.v = torch.full(shape, fill, dtype=dtype, device=self.device)
         self.sequences: dict[int, Sequence] = {}
         self.anchors: dict[int, Anchor] = {}
         self._sealed: list[PageRef] = []
         self._next_seq = 0
         self._next_anchor = 0
+        self._writable: torch.Tensor | None = None  # the slots of the latest extend()
+        self._scratch: int | None = None  # page of scratch_slot()
 
     # ------------------------------------------------------------------ views
 
@@ -218,6 +237,11 @@ class PagedKVCache:
     def seq_len(self, seq: int) -> int:
         return self._seq(seq).length
 
+    def position(self, seq: int) -> int:
+        """Rotary position of the next token of ``seq``: its anchor's length + its own length."""
+        s = self._seq(seq)
+        return s.length + (self.anchors[s.anchor].length if s.anchor is not None else 0)
+
     # ------------------------------------------------------------------ anchors and sequences
 
     def add_anchor(self, k: torch.Tensor, v: torch.Tensor) -> int:
@@ -225,14 +249,51 @@ class PagedKVCache:
         n = self._check_kv(k, v, leading=self.num_layers)
         if n == 0:
             raise ValueError("k must hold at least one anchor token (shape [L, n, Hkv, D] with n > 0)")
+        anchor = self.reserve_anchor(n)
+        a = self.anchors[anchor]
+        self._write_all_layers(self._slots(a.blocks, 0, n), k, v)
+        a.written.update(range(self.num_layers))
+        return anchor
+
+    def reserve_anchor(self, n: int) -> int:
+        """Fresh pinned pages for ``n`` anchor tokens whose K/V a prefill writes layer by layer
+        with :meth:`write_anchor`; sequences may share it once every layer is written."""
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise ValueError(f"n must be a positive int (anchor tokens), got {n!r}")
         blocks = self.allocator.allocate(-(-n // self.block_size))
-        slots = self._slots(blocks, 0, n)
-        self._write_all_layers(slots, k, v)
         self.allocator.pin(blocks)
         anchor = Anchor(self._next_anchor, blocks, n)
         self.anchors[anchor.id] = anchor
         self._next_anchor += 1
         return anchor.id
+
+    def write_anchor(self, layer: int, anchor: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The anchor-write path of a prefill: ``k, v: [n, Hkv, D]`` of layer ``layer`` for all
+        ``n`` tokens of a reserved anchor. Refused once a sequence shares the anchor (its pages
+        are then read-only)."""
+        layer, a = self._layer(layer), self._anchor(anchor)
+        if a.refcount:
+            raise ValueError(f"anchor {anchor} is shared by {a.refcount} sequence(s); its pages are read-only")
+        n = self._check_kv(k, v, leading=None)
+        if n != a.length:
+            raise ValueError(f"k/v hold {n} tokens but anchor {anchor} has {a.length}")
+        shape = (self.num_blocks * self.block_size, self.num_kv_heads, self.head_dim)
+        slots = self._slots(a.blocks, 0, n)
+        self.k[layer].view(shape).index_copy_(0, slots, k.to(self.dtype))
+        self.v[layer].view(shape).index_copy_(0, slots, v.to(self.dtype))
+        a.written.add(layer)
+
+    def anchor_prefill_args(self, anchor: int) -> KernelArgs:
+        """Kernel arguments of the anchor's own prefill: its tokens as one sequence without
+        anchors, every token a query (causal over the anchor)."""
+        a = self._anchor(anchor)
+
+        def dev(x) -> torch.Tensor:
+            return self._to_device(torch.as_tensor(x, dtype=torch.int32))
+
+        return KernelArgs(block_table=dev([a.blocks]), seq_lens=dev([a.length]),
+                          query_start_loc=dev([0, a.length]), anchor_block_table=dev([[0]]),
+                          anchor_lens=dev([0]))
 
     def anchor_pages(self, anchor: int) -> list[PageRef]:
         a = self._anchor(anchor)
@@ -242,7 +303,11 @@ class PagedKVCache:
     def add_sequence(self, anchor: int | None = None) -> int:
         """A new empty sequence, optionally attending to shared anchor ``anchor``; returns its id."""
         if anchor is not None:
-            self._anchor(anchor).refcount += 1
+            a = self._anchor(anchor)
+            if len(a.written) != self.num_layers:
+                missing = sorted(set(range(self.num_layers)) - a.written)
+                raise ValueError(f"anchor {anchor} has no K/V yet for layers {missing} (write_anchor)")
+            a.refcount += 1
         seq = Sequence(self._next_seq, anchor=anchor)
         self.sequences[seq.id] = seq
         self._next_seq += 1
@@ -252,9 +317,11 @@ class PagedKVCache:
         """Return the sequence's own pages to the pool (its anchor's pages stay pinned)."""
         s = self._seq(seq)
         self.allocator.free(s.blocks)
+        self._repoison(s.blocks)
         if s.anchor is not None:
             self.anchors[s.anchor].refcount -= 1
         del self.sequences[seq]
+        self._writable = None
 
     def truncate(self, seq: int, length: int) -> None:
         """Drop tokens ``length..`` of ``seq`` (frees pages past the new end)."""
@@ -263,6 +330,8 @@ class PagedKVCache:
             raise ValueError(f"length must be an int in [0, {s.length}], got {length!r}")
         keep = -(-length // self.block_size)
         self.allocator.free(s.blocks[keep:])
+        self._repoison(s.blocks[keep:])
+        self._writable = None
         s.set_blocks(s.blocks[:keep])
         s.length = length
         self._sealed = [p for p in self._sealed if not (p.kind == "context" and p.owner == seq
@@ -270,13 +339,22 @@ class PagedKVCache:
 
     # ------------------------------------------------------------------ writing
 
-    def extend(self, seqs: list[int], counts: list[int]) -> torch.Tensor:
+    def extend(self, seqs: list[int], counts: list[int], *, out: torch.Tensor | None = None) -> torch.Tensor:
         """Reserve ``counts[i]`` new slots at the end of sequence ``seqs[i]``.
 
         Returns ``slots [sum(counts)] int64`` on the cache device, in packed order (sequence by
         sequence), to pass to :meth:`write`. Pages that become full are recorded as sealed.
-        On :class:`CacheFullError` nothing is changed.
+        With ``out`` (a 1-D int64 tensor on the cache device, at least ``sum(counts)`` long: the
+        static slot buffer of a CUDA graph), the slots are copied into ``out[:n]``, the entries
+        past them point at the cache's scratch page (:meth:`scratch_slot`), and ``out`` is
+        returned. On an error (:class:`CacheFullError` included) nothing is changed.
         """
+        if out is not None:
+            if (not isinstance(out, torch.Tensor) or out.dtype != torch.int64 or out.dim() != 1
+                    or out.device != self.device or out.numel() < sum(counts)):
+                raise ValueError(f"out must be a 1-D int64 tensor on {self.device} with at least "
+                                 f"sum(counts) = {sum(counts)} entries")
+            self.scratch_slot()
         if len(seqs) != len(counts):
             raise ValueError(f"seqs and counts must have the same length, got {len(seqs)} and {len(counts)}")
         if len(set(seqs)) != len(seqs):
@@ -299,13 +377,39 @@ class PagedKVCache:
             parts.append(self._slots(s.blocks, start, c, as_tensor=False))
             for i in range(start // S, s.length // S):  # pages whose last slot is now handed out
                 self._sealed.append(PageRef("context", sid, i, s.blocks[i], S))
-        return self._to_device(torch.tensor([x for p in parts for x in p], dtype=torch.int64))
+        flat = [x for p in parts for x in p]
+        if out is None:
+            self._writable = self._to_device(torch.tensor(flat, dtype=torch.int64))
+        else:
+            host = torch.full((out.numel(),), self.scratch_slot(), dtype=torch.int64)
+            host[:len(flat)] = torch.tensor(flat, dtype=torch.int64)
+            out.copy_(self._to_device(host), non_blocking=True)
+            self._writable = out
+        return self._writable
+
+    def scratch_slot(self) -> int:
+        """First slot of the scratch page: one pinned page that no sequence or anchor owns or
+        reads, written by the padded rows of a fixed-shape (graph-captured) step. Allocated on
+        first use."""
+        if self._scratch is None:
+            self._scratch = self.allocator.allocate(1)[0]
+            self.allocator.pin([self._scratch])
+        return self._scratch * self.block_size
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store ``k, v: [T, Hkv, D]`` of layer ``layer`` at ``slots [T]`` (from :meth:`extend`)."""
+        """Store ``k, v: [T, Hkv, D]`` of layer ``layer`` at ``slots [T]``.
+
+        ``slots`` must be the tensor returned by the latest :meth:`extend` (the slots the writing
+        sequences own now): any other tensor is refused, so stale slots of a freed or truncated
+        sequence and pinned anchor pages can never be overwritten (anchors are written through
+        :meth:`write_anchor`). The check is an identity test: no host synchronization.
+        """
         layer = self._layer(layer)
         n = self._check_kv(k, v, leading=None)
         self._check_slots(slots, n)
+        if slots is not self._writable:
+            raise ValueError("slots must be the tensor returned by the latest extend() of this cache "
+                             "(slots the writing sequences own); anchors are written with write_anchor()")
         shape = (self.num_blocks * self.block_size, self.num_kv_heads, self.head_dim)
         self.k[layer].view(shape).index_copy_(0, slots, k.to(self.dtype))
         self.v[layer].view(shape).index_copy_(0, slots, v.to(self.dtype))
@@ -369,6 +473,12 @@ class PagedKVCache:
         if self.device.type == "cuda":
             return x.pin_memory().to(self.device, non_blocking=True)
         return x
+
+    def _repoison(self, blocks: list[int]) -> None:
+        if self.poison and blocks:
+            idx = torch.tensor(blocks, device=self.device)
+            self.k.index_fill_(1, idx, float("nan"))
+            self.v.index_fill_(1, idx, float("nan"))
 
     def _slots(self, blocks: list[int], start: int, n: int, as_tensor: bool = True):
         S = self.block_size

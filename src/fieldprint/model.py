@@ -1,27 +1,33 @@
-"""A small byte-level decoder-only transformer, with a plain path and a paged-cache path.
+"""A decoder-only transformer of the Llama architecture, with a plain path and a paged-cache path.
 
-The model: 256-symbol byte vocabulary, pre-norm blocks (RMSNorm), rotary positions, grouped-query
-attention (``n_head`` query heads share ``n_kv_head`` K/V heads), a SwiGLU MLP, and an output layer
-tied to the embedding. Two ways to run the same weights:
+One code path runs every model of the project, each described by a :class:`ModelConfig`: the
+byte-level model trained by E5 (256-symbol vocabulary) and SmolLM2-135M-Instruct
+(:data:`SMOLLM2_135M`; weights loaded by :mod:`fieldprint.smollm2`). The architecture:
+pre-norm blocks (RMSNorm), rotary positions (rotate-half pairs ``(i, i + D/2)``), grouped-query
+attention (``n_head`` query heads share ``n_kv_head`` K/V heads), a SwiGLU MLP, and an output
+layer tied to the embedding. Each :class:`Block` owns its forward and its residual wiring.
 
-* ``Transformer.forward(idx)``: the plain training path, ``[B, T]`` bytes -> ``[B, T, 256]``
+Two ways to run the same weights:
+
+* ``Transformer.forward(idx)``: the plain training path, ``[B, T]`` tokens -> ``[B, T, V]``
   logits, causal attention through ``scaled_dot_product_attention``.
-* ``Transformer.forward_paged(...)``: the serving path. Each layer writes the new tokens' K/V
-  (rotated) into a :class:`PagedKV` pool and attends over the pinned anchor blocks and the
-  sequence's own blocks through one of three backends with the same paged arguments:
-  ``kernel`` (:func:`fieldprint.attention.paged_anchor_attention`, the fused Triton kernel; bf16
-  or fp16 q and cache), ``reference`` (``reference_attention``: plain PyTorch, one sequence at a
-  time, float32/float64) or ``naive`` (``naive_attention``: the same function batched and padded,
-  float32, fast on a GPU).
+* ``Transformer.forward_paged(tokens, positions, step)``: the serving path over packed new tokens
+  of several sequences. A :class:`PagedStep` is attached to every attention layer for one call:
+  it writes the new tokens' K/V (rotated) into a :class:`fieldprint.cache.PagedKVCache` and
+  attends over the pinned anchor pages and the sequences' own pages through one of three backends
+  with the same paged arguments: ``kernel`` (:func:`fieldprint.attention.paged_anchor_attention`,
+  the fused Triton kernel; bf16 or fp16 q and cache), ``reference`` (``reference_attention``: plain
+  PyTorch, one sequence at a time, float32/float64) or ``naive`` (``naive_attention``: the same
+  function batched and padded, float32, fast on a GPU).
 
-:func:`score_paged` drives the serving path the way the accuracy study uses it: the anchor
-prologue is prefilled once into pinned blocks shared by every sequence, then batches of windows
-are scored by chunked prefill (several query tokens per sequence per call) through scrambled block
-tables. A ``store`` function decides what the cache holds: the identity keeps float32 K/V, a
-quantize-then-dequantize keeps exactly the values a cache in that format would hold (simulated
-storage: the pool stays float32, its values are the format's).
+Serving helpers built on it: :func:`prefill_anchor` writes an anchor prologue (a system prompt)
+into pinned pages shared by every sequence; :func:`forward_sequences` feeds new tokens of several
+sequences (chunked prefill or a decode step); :func:`score_paged` scores text windows the way the
+accuracy study does. A ``store`` function decides what the cache holds: the identity keeps the
+K/V as computed, a quantize-then-dequantize keeps exactly the values a cache in that format would
+hold (simulated storage: the pool keeps its dtype, its values are the format's).
 
-Positions: anchor token ``i`` sits at rotary position ``i``, context token ``j`` at
+Positions: anchor token ``i`` sits at rotary position ``i``, context token ``j`` of a sequence at
 ``anchor_len + j``, so the plain path on ``concat(anchor, window)`` is the same computation.
 """
 
@@ -35,7 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-VOCAB = 256  # bytes
+from fieldprint.attention import reference_attention
+from fieldprint.attention.reference import naive_attention
+from fieldprint.cache import KernelArgs, PagedKVCache
+
 ATTENTION_BACKENDS = ("kernel", "reference", "naive")
 
 # store(x, layer, which) -> the values the cache keeps for x: [T, Hkv, D]; which is "k" or "v"
@@ -48,14 +57,19 @@ class ModelConfig:
     d_model: int = 128
     n_head: int = 4
     n_kv_head: int = 2
-    context: int = 128  # longest sequence trained on (anchors included at evaluation)
+    context: int = 128  # longest sequence the model is run on (anchors included)
     dropout: float = 0.0
     rope_base: float = 10000.0
+    vocab_size: int = 256  # the byte model's vocabulary
+    ffn_hidden: int | None = None  # SwiGLU hidden width; None: about 8/3 d_model, rounded up to 64
+    norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        for name in ("n_layer", "d_model", "n_head", "n_kv_head", "context"):
+        for name in ("n_layer", "d_model", "n_head", "n_kv_head", "context", "vocab_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.ffn_hidden is not None and (not isinstance(self.ffn_hidden, int) or self.ffn_hidden < 1):
+            raise ValueError(f"ffn_hidden must be a positive int or None, got {self.ffn_hidden!r}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_head ({self.n_head})")
         if self.n_head % self.n_kv_head:
@@ -66,6 +80,8 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.rope_base <= 1.0:
             raise ValueError(f"rope_base must be > 1, got {self.rope_base}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
 
     @property
     def head_dim(self) -> int:
@@ -73,17 +89,25 @@ class ModelConfig:
 
     @property
     def mlp_hidden(self) -> int:
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
         # SwiGLU at about 8/3 d (parameter count of a 4d GELU MLP), rounded up to 64
         return 64 * math.ceil(8 * self.d_model / 3 / 64)
 
 
+# SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0): Llama architecture, tied embeddings.
+SMOLLM2_135M = ModelConfig(n_layer=30, d_model=576, n_head=9, n_kv_head=3, context=8192,
+                           rope_base=100000.0, vocab_size=49152, ffn_hidden=1536, norm_eps=1e-5)
+
+
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+    def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalized in float32, then scaled in x's dtype (as Llama implementations do)
         rms = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
         return (x.float() * rms).to(x.dtype) * self.weight.to(x.dtype)
 
@@ -101,10 +125,41 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tenso
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
+class PagedStep:
+    """What every attention layer of one serving call shares: the cache, the kernel arguments of
+    the sequences in the call, where the new tokens' K/V go, and the attention backend.
+
+    ``write(layer, k, v)`` stores the new tokens' ``k, v: [T, Hkv, D]`` of one layer (a bound
+    :meth:`PagedKVCache.write` with the step's slots, or :meth:`PagedKVCache.write_anchor`).
+    """
+
+    def __init__(self, cache: PagedKVCache, args: KernelArgs,
+                 write: Callable[[int, torch.Tensor, torch.Tensor], None], *,
+                 backend: str = "reference", store: Store | None = None, validate: bool = True) -> None:
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+        self.cache, self.args, self.write, self.store = cache, args, write, store
+        self.backend = backend
+        # The kernel's index checks read the tables on the host (a sync); a decode loop whose
+        # tables the cache built may turn them off.
+        self.kwargs = {"validate": validate} if backend == "kernel" else {}
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [T, Hq, D], k, v: [T, Hkv, D] of the new tokens -> attention output [T, Hq, D]."""
+        if self.store is not None:
+            k, v = self.store(k, layer, "k"), self.store(v, layer, "v")
+        self.write(layer, k, v)
+        a, c = self.args, self.cache
+        out = _attention_fn(self.backend)(
+            q.to(c.dtype), c.k_cache(layer), c.v_cache(layer), a.block_table, a.seq_lens,
+            a.query_start_loc, a.anchor_block_table, a.anchor_lens, **self.kwargs)
+        return out.to(q.dtype)
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.layer = cfg, layer
         d, hd = cfg.d_model, cfg.head_dim
         self.wq = nn.Linear(d, cfg.n_head * hd, bias=False)
         self.wk = nn.Linear(d, cfg.n_kv_head * hd, bias=False)
@@ -119,10 +174,12 @@ class Attention(nn.Module):
         v = self.wv(x).unflatten(-1, (c.n_kv_head, c.head_dim))
         return rotary(q, positions, c.rope_base), rotary(k, positions, c.rope_base), v
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, T, d] -> [B, T, d], causal."""
-        t = x.shape[1]
-        q, k, v = self.qkv(x, torch.arange(t, device=x.device))
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, step: PagedStep | None = None) -> torch.Tensor:
+        """Plain path: x [B, T, d] causal over itself. Paged path (``step``): x [T, d] packed new
+        tokens, attending through the step's cache. Returns x's shape."""
+        q, k, v = self.qkv(x, positions)
+        if step is not None:
+            return self.wo(step(self.layer, q, k, v).flatten(-2))
         group = self.cfg.n_head // self.cfg.n_kv_head
         # K/V heads repeated for the query heads of their group (keeps SDPA on its fused backends)
         k, v = k.repeat_interleave(group, dim=-2), v.repeat_interleave(group, dim=-2)
@@ -145,22 +202,26 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.d_model)
-        self.attn = Attention(cfg)
-        self.mlp_norm = RMSNorm(cfg.d_model)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, step: PagedStep | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), positions, step))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(VOCAB, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm = RMSNorm(cfg.d_model)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
         self.apply(self._init)
         # GPT-2 style: residual projections scaled down with depth
@@ -177,137 +238,97 @@ class Transformer(nn.Module):
         return self.norm(h) @ self.embed.weight.t()  # tied output layer
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx: [B, T] int64 bytes, T <= context -> logits [B, T, 256]."""
-        _check_tokens(idx, "idx", 2)
+        """idx: [B, T] int64 tokens, T <= context -> logits [B, T, vocab_size]."""
+        self.check_tokens(idx, "idx", 2)
         if idx.shape[1] > self.cfg.context:
             raise ValueError(f"idx has {idx.shape[1]} tokens, more than context={self.cfg.context}")
         h = self.drop(self.embed(idx))
-        for b in self.blocks:
-            h = h + b.drop(b.attn(b.attn_norm(h)))
-            h = h + b.drop(b.mlp(b.mlp_norm(h)))
+        positions = torch.arange(idx.shape[1], device=idx.device)
+        for block in self.blocks:
+            h = block(h, positions)
         return self.logits(h)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy in nats per byte; idx, targets: [B, T]."""
+        """Mean cross-entropy in nats per token; idx, targets: [B, T]."""
         return F.cross_entropy(self.forward(idx).flatten(0, 1).float(), targets.flatten())
 
     @torch.no_grad()
-    def forward_paged(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        cache: PagedKV,
-        slots: torch.Tensor,
-        block_table: torch.Tensor,
-        seq_lens: torch.Tensor,
-        query_start_loc: torch.Tensor,
-        anchor_block_table: torch.Tensor | None = None,
-        anchor_lens: torch.Tensor | None = None,
-        *,
-        store: Store | None = None,
-        attention: str = "reference",
-    ) -> torch.Tensor:
-        """One serving step over packed new tokens of B sequences -> logits [T, 256].
+    def forward_paged(self, tokens: torch.Tensor, positions: torch.Tensor, step: PagedStep) -> torch.Tensor:
+        """One serving call over packed new tokens -> logits [T, vocab_size].
 
-        tokens, positions: [T] int64 (rotary position of each new token); slots: [T] int64 flat
-        cache slot (block_id * block_size + offset) where each token's K/V is written; the paged
-        arguments are those of ``paged_anchor_attention`` (seq_lens counts the new tokens).
-        store(x, layer, "k"|"v") gives what the cache keeps (default: x itself).
+        tokens, positions: [T] int64 (rotary position of each new token), in the packed order of
+        the step's ``query_start_loc``; ``step`` writes their K/V and attends (see :class:`PagedStep`).
         """
-        _check_tokens(tokens, "tokens", 1)
-        if positions.shape != tokens.shape or slots.shape != tokens.shape:
-            raise ValueError(f"positions {tuple(positions.shape)} and slots {tuple(slots.shape)} "
-                             f"must have the shape of tokens {tuple(tokens.shape)}")
-        if attention not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
-        attend = _attention_fn(attention)
+        self.check_tokens(tokens, "tokens", 1)
+        if positions.shape != tokens.shape:
+            raise ValueError(f"positions {tuple(positions.shape)} must have the shape of tokens "
+                             f"{tuple(tokens.shape)}")
         h = self.embed(tokens)
-        for layer, b in enumerate(self.blocks):
-            q, k, v = b.attn.qkv(b.attn_norm(h), positions)
-            if store is not None:
-                k, v = store(k, layer, "k"), store(v, layer, "v")
-            cache.write(layer, slots, k, v)
-            out = attend(
-                q.to(cache.dtype), cache.k[layer], cache.v[layer], block_table, seq_lens,
-                query_start_loc, anchor_block_table, anchor_lens,
-            )
-            h = h + b.attn.wo(out.to(h.dtype).flatten(-2))
-            h = h + b.mlp(b.mlp_norm(h))
+        for block in self.blocks:
+            h = block(h, positions, step)
         return self.logits(h)
 
+    def check_tokens(self, x: torch.Tensor, name: str, ndim: int) -> None:
+        vocab = self.cfg.vocab_size
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.int64:
+            raise TypeError(f"{name} must be an int64 tensor of token ids, got {getattr(x, 'dtype', type(x))}")
+        if x.dim() != ndim:
+            raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(x.shape)}")
+        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab):
+            raise ValueError(f"{name} must hold token ids in [0, {vocab})")
 
-def _check_tokens(x: torch.Tensor, name: str, ndim: int) -> None:
-    if not isinstance(x, torch.Tensor) or x.dtype != torch.int64:
-        raise TypeError(f"{name} must be an int64 tensor of bytes, got {getattr(x, 'dtype', type(x))}")
-    if x.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(x.shape)}")
-    if x.numel() and (int(x.min()) < 0 or int(x.max()) >= VOCAB):
-        raise ValueError(f"{name} must hold bytes in [0, {VOCAB})")
+    def new_cache(self, num_blocks: int, block_size: int, *, dtype: torch.dtype | None = None,
+                  seed: int | None = None, poison: bool = False) -> PagedKVCache:
+        """A :class:`PagedKVCache` shaped for this model (one pool per layer), on its device."""
+        w = self.embed.weight
+        return PagedKVCache(self.cfg.n_layer, num_blocks, block_size, self.cfg.n_kv_head, self.cfg.head_dim,
+                            dtype=w.dtype if dtype is None else dtype, device=w.device, seed=seed,
+                            poison=poison)
 
 
 def _attention_fn(backend: str):
-    # import the kernel (and triton) only when it is asked for
     if backend == "kernel":
+        # imported when asked for: the kernel module imports triton
         from fieldprint.attention import paged_anchor_attention
 
         return paged_anchor_attention
-    if backend == "naive":
-        from fieldprint.attention.reference import naive_attention
-
-        return naive_attention
-    from fieldprint.attention import reference_attention
-
-    return reference_attention
+    return naive_attention if backend == "naive" else reference_attention
 
 
-class PagedKV:
-    """K/V pools of every layer, [num_blocks, block_size, Hkv, D] each, and a block allocator.
+@torch.no_grad()
+def prefill_anchor(model: Transformer, cache: PagedKVCache, tokens: torch.Tensor, *,
+                   attention: str = "reference", store: Store | None = None) -> int:
+    """Run the anchor prologue ``tokens [A] int64`` (causal over itself, positions ``0..A-1``) and
+    write its K/V into fresh pinned pages of ``cache``; returns the anchor id for
+    :meth:`PagedKVCache.add_sequence`."""
+    model.check_tokens(tokens, "tokens", 1)
+    anchor = cache.reserve_anchor(tokens.numel())
+    step = PagedStep(cache, cache.anchor_prefill_args(anchor),
+                     lambda layer, k, v: cache.write_anchor(layer, anchor, k, v),
+                     backend=attention, store=store)
+    model.forward_paged(tokens, torch.arange(tokens.numel(), device=tokens.device), step)
+    return anchor
 
-    Blocks are handed out in a seeded random order, so block tables are scrambled as in a real
-    serving system. Pinned blocks (the anchors) are never returned by :meth:`release`.
+
+@torch.no_grad()
+def forward_sequences(model: Transformer, cache: PagedKVCache, seqs: list[int], tokens: torch.Tensor,
+                      counts: list[int], *, attention: str = "reference", store: Store | None = None,
+                      validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append ``counts[i]`` new tokens to sequence ``seqs[i]`` and run them through the model.
+
+    tokens: [sum(counts)] int64, packed sequence by sequence (a decode step: one per sequence).
+    Returns (logits [sum(counts), vocab_size], slots [sum(counts)] int64 where their K/V went).
     """
-
-    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, *,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 seed: int = 0) -> None:
-        if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be >= 1")
-        shape = (num_blocks, block_size, cfg.n_kv_head, cfg.head_dim)
-        # NaN-poisoned: a read of a slot never written shows up in the loss
-        self.k = [torch.full(shape, float("nan"), dtype=dtype, device=device) for _ in range(cfg.n_layer)]
-        self.v = [torch.full(shape, float("nan"), dtype=dtype, device=device) for _ in range(cfg.n_layer)]
-        self.block_size = block_size
-        self.dtype = dtype
-        self.device = torch.device(device)
-        self._gen = torch.Generator().manual_seed(seed)
-        self._free = torch.randperm(num_blocks, generator=self._gen).tolist()
-        self._pinned: set[int] = set()
-
-    def allocate(self, n: int, *, pin: bool = False) -> list[int]:
-        if n > len(self._free):
-            raise ValueError(f"cache has {len(self._free)} free blocks, {n} requested")
-        got, self._free = self._free[:n], self._free[n:]
-        if pin:
-            self._pinned.update(got)
-        return got
-
-    def release(self, blocks: list[int]) -> None:
-        """Return unpinned blocks to the free list, in a fresh random order."""
-        back = [b for b in blocks if b not in self._pinned]
-        for layer in range(len(self.k)):  # re-poison so stale K/V can never be read silently
-            self.k[layer][back] = float("nan")
-            self.v[layer][back] = float("nan")
-        pool = self._free + back
-        self._free = [pool[i] for i in torch.randperm(len(pool), generator=self._gen).tolist()]
-
-    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: [T, Hkv, D] written at flat slots [T] of layer's pools."""
-        self.k[layer].view(-1, *self.k[layer].shape[2:])[slots] = k.to(self.dtype)
-        self.v[layer].view(-1, *self.v[layer].shape[2:])[slots] = v.to(self.dtype)
-
-
-def _slots(blocks: list[int], start: int, stop: int, block_size: int) -> list[int]:
-    return [blocks[p // block_size] * block_size + p % block_size for p in range(start, stop)]
+    if tokens.shape != (sum(counts),):
+        raise ValueError(f"tokens must have shape [{sum(counts)}] (sum of counts), got {tuple(tokens.shape)}")
+    starts = [cache.position(s) for s in seqs]
+    slots = cache.extend(seqs, counts)
+    positions = torch.tensor([p for s, c in zip(starts, counts, strict=True) for p in range(s, s + c)],
+                             dtype=torch.int64).to(tokens.device)
+    step = PagedStep(cache, cache.kernel_args(seqs, counts),
+                     lambda layer, k, v: cache.write(layer, slots, k, v),
+                     backend=attention, store=store, validate=validate)
+    return model.forward_paged(tokens, positions, step), slots
 
 
 @torch.no_grad()
@@ -325,71 +346,45 @@ def score_paged(
     cache_dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ) -> torch.Tensor:
-    """Summed next-byte loss (nats) of each window through the paged-cache path.
+    """Summed next-token loss (nats) of each window through the paged-cache path.
 
-    anchor: [A] int64 bytes, prefilled once into pinned blocks shared by every window.
-    windows: [N, L + 1] int64: window n's bytes 0..L-1 are the input, 1..L the targets.
-    Windows go ``batch`` at a time; each call feeds ``chunk`` new tokens of every window.
-    store / anchor_store: what the cache keeps for context / anchor K/V (None: float32 as is).
+    anchor: [A] int64 tokens, prefilled once into pinned pages shared by every window.
+    windows: [N, L + 1] int64: window n's tokens 0..L-1 are the input, 1..L the targets.
+    Windows go ``batch`` at a time; each call feeds ``chunk`` new tokens of every window. Pages
+    are handed out in a ``seed``-scrambled order and NaN-poisoned until written.
+    store / anchor_store: what the cache keeps for context / anchor K/V (None: as computed).
     Returns [N] float64.
     """
-    _check_tokens(anchor, "anchor", 1)
-    _check_tokens(windows, "windows", 2)
+    model.check_tokens(anchor, "anchor", 1)
+    model.check_tokens(windows, "windows", 2)
     n, length = windows.shape[0], windows.shape[1] - 1
     a = anchor.numel()
     if length < 1:
-        raise ValueError(f"windows must hold at least 2 bytes each, got shape {tuple(windows.shape)}")
+        raise ValueError(f"windows must hold at least 2 tokens each, got shape {tuple(windows.shape)}")
     if a + length > model.cfg.context:
-        raise ValueError(f"anchor ({a}) + window ({length}) bytes exceed the model context "
+        raise ValueError(f"anchor ({a}) + window ({length}) tokens exceed the model context "
                          f"({model.cfg.context})")
     if min(batch, chunk, block_size) < 1:
         raise ValueError(f"batch ({batch}), chunk ({chunk}), block_size ({block_size}) must be >= 1")
     device = model.embed.weight.device
-    anchor_blocks_n = -(-a // block_size)
-    ctx_blocks_n = -(-length // block_size)
-    cache = PagedKV(model.cfg, anchor_blocks_n + batch * ctx_blocks_n, block_size,
-                    dtype=cache_dtype, device=device, seed=seed)
-    i32 = dict(dtype=torch.int32, device=device)
-    i64 = dict(dtype=torch.int64, device=device)
-
-    # the anchor prologue: one sequence without anchors of its own, written into pinned blocks
-    anchor_blocks = cache.allocate(anchor_blocks_n, pin=True)
-    if a:
-        model.forward_paged(
-            anchor.to(device), torch.arange(a, **i64), cache,
-            torch.tensor(_slots(anchor_blocks, 0, a, block_size), **i64),
-            torch.tensor([anchor_blocks], **i32), torch.tensor([a], **i32),
-            torch.tensor([0, a], **i32), store=anchor_store, attention=attention,
-        )
+    blocks = -(-a // block_size) + min(batch, n) * -(-length // block_size)
+    cache = model.new_cache(blocks, block_size, dtype=cache_dtype, seed=seed, poison=True)
+    anchor_id = prefill_anchor(model, cache, anchor.to(device), attention=attention,
+                               store=anchor_store) if a else None
 
     nats = torch.zeros(n, dtype=torch.float64)
     for first in range(0, n, batch):
         rows = windows[first:first + batch].to(device)
         nb = rows.shape[0]
-        tables = [cache.allocate(ctx_blocks_n) for _ in range(nb)]
-        block_table = torch.tensor(tables, **i32)
-        anchor_table = torch.tensor([anchor_blocks] * nb, **i32) if a else None
-        anchor_lens = torch.full((nb,), a, **i32) if a else None
+        seqs = [cache.add_sequence(anchor=anchor_id) for _ in range(nb)]
         for start in range(0, length, chunk):
             stop = min(start + chunk, length)
-            q = stop - start
-            logits = model.forward_paged(
-                rows[:, start:stop].reshape(-1),
-                (a + torch.arange(start, stop, **i64)).repeat(nb),
-                cache,
-                torch.tensor([s for t in tables for s in _slots(t, start, stop, block_size)], **i64),
-                block_table,
-                torch.full((nb,), stop, **i32),
-                torch.arange(0, nb * q + 1, q, **i32),
-                anchor_table,
-                anchor_lens,
-                store=store,
-                attention=attention,
-            )
-            ce = F.cross_entropy(logits.double(), rows[:, start + 1:stop + 1].reshape(-1),
-                                 reduction="none")
-            nats[first:first + nb] += ce.view(nb, q).sum(1).cpu()
-        cache.release([b for t in tables for b in t])
+            logits, _ = forward_sequences(model, cache, seqs, rows[:, start:stop].reshape(-1),
+                                          [stop - start] * nb, attention=attention, store=store)
+            ce = F.cross_entropy(logits.double(), rows[:, start + 1:stop + 1].reshape(-1), reduction="none")
+            nats[first:first + nb] += ce.view(nb, stop - start).sum(1).cpu()
+        for s in seqs:
+            cache.free_sequence(s)
     return nats
 
 

@@ -1,11 +1,12 @@
 """E6: commit-boundary verification in a decode loop: its cost, and tamper detection.
 
-A synthetic Llama-like decoder runs batched decode steps over a :class:`PagedKVCache` with
-shared pinned anchors. Per layer: RMS norm, one QKV projection matmul, the new K/V appended to the
-paged cache, paged anchor attention (the fused kernel, or ``reference_attention`` with
-``attention=reference``), the output projection, and a gated MLP (two matmuls). The weights are
-random: the work and the bytes moved are those of the real model at this width, the outputs are
-meaningless.
+The project's model (:class:`fieldprint.model.Transformer`, Llama architecture) with random
+weights at the configured width runs batched greedy decode steps over a :class:`PagedKVCache`
+with a shared pinned anchor, through :func:`fieldprint.model.forward_sequences`: the same serving
+path as every other experiment (attention through the fused kernel, or ``reference_attention``
+with ``attention=reference``). The weights are random: the work and the bytes moved are those of
+a real model of this shape, the tokens are meaningless. The anchor and every sequence's context
+are prefilled through the model (random tokens) before the timed loops.
 
 For every verification mode (``fieldprint.commit.MODES``) and commit interval the loop is timed
 from a synchronized start to a synchronized end (the last asynchronous commit included), repeated
@@ -31,11 +32,12 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from fieldprint.cache import PagedKVCache
 from fieldprint.commit import COMMIT_MODES, MODES, Committer
+from fieldprint.decode import GraphDecoder
 from fieldprint.experiments.common import ExperimentConfig, check, hydra_main, resolve_device
+from fieldprint.model import ModelConfig, Transformer, forward_sequences, prefill_anchor
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TAMPER_FIELDS = ("header", "codes", "scale", "helper", "padding")
@@ -52,14 +54,16 @@ class E6Config(ExperimentConfig):
     hidden: int = 64
     heads_q: int = 4
     heads_kv: int = 2
-    head_dim: int = 16
     mlp: int = 128
+    vocab: int = 256
     block_size: int = 4
     steps: int = 16
     warmup: int = 4
     reps: int = 1
     dtype: str = "float32"
     attention: str = "reference"
+    graphs: bool = False  # decode steps replayed from CUDA graphs (fieldprint.decode.GraphDecoder)
+    sync: bool = False  # copy each step's tokens to the host (the synchronization of sampling)
     fmt: str = "e4m3"
     rounding: str = "two_grid"
     tamper_trials: int = 16
@@ -70,65 +74,32 @@ class E6Config(ExperimentConfig):
         check("none" in self.modes, "modes must include 'none' (the baseline of the overhead)")
         check(len(self.intervals) > 0 and all(i > 0 for i in self.intervals), "intervals must be positive")
         check(all(self.steps % i == 0 for i in self.intervals), "steps must be a multiple of every interval")
-        for name in ("batch", "context", "layers", "hidden", "heads_q", "heads_kv", "head_dim", "mlp",
+        for name in ("batch", "context", "layers", "hidden", "heads_q", "heads_kv", "mlp", "vocab",
                      "block_size", "steps", "reps"):
             check(getattr(self, name) > 0, f"{name} must be positive")
         check(self.anchors >= 0 and self.warmup >= 0 and self.tamper_trials >= 0,
               "anchors, warmup and tamper_trials must be >= 0")
         check(self.heads_q % self.heads_kv == 0, "heads_q must be a multiple of heads_kv")
+        check(self.hidden % self.heads_q == 0, "hidden must be a multiple of heads_q (head_dim = hidden / heads_q)")
         check(self.context >= self.block_size, "context must be at least one page (block_size)")
         check(self.dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}")
         check(self.attention in ("kernel", "reference"), "attention must be 'kernel' or 'reference'")
         if self.attention == "kernel":  # what the fused kernel supports
-            check(self.head_dim in (64, 128, 256), "attention=kernel needs head_dim 64, 128 or 256")
+            check(self.head_dim in (64, 128, 256),
+                  "attention=kernel needs head_dim = hidden / heads_q of 64, 128 or 256")
             check(self.block_size in (16, 32, 64, 128), "attention=kernel needs block_size 16, 32, 64 or 128")
             check(self.dtype in ("bfloat16", "float16"), "attention=kernel needs dtype bfloat16 or float16")
+        check(not self.graphs or (self.attention == "kernel" and self.device != "cpu"),
+              "graphs=true needs attention=kernel on a CUDA device")
 
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads_q
 
-class Decoder:
-    """Random-weight decoder of ``cfg.layers`` layers over ``cache`` (see the module doc)."""
-
-    def __init__(self, cfg: E6Config, cache: PagedKVCache, device: str, gen: torch.Generator) -> None:
-        self.cfg, self.cache = cfg, cache
-        dt = DTYPES[cfg.dtype]
-        H, D = cfg.hidden, cfg.head_dim
-        qkv = (cfg.heads_q + 2 * cfg.heads_kv) * D
-
-        def w(n_in: int, n_out: int) -> torch.Tensor:
-            return (torch.randn(n_in, n_out, generator=gen) / n_in**0.5).to(device=device, dtype=dt)
-
-        self.w_qkv = [w(H, qkv) for _ in range(cfg.layers)]
-        self.w_o = [w(cfg.heads_q * D, H) for _ in range(cfg.layers)]
-        self.w_up = [w(H, 2 * cfg.mlp) for _ in range(cfg.layers)]
-        self.w_down = [w(cfg.mlp, H) for _ in range(cfg.layers)]
-        if cfg.attention == "kernel":
-            from fieldprint.attention import paged_anchor_attention as attend
-        else:
-            from fieldprint.attention import reference_attention as attend
-        self.attend = attend
-        self._validated = False
-
-    def step(self, x: torch.Tensor, seqs: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode token per sequence: ``x [B, hidden]`` -> next ``x``, and the new slots."""
-        cfg, cache = self.cfg, self.cache
-        B, D, Hq, Hkv = x.shape[0], cfg.head_dim, cfg.heads_q, cfg.heads_kv
-        slots = cache.extend(seqs, [1] * B)
-        args = cache.kernel_args(seqs)
-        # The kernel's index checks read the tables on the host (a sync); the cache builds them,
-        # so they are checked on the first step only and the loop never waits for the GPU.
-        kw = {"validate": not self._validated} if self.cfg.attention == "kernel" else {}
-        self._validated = True
-        for layer in range(cfg.layers):
-            h = F.rms_norm(x, (cfg.hidden,))
-            q, k, v = (h @ self.w_qkv[layer]).split([Hq * D, Hkv * D, Hkv * D], dim=1)
-            cache.write(layer, slots, k.reshape(B, Hkv, D), v.reshape(B, Hkv, D))
-            attn = self.attend(q.reshape(B, Hq, D).contiguous(), cache.k_cache(layer), cache.v_cache(layer),
-                               args.block_table, args.seq_lens, args.query_start_loc,
-                               args.anchor_block_table, args.anchor_lens, **kw)
-            x = x + attn.reshape(B, Hq * D) @ self.w_o[layer]
-            gate, up = (F.rms_norm(x, (cfg.hidden,)) @ self.w_up[layer]).chunk(2, dim=1)
-            x = x + (F.silu(gate) * up) @ self.w_down[layer]
-        return x, slots
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(n_layer=self.layers, d_model=self.hidden, n_head=self.heads_q, n_kv_head=self.heads_kv,
+                           context=self.anchors + self.context + self.warmup + self.steps, vocab_size=self.vocab,
+                           ffn_hidden=self.mlp)
 
 
 def _sync(device: str) -> None:
@@ -148,27 +119,43 @@ def _d2h_bytes_per_step(cfg: E6Config, mode: str, commits: int, leaves: int) -> 
 def run(cfg: E6Config) -> list[dict]:
     device = resolve_device(cfg.device)
     gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the model's random weights
     dt = DTYPES[cfg.dtype]
     S = cfg.block_size
+    model = Transformer(cfg.model_config()).to(device=device, dtype=dt).eval()
     max_len = cfg.context + cfg.warmup + cfg.steps
-    num_blocks = cfg.batch * (-(-max_len // S)) + (-(-cfg.anchors // S)) + cfg.batch
-    cache = PagedKVCache(cfg.layers, num_blocks, S, cfg.heads_kv, cfg.head_dim, dtype=dt, device=device)
-    shape = (cfg.layers, cfg.anchors, cfg.heads_kv, cfg.head_dim)
+    cache = model.new_cache(cfg.batch * (-(-max_len // S)) + (-(-cfg.anchors // S)) + cfg.batch, S)
     anchor = None
     if cfg.anchors:
-        anchor = cache.add_anchor(torch.randn(shape, generator=gen).to(device, dt),
-                                  torch.randn(shape, generator=gen).to(device, dt))
+        anchor = prefill_anchor(model, cache, torch.randint(cfg.vocab, (cfg.anchors,), generator=gen).to(device),
+                                attention=cfg.attention)
     seqs = [cache.add_sequence(anchor=anchor) for _ in range(cfg.batch)]
     # Staggered lengths (context - b mod S), as in a real batch: pages of different sequences
     # seal at different steps, so short intervals commit a few pages often.
     lengths = {s: cfg.context - b % S for b, s in enumerate(seqs)}
-    for s in seqs:  # the prefilled context: random K/V written straight into the pages
-        shape = (cfg.layers, lengths[s], cfg.heads_kv, cfg.head_dim)
-        cache.append(s, torch.randn(shape, generator=gen).to(device, dt),
-                     torch.randn(shape, generator=gen).to(device, dt))
+    for s in seqs:  # the prefilled context, one sequence at a time (bounded activation memory)
+        forward_sequences(model, cache, [s], torch.randint(cfg.vocab, (lengths[s],), generator=gen).to(device),
+                          [lengths[s]], attention=cfg.attention)
     cache.take_sealed()
-    model = Decoder(cfg, cache, device, gen)
-    x0 = torch.randn(cfg.batch, cfg.hidden, generator=gen).to(device, dt)
+    tokens0 = torch.randint(cfg.vocab, (cfg.batch,), generator=gen).to(device)
+    validated = False
+    graph = GraphDecoder(model, cache, max_batch=cfg.batch, max_blocks=-(-max_len // S), buckets=[cfg.batch],
+                         max_anchor_blocks=max(1, -(-cfg.anchors // S)), sync=cfg.sync) if cfg.graphs else None
+
+    def decode(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One greedy decode step of every sequence: next tokens [B] (on the device), slots [B]."""
+        nonlocal validated
+        if graph is not None:
+            return graph.step(seqs, tokens)
+        # The kernel's index checks read the tables on the host (a sync); the cache builds them,
+        # so they are checked on the first step only and the loop never waits for the GPU.
+        logits, slots = forward_sequences(model, cache, seqs, tokens, [1] * len(seqs),
+                                          attention=cfg.attention, validate=not validated)
+        validated = True
+        next_tokens = logits.argmax(-1)
+        if cfg.sync:
+            next_tokens.cpu()
+        return next_tokens, slots
 
     configs = [(m, 1) for m in cfg.modes if m not in COMMIT_MODES]
     configs += [(m, i) for m in cfg.modes if m in COMMIT_MODES for i in cfg.intervals]
@@ -187,9 +174,9 @@ def run(cfg: E6Config) -> list[dict]:
         if mode in COMMIT_MODES:  # the prefix: committed untimed
             committer.commit([p for s in seqs for p in cache.complete_pages(s)])
             committer.root()
-        x = x0
+        x = tokens0
         for _ in range(cfg.warmup):
-            x, slots = model.step(x, seqs)
+            x, slots = decode(x)
             committer.step(slots)
         if mode in COMMIT_MODES:
             committer.root()
@@ -197,7 +184,7 @@ def run(cfg: E6Config) -> list[dict]:
         _sync(device)
         t0 = time.perf_counter()
         for _ in range(cfg.steps):
-            x, slots = model.step(x, seqs)
+            x, slots = decode(x)
             committer.step(slots)
         if mode in COMMIT_MODES:
             committer.root()  # the last commit's root is on the host: its work is inside the time
@@ -221,7 +208,8 @@ def run(cfg: E6Config) -> list[dict]:
         rows.append({
             "kind": "timing", "mode": mode, "interval": interval, "batch": cfg.batch,
             "context": cfg.context, "anchors": cfg.anchors, "layers": cfg.layers, "steps": cfg.steps,
-            "reps": cfg.reps, "dtype": cfg.dtype, "attention": cfg.attention, "device": device,
+            "reps": cfg.reps, "dtype": cfg.dtype, "attention": cfg.attention, "graphs": cfg.graphs,
+            "sync": cfg.sync, "device": device,
             "ms_per_step": round(ms, 5), "ms_min": round(min(times[(mode, interval)]), 5),
             "tokens_per_s": round(cfg.batch * 1e3 / ms, 2), "overhead": round(ms / base - 1, 5),
             "commits": commits[(mode, interval)],
