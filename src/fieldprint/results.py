@@ -22,6 +22,7 @@ optional cell. Every write is atomic (a temporary file renamed over the target).
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -84,11 +85,14 @@ class When:
 @dataclass(frozen=True)
 class Column:
     """One declared column. ``type``: int, float, bool or str. ``required``: True (never
-    empty), False (may be empty: read back as None) or a :class:`When` condition."""
+    empty), False (may be empty: read back as None) or a :class:`When` condition.
+    ``absent_ok``: a column added after results were committed; files written before lack it
+    (read back as None in every row)."""
 
     name: str
     type: type
     required: bool | When = True
+    absent_ok: bool = False
 
     def required_in(self, cells: Mapping[str, str]) -> bool:
         return self.required.holds(cells) if isinstance(self.required, When) else self.required
@@ -195,10 +199,11 @@ def _check_keys(rows: Sequence[dict[str, Any]], lines: Iterable[int], schema: Sc
 # ---------------------------------------------------------------- CSV
 
 
-def write_rows(path: str | Path, rows: Sequence[Mapping[str, Any]], schema: Schema) -> None:
+def write_rows(path: str | Path, rows: Sequence[Mapping[str, Any]], schema: Schema) -> str:
     """Write ``rows`` (dicts of declared columns; a missing optional column is left empty) as a
-    CSV with the schema's columns in their declared order. A row that its schema would reject
-    when read is an error here, before anything is written."""
+    CSV with the schema's columns in their declared order; returns the SHA-256 of the bytes
+    written (for the manifest). A row that its schema would reject when read is an error here,
+    before anything is written."""
     path = Path(path)
     if not rows:
         raise ResultsError(f"{path}: no rows to write")
@@ -218,7 +223,9 @@ def write_rows(path: str | Path, rows: Sequence[Mapping[str, Any]], schema: Sche
     writer = csv.DictWriter(buf, fieldnames=names, lineterminator="\n")
     writer.writeheader()
     writer.writerows(body)
-    atomic_write_text(path, buf.getvalue())
+    data = buf.getvalue().encode()
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def read_rows(path: str | Path, schema: Schema) -> list[dict[str, Any]]:
@@ -237,7 +244,7 @@ def read_rows(path: str | Path, schema: Schema) -> list[dict[str, Any]]:
     reader = csv.reader(io.StringIO(text, newline=""))
     header = next(reader)
     repeated = sorted({h for h in header if header.count(h) > 1})
-    missing = [n for n in schema.names if n not in header]
+    missing = [c.name for c in schema.columns if c.name not in header and not c.absent_ok]
     unknown = [h for h in header if h not in schema.names]
     for problem, names in (("repeated", repeated), ("missing", missing), ("undeclared", unknown)):
         if names:
@@ -249,7 +256,7 @@ def read_rows(path: str | Path, schema: Schema) -> list[dict[str, Any]]:
         if len(fields) != len(header):
             raise ResultsError(f"{path}, line {line}: {len(fields)} fields, the header has "
                                f"{len(header)}: a truncated or malformed row")
-        cells = dict(zip(header, fields, strict=True))
+        cells = {c.name: "" for c in schema.columns} | dict(zip(header, fields, strict=True))
         rows.append(_check_cells(cells, schema, lambda col, line=line: f"{path}, line {line}, column {col!r}"))
         lines.append(line)
     if not rows:
@@ -267,6 +274,9 @@ MANIFEST_FIELDS: dict[str, tuple[type, ...]] = {
     "cpu_count": (int,), "gpu": (str, type(None)), "driver": (str, type(None)),
     "cuda": (str, type(None)), "config": (dict,),
 }
+# What a run records about the CSV it wrote (absent from manifests written before): its row
+# count and SHA-256, so that any later change to the file (a truncation, an edit) is refused.
+CSV_FIELDS: dict[str, tuple[type, ...]] = {"rows": (int,), "csv_sha256": (str,)}
 
 
 def manifest_path(csv_path: str | Path) -> Path:
@@ -278,8 +288,10 @@ def manifest_path(csv_path: str | Path) -> Path:
 def _check_manifest(manifest: Any, path: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise ResultsError(f"{path}: a manifest must be a JSON object, got {type(manifest).__name__}")
-    for name, types in MANIFEST_FIELDS.items():
+    for name, types in (MANIFEST_FIELDS | CSV_FIELDS).items():
         if name not in manifest:
+            if name in CSV_FIELDS:
+                continue
             raise ResultsError(f"{path}: manifest field {name!r} is missing")
         value = manifest[name]
         # bool is an int in Python, never a count or a duration here
@@ -331,6 +343,10 @@ def load_results(experiment: str, csv_path: str | Path) -> Results:
     rows = read_rows(csv_path, schema)
     mpath = manifest_path(csv_path)
     manifest = read_manifest(mpath)
+    if "csv_sha256" in manifest and hashlib.sha256(csv_path.read_bytes()).hexdigest() != manifest["csv_sha256"]:
+        raise ResultsError(f"{csv_path}: the file is not the one its run wrote ({len(rows)} rows now, "
+                           f"{manifest.get('rows', '?')} written; SHA-256 differs from {mpath}): "
+                           "edited or truncated after the run")
     if schema.expected is not None:
         try:
             wanted = schema.expected(manifest)
@@ -397,7 +413,21 @@ def _expect_e3(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def _expect_e4(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
     cfg = manifest["config"]
-    return [{"variant": v} for v in cfg["variants"]]
+    # Without CUDA, the CUDA-only variants and (without the interpreter) the Triton ones are one
+    # skip row each; every other variant has rows for each stored dtype and case (bf16-only
+    # variants: bfloat16 only).
+    on_cpu = cfg["device"] == "cpu" or manifest["gpu"] is None
+    may_skip = ("tf32", "cpu", "triton_mm", "attention") if on_cpu else ()
+    bf16_only = ("bf16_gemm", "attention")
+    out = []
+    for v in cfg["variants"]:
+        if v in may_skip:
+            out.append({"variant": v})
+            continue
+        dtypes = [d for d in cfg["out_dtypes"] if d == "bfloat16" or v not in bf16_only]
+        out += [{"variant": v, "out_dtype": d, "fmt": case.split("/")[0], "rounding": case.split("/")[1]}
+                for d in dtypes for case in cfg["cases"]]
+    return out
 
 
 def _expect_e5_accuracy(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -432,10 +462,11 @@ def _expect_e6(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _columns(spec: str, required: bool | When = True) -> list[Column]:
+def _columns(spec: str, required: bool | When = True, absent_ok: bool = False) -> list[Column]:
     """``"a:int b:float c:str"`` -> Columns with one requirement."""
     types = {"int": int, "float": float, "bool": bool, "str": str}
-    return [Column(name, types[kind], required) for name, kind in (s.split(":") for s in spec.split())]
+    return [Column(name, types[kind], required, absent_ok)
+            for name, kind in (s.split(":") for s in spec.split())]
 
 
 _E1_TIMED = When("skipped", "")  # every implementation that ran
@@ -506,9 +537,11 @@ SCHEMAS: dict[str, Schema] = {s.name: s for s in (
         _columns("kind:str mode:str") + _columns("interval:int", _E6_TIMING)
         + _columns("batch:int context:int") + _columns("anchors:int", _E6_TIMING)
         + _columns("layers:int")
-        + _columns("steps:int reps:int dtype:str attention:str device:str ms_per_step:float "
-                   "ms_min:float tokens_per_s:float overhead:float commits:int "
-                   "d2h_bytes_per_step:float", _E6_TIMING)
+        + _columns("steps:int reps:int dtype:str attention:str", _E6_TIMING)
+        # graphs and sync came after the committed H200 reference (which ran neither)
+        + _columns("graphs:bool sync:bool", False, absent_ok=True)
+        + _columns("device:str ms_per_step:float ms_min:float tokens_per_s:float overhead:float "
+                   "commits:int d2h_bytes_per_step:float", _E6_TIMING)
         + _columns("target:str field:str flips:int detected:int localized:int leaves:int "
                    "false_positive:int", _E6_TAMPER)),
         key=("kind", "mode", "interval", "target", "field"), expected=_expect_e6),

@@ -138,8 +138,8 @@ def run_and_save(name: str, cfg: ExperimentConfig, run: Callable[[Any], list[dic
     started = time.time()
     rows = run(cfg)
     csv_path, mpath = output_paths(cfg, name)
-    write_rows(csv_path, rows, schema_of(name))
-    write_manifest(mpath, run_manifest(cfg, started))
+    digest = write_rows(csv_path, rows, schema_of(name))
+    write_manifest(mpath, {**run_manifest(cfg, started), "rows": len(rows), "csv_sha256": digest})
     return rows
 
 
