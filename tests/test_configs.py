@@ -64,3 +64,17 @@ def test_command_line_error_exit_code(tmp_path):
                            "bogus=1"], capture_output=True, text=True)
     assert done.returncode != 0 and "bogus" in done.stderr
     assert not (tmp_path / "o" / "e0_unfused.csv").exists()
+
+
+@pytest.mark.parametrize("value", ["", "'  '"])
+def test_empty_out_dir_is_an_error(value):
+    """``out_dir=`` (empty or blank) would write the results into the current directory."""
+    with pytest.raises(ValueError, match="out_dir must name a directory"):
+        compose("e0_unfused", schema_of("e0_unfused"), [f"out_dir={value}"])
+
+
+def test_empty_out_dir_stops_the_command_line_before_it_runs(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "fieldprint.experiments.e0_unfused", "out_dir="],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode != 0 and "out_dir must name a directory" in done.stderr
+    assert list(tmp_path.iterdir()) == []  # no CSV, manifest or Hydra folder in the current directory

@@ -54,10 +54,10 @@ def test_unfused_skip_reason_uses_memory_estimate():
     assert e1._skip_reason("prefix_blocks", "decode", 5, "bf16", "cuda", 1, 1, 128, cfg)
 
 
-def _row(impl, ms, B=64, L=4096, A=64, kv="bf16", mode="decode", err="1e-3"):
-    return {"impl": impl, "mode": mode, "batch": str(B), "context": str(L), "anchors": str(A),
-            "kv_dtype": kv, "ms": str(ms), "tbps": str(1 / ms), "tflops": str(1 / ms),
-            "rel_err": err, "skipped": ""}
+def _row(impl, ms, B=64, L=4096, A=64, kv="bf16", mode="decode", err=1e-3):
+    return {"impl": impl, "mode": mode, "batch": B, "context": L, "anchors": A,
+            "kv_dtype": kv, "ms": ms, "tbps": 1 / ms, "tflops": 1 / ms,
+            "rel_err": err, "skipped": None}
 
 
 @pytest.mark.parametrize("fused_ms, verdict", [(1.05, True), (1.5, False)])
@@ -67,21 +67,21 @@ def test_e1_claims_follow_the_rows(fused_ms, verdict):
     assert got["e1.cudnn_ratio_b64_l4096"].supported is verdict
     assert got["e1.cudnn_ratio_b16_l32768"].supported is False  # not measured is not supported
     assert got["e1.gather_10x"].supported is True
-    m = r1.macros(rows, {"gpu": "NVIDIA H200"})
+    m = r1.macros(rows, {"gpu": "NVIDIA H200", "date": "2026-11-29"})
     assert m["e1.ratio_cudnn_b64l4k"] == f"{1 / fused_ms:.2f}" and m["e1.fused_tbps_b16l32k"] == "n/a"
     assert m["e1.ratio_flex_b64l4k"] == f"{3.0 / fused_ms:.1f}" and m["e1.ratio_flex_b1l128k"] == "n/a"
 
 
 def test_e2_claims_and_hbm_rows():
     cfg = e2.E2Config(hbm_contexts=[16384, 32768], heads_q=32)
-    hbm = [{k: str(v) for k, v in r.items()} for r in e2._hbm_rows(cfg)]
-    first = [r for r in hbm if r["form"] == "naive" and r["mode"] == "prefill" and r["exceeds_h200"] == "1"]
-    assert [r["context"] for r in first] == ["32768"]  # 2 * 32 * 32768^2 * 4 B = 275 GB > 141 GB
-    var = {"kind": "variant", "kernel": "attention", "mode": "decode", "head_dim": "128", "kv_dtype": "bf16",
-           "varied": "", "block_m": "16", "tile_n": "64", "shared_bytes": "36864", "model_bytes": "36864",
-           "model_ratio": "1.0", "registers": "128", "spill_stores": "0", "spill_loads": "0"}
-    flat = [{"kind": "flat", "anchors": str(a), "context": str(c), "hash": "h", "shared_bytes": "36864",
-             "registers": "128", "grid": f"1x8x{c}"} for a, c in ((0, 1024), (64, 4096))]
+    hbm = e2._hbm_rows(cfg)
+    first = [r for r in hbm if r["form"] == "naive" and r["mode"] == "prefill" and r["exceeds_h200"] == 1]
+    assert [r["context"] for r in first] == [32768]  # 2 * 32 * 32768^2 * 4 B = 275 GB > 141 GB
+    var = {"kind": "variant", "kernel": "attention", "mode": "decode", "head_dim": 128, "kv_dtype": "bf16",
+           "varied": None, "block_m": 16, "tile_n": 64, "shared_bytes": 36864, "model_bytes": 36864,
+           "model_ratio": 1.0, "registers": 128, "spill_stores": 0, "spill_loads": 0}
+    flat = [{"kind": "flat", "anchors": a, "context": c, "hash": "h", "shared_bytes": 36864,
+             "registers": 128, "grid": f"1x8x{c}"} for a, c in ((0, 1024), (64, 4096))]
     got = {c.id: c.supported for c in r2.claims([var, *flat, *hbm], {})}
     assert got == {"e2.flat": True, "e2.model10": True, "e2.no_spills": True, "e2.unfused_exceeds": True}
     flat[1]["hash"] = "other"

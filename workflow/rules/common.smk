@@ -1,7 +1,10 @@
 # Where each experiment's numbers come from, on this machine.
 
 import glob
+import shlex
 import subprocess
+
+from snakemake.settings.types import DeploymentMethod
 
 
 def _has_cuda():
@@ -18,6 +21,13 @@ def _has_cuda():
 HAS_CUDA = _has_cuda()
 SCALE = config.get("scale", "paper" if HAS_CUDA else "smoke")
 RESULTS = config.get("results", "results")
+if not isinstance(RESULTS, str) or not RESULTS.strip():  # `results=` reads as None
+    raise ValueError(f"--config results={RESULTS!r}: must name a directory (default: results)")
+# Every rule runs Python modules with the interpreter this workflow runs under, so that
+# .venv/bin/snakemake works without the venv on PATH; with --use-conda (--sdm conda) a rule
+# runs inside its conda environment, whose own python is the one on PATH there.
+PYTHON = "python" if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method \
+    else shlex.quote(sys.executable)
 ENV_FILE = "../../environment.yml"  # relative to the rule files
 REFERENCE = "data/reference/h200"
 PAPER_PDF = "paper/main.pdf"
@@ -46,6 +56,16 @@ SMOKE_FIGURES = GPU_EXPERIMENTS
 
 def result(exp, scale):
     return f"{RESULTS}/{scale}/{exp}/{exp}.csv"
+
+
+def manifest(csv):
+    """The manifest beside a results CSV (the naming of fieldprint.results.manifest_path)."""
+    return csv.removesuffix(".csv") + ".manifest.json"
+
+
+def with_manifest(csv):
+    """A results CSV and its manifest: the inputs of a rule that reads the results."""
+    return [csv, manifest(csv)]
 
 
 def paper_source(exp):

@@ -11,12 +11,14 @@ rule corpus:
         "data/corpus/train.txt",
         "data/corpus/valid.txt",
         "data/corpus/MANIFEST.json",
+    params:
+        python=PYTHON,
     log:
         f"{RESULTS}/logs/corpus.log",
     conda:
         ENV_FILE
     shell:
-        "python -m fieldprint.corpus data/corpus > {log} 2>&1"
+        "{params.python} -m fieldprint.corpus data/corpus > {log} 2>&1"
 
 
 rule experiment:
@@ -26,6 +28,7 @@ rule experiment:
         csv=f"{RESULTS}/{{scale}}/{{exp}}/{{exp}}.csv",
         manifest=f"{RESULTS}/{{scale}}/{{exp}}/{{exp}}.manifest.json",
     params:
+        python=PYTHON,
         env=lambda wc: run_env(wc.exp),
         out_dir=lambda wc: f"{RESULTS}/{wc.scale}/{wc.exp}",
     threads: lambda wc: timed_threads(wc.exp)
@@ -36,7 +39,7 @@ rule experiment:
     conda:
         ENV_FILE
     shell:
-        "{params.env} python -m fieldprint.experiments.{wildcards.exp} scale={wildcards.scale} "
+        "{params.env} {params.python} -m fieldprint.experiments.{wildcards.exp} scale={wildcards.scale} "
         "out_dir={params.out_dir} > {log} 2>&1"
 
 
@@ -50,6 +53,7 @@ rule train:
         csv=f"{RESULTS}/{{scale}}/e5_train/e5_train.csv",
         manifest=f"{RESULTS}/{{scale}}/e5_train/e5_train.manifest.json",
     params:
+        python=PYTHON,
         env=run_env("e5"),
         out_dir=lambda wc: f"{RESULTS}/{wc.scale}/e5_train",
     threads: timed_threads("e5_train")
@@ -60,7 +64,7 @@ rule train:
     conda:
         ENV_FILE
     shell:
-        "{params.env} python -m fieldprint.experiments.e5_train scale={wildcards.scale} "
+        "{params.env} {params.python} -m fieldprint.experiments.e5_train scale={wildcards.scale} "
         "out_dir={params.out_dir} > {log} 2>&1"
 
 
@@ -73,6 +77,7 @@ rule accuracy:
         csv=f"{RESULTS}/{{scale}}/e5_accuracy/e5_accuracy.csv",
         manifest=f"{RESULTS}/{{scale}}/e5_accuracy/e5_accuracy.manifest.json",
     params:
+        python=PYTHON,
         env=run_env("e5"),
         out_dir=lambda wc: f"{RESULTS}/{wc.scale}/e5_accuracy",
     resources:
@@ -82,5 +87,5 @@ rule accuracy:
     conda:
         ENV_FILE
     shell:
-        "{params.env} python -m fieldprint.experiments.e5_accuracy scale={wildcards.scale} "
+        "{params.env} {params.python} -m fieldprint.experiments.e5_accuracy scale={wildcards.scale} "
         "checkpoint={input.checkpoint} out_dir={params.out_dir} > {log} 2>&1"

@@ -3,31 +3,37 @@
 
 rule figure:
     input:
-        lambda wc: paper_source(wc.exp),
+        csv=lambda wc: paper_source(wc.exp),
+        manifest=lambda wc: manifest(paper_source(wc.exp)),
     output:
         pdf="figures/{exp}.pdf",
         png="figures/{exp}.png",
     wildcard_constraints:
         exp="|".join(PAPER_EXPERIMENTS),
+    params:
+        python=PYTHON,
     log:
         f"{RESULTS}/logs/figure.{{exp}}.log",
     conda:
         ENV_FILE
     shell:
-        "python -m fieldprint.plots {wildcards.exp} {input} figures/{wildcards.exp} > {log} 2>&1"
+        "{params.python} -m fieldprint.plots {wildcards.exp} {input.csv} figures/{wildcards.exp} > {log} 2>&1"
 
 
 rule smoke_figure:
     input:
-        lambda wc: result(wc.exp, "smoke"),
+        csv=lambda wc: result(wc.exp, "smoke"),
+        manifest=lambda wc: manifest(result(wc.exp, "smoke")),
     output:
         pdf="figures/smoke/{exp}.pdf",
         png="figures/smoke/{exp}.png",
     wildcard_constraints:
         exp="|".join(PAPER_EXPERIMENTS),
+    params:
+        python=PYTHON,
     log:
         f"{RESULTS}/logs/smoke_figure.{{exp}}.log",
     conda:
         ENV_FILE
     shell:
-        "python -m fieldprint.plots {wildcards.exp} {input} figures/smoke/{wildcards.exp} > {log} 2>&1"
+        "{params.python} -m fieldprint.plots {wildcards.exp} {input.csv} figures/smoke/{wildcards.exp} > {log} 2>&1"

@@ -3,31 +3,36 @@
 
 rule macros:
     input:
-        lambda wc: paper_source(wc.exp),
+        csv=lambda wc: paper_source(wc.exp),
+        manifest=lambda wc: manifest(paper_source(wc.exp)),
     output:
         "paper/generated/{exp}.tex",
     wildcard_constraints:
         exp="|".join(PAPER_EXPERIMENTS),
+    params:
+        python=PYTHON,
     log:
         f"{RESULTS}/logs/macros.{{exp}}.log",
     conda:
         ENV_FILE
     shell:
-        "python -m fieldprint.report macros {wildcards.exp} {input} {output} > {log} 2>&1"
+        "{params.python} -m fieldprint.report macros {wildcards.exp} {input.csv} {output} > {log} 2>&1"
 
 
 rule environment_macros:
     input:
-        gpu=paper_source("e1_throughput"),
-        local=paper_source("e0_unfused"),
+        gpu=manifest(paper_source("e1_throughput")),
+        local=manifest(paper_source("e0_unfused")),
     output:
         "paper/generated/env.tex",
+    params:
+        python=PYTHON,
     log:
         f"{RESULTS}/logs/env_macros.log",
     conda:
         ENV_FILE
     shell:
-        "python -m fieldprint.report environment {input.gpu} {input.local} {output} > {log} 2>&1"
+        "{params.python} -m fieldprint.report environment {input.gpu} {input.local} {output} > {log} 2>&1"
 
 
 rule all_macros:
@@ -36,36 +41,40 @@ rule all_macros:
         "paper/generated/env.tex",
     output:
         "paper/generated/all.tex",
+    params:
+        python=PYTHON,
     log:
         f"{RESULTS}/logs/all_macros.log",
     conda:
         ENV_FILE
     shell:
-        "python -m fieldprint.report index {output} {input} > {log} 2>&1"
+        "{params.python} -m fieldprint.report index {output} {input} > {log} 2>&1"
 
 
 rule claims:
     input:
-        [paper_source(exp) for exp in PAPER_EXPERIMENTS],
+        [with_manifest(paper_source(exp)) for exp in PAPER_EXPERIMENTS],
     output:
         f"{RESULTS}/claims.md",
     params:
+        python=PYTHON,
         pairs=" ".join(f"{exp}={paper_source(exp)}" for exp in PAPER_EXPERIMENTS),
     log:
         f"{RESULTS}/logs/claims.log",
     conda:
         ENV_FILE
     shell:
-        "python -m fieldprint.report claims {output} {params.pairs} > {log} 2>&1"
+        "{params.python} -m fieldprint.report claims {output} {params.pairs} > {log} 2>&1"
 
 
 rule reproduction:
     input:
-        fresh=[result(exp, "paper") for exp in GPU_EXPERIMENTS],
-        reference=[f"{REFERENCE}/{exp}.csv" for exp in GPU_EXPERIMENTS],
+        fresh=[with_manifest(result(exp, "paper")) for exp in GPU_EXPERIMENTS],
+        reference=[with_manifest(f"{REFERENCE}/{exp}.csv") for exp in GPU_EXPERIMENTS],
     output:
         f"{RESULTS}/reproduction.md",
     params:
+        python=PYTHON,
         reference=lambda w, input: os.path.dirname(input.reference[0]),
         pairs=" ".join(f"{exp}={result(exp, 'paper')}" for exp in GPU_EXPERIMENTS),
     log:
@@ -73,7 +82,7 @@ rule reproduction:
     conda:
         ENV_FILE
     shell:
-        "python -m fieldprint.report reproduction {output} {params.reference} {params.pairs} > {log} 2>&1"
+        "{params.python} -m fieldprint.report reproduction {output} {params.reference} {params.pairs} > {log} 2>&1"
 
 
 rule paper:
@@ -90,5 +99,11 @@ rule paper:
         f"{RESULTS}/logs/paper.log",
     conda:
         ENV_FILE
+    # Each build runs in a fresh folder, removed on exit: an interrupted build (Ctrl-C) leaves
+    # no latexmk state behind that would make the next run refuse ("gave an error"), and folders
+    # a killed build could not remove are cleared first (one build at a time: Snakemake's lock).
+    # The PDF is moved into place in one rename.
     shell:
-        "cd paper && latexmk -pdf main.tex > ../{log} 2>&1 && cp build/main.pdf main.pdf"
+        "cd paper && rm -rf .latex-* && build=$(mktemp -d .latex-XXXXXX) && "
+        "trap 'rm -rf \"$build\"' EXIT && "
+        "latexmk -pdf -outdir=\"$build\" main.tex > ../{log} 2>&1 && mv -f \"$build/main.pdf\" main.pdf"

@@ -1,4 +1,4 @@
-"""What every experiment shares: typed Hydra configs, atomic outputs, manifests, timing.
+"""What every experiment shares: typed Hydra configs, and running one into its results files.
 
 An experiment module defines a dataclass config that extends :class:`ExperimentConfig`, a
 ``run(cfg) -> list[dict]`` that returns tidy rows, and ends with::
@@ -8,26 +8,24 @@ An experiment module defines a dataclass config that extends :class:`ExperimentC
 
 ``hydra_main`` composes ``configs/<name>.yaml`` (which selects ``scale`` and the experiment's
 own group, ``configs/<name>/<scale>.yaml``), validates it against the dataclass (an unknown key or
-a bad value is an error), runs the experiment and writes ``<out_dir>/<name>.csv`` and
-``<out_dir>/<name>.manifest.json`` atomically.
+a bad value is an error), runs the experiment and writes ``<out_dir>/<name>.csv`` (its columns
+declared in :data:`fieldprint.results.SCHEMAS`) and ``<out_dir>/<name>.manifest.json``, both
+through :mod:`fieldprint.results`. Timing helpers are in :mod:`fieldprint.timing`.
 """
 
 from __future__ import annotations
 
-import csv
 import datetime as _dt
-import io
-import json
 import os
 import platform
-import statistics
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from fieldprint.results import manifest_path, schema_of, write_manifest, write_rows
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -49,6 +47,9 @@ class ExperimentConfig:
         self.validate()
 
     def validate(self) -> None:
+        # An empty out_dir would write the results into whatever the current directory is.
+        if not isinstance(self.out_dir, str) or not self.out_dir.strip():
+            raise ValueError(f"out_dir must name a directory, got {self.out_dir!r}")
         if self.scale not in SCALES:
             raise ValueError(f"scale must be one of {SCALES}, got {self.scale!r}")
         if self.device not in DEVICES:
@@ -72,47 +73,7 @@ def resolve_device(name: str) -> str:
     return name
 
 
-# ---------------------------------------------------------------- outputs, written atomically
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename: never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def write_csv(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Tidy CSV: one row per measurement, columns in first-seen order across all rows."""
-    if not rows:
-        raise ValueError(f"no rows to write to {path}")
-    columns: list[str] = []
-    for row in rows:
-        columns.extend(k for k in row if k not in columns)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
-
-
-def read_csv(path: str | Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+# ---------------------------------------------------------------- outputs
 
 
 def _git_commit() -> dict[str, Any]:
@@ -155,30 +116,30 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def write_manifest(path: str | Path, cfg: Any, started: float, extra: dict | None = None) -> None:
-    manifest = {
+def run_manifest(cfg: ExperimentConfig, started: float) -> dict[str, Any]:
+    """The manifest of a run that started at ``started`` (``time.time()``) and just ended."""
+    return {
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "seconds": round(time.time() - started, 3),
         **_git_commit(),
         **environment(),
         "config": asdict(cfg),
-        **(extra or {}),
     }
-    atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def output_paths(cfg: ExperimentConfig, name: str) -> tuple[Path, Path]:
-    out = Path(cfg.out_dir)
-    return out / f"{name}.csv", out / f"{name}.manifest.json"
+    csv_path = Path(cfg.out_dir) / f"{name}.csv"
+    return csv_path, manifest_path(csv_path)
 
 
 def run_and_save(name: str, cfg: ExperimentConfig, run: Callable[[Any], list[dict]]) -> list[dict]:
-    """Run an experiment and write its CSV and manifest (the manifest last, as the done-marker)."""
+    """Run an experiment and write its CSV (checked against its declared columns) and manifest
+    (last, as the done-marker)."""
     started = time.time()
     rows = run(cfg)
-    csv_path, manifest_path = output_paths(cfg, name)
-    write_csv(csv_path, rows)
-    write_manifest(manifest_path, cfg, started)
+    csv_path, mpath = output_paths(cfg, name)
+    digest = write_rows(csv_path, rows, schema_of(name))
+    write_manifest(mpath, {**run_manifest(cfg, started), "rows": len(rows), "csv_sha256": digest})
     return rows
 
 
@@ -222,25 +183,3 @@ def hydra_main(name: str, schema: type, run: Callable[[Any], list[dict]]) -> Non
         run_and_save(name, to_typed(cfg, schema), run)
 
     _main()
-
-
-# ---------------------------------------------------------------- timing
-
-
-def bench(fn: Callable[[], Any], device: str, warmup_ms: float = 25, rep_ms: float = 100) -> float:
-    """Median milliseconds of ``fn()``: CUDA events via ``triton.testing.do_bench`` on a GPU,
-    a host clock around each call on the CPU."""
-    if device == "cuda":
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-    fn()
-    times = []
-    deadline = time.perf_counter() + rep_ms / 1e3
-    while len(times) < 3 or time.perf_counter() < deadline:
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-        if len(times) >= 1000:
-            break
-    return statistics.median(times)

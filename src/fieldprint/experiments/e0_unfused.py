@@ -21,7 +21,8 @@ from fieldprint.attention.reference import (
     two_softmax_attention,
     unfused_intermediate_bytes,
 )
-from fieldprint.experiments.common import ExperimentConfig, bench, check, hydra_main, resolve_device
+from fieldprint.experiments.common import ExperimentConfig, check, hydra_main, resolve_device
+from fieldprint.timing import bench
 
 SPLIT_TOKENS = 4096  # the fused kernel's fixed split-KV length: partials are (D + 2) floats per split
 

@@ -29,7 +29,8 @@ import gc
 import os
 from dataclasses import dataclass, field
 
-from fieldprint.experiments.common import ExperimentConfig, bench, check, hydra_main, resolve_device
+from fieldprint.experiments.common import ExperimentConfig, check, hydra_main, resolve_device
+from fieldprint.timing import bench
 
 IMPLS = ("fused", "cudnn_sdpa", "flash_sdpa", "gather_sdpa", "naive", "two_softmax", "cascade",
          "prefix_blocks", "flex")

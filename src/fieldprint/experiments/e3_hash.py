@@ -34,8 +34,9 @@ from dataclasses import dataclass, field
 import numpy
 import torch
 
-from fieldprint.experiments.common import ExperimentConfig, bench, check, hydra_main, resolve_device
+from fieldprint.experiments.common import ExperimentConfig, check, hydra_main, resolve_device
 from fieldprint.experiments.e4_stability import page_rows, pow2_scale
+from fieldprint.timing import bench
 
 GPU_IMPLS = ("blake3_gpu", "blake3_many_gpu", "quant_gpu", "quant_blake3_gpu", "fused_quant_blake3_gpu",
              "d2d_copy")

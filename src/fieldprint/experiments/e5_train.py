@@ -25,14 +25,9 @@ from pathlib import Path
 
 import torch
 
-from fieldprint.experiments.common import (
-    ExperimentConfig,
-    atomic_write_bytes,
-    check,
-    hydra_main,
-    resolve_device,
-)
+from fieldprint.experiments.common import ExperimentConfig, check, hydra_main, resolve_device
 from fieldprint.model import ModelConfig, Transformer
+from fieldprint.results import atomic_write_bytes
 
 AUTOCAST = ("none", "bf16")
 SAVE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from fieldprint.experiments.common import bench
 from fieldprint.hashing import blake3, blake3_many
+from fieldprint.timing import bench
 
 MB = 1 << 20
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
+import sys
 from pathlib import Path
 
-from fieldprint.experiments.common import read_csv
+from fieldprint.results import ResultsError, load_results
 
 
 def main() -> None:
@@ -16,10 +16,12 @@ def main() -> None:
     parser.add_argument("csv", type=Path, help="results CSV; its .manifest.json must sit beside it")
     parser.add_argument("out_stem", type=Path, help="output path without extension")
     args = parser.parse_args()
-    manifest_path = args.csv.with_name(args.csv.name.removesuffix(".csv") + ".manifest.json")
-    manifest = json.loads(manifest_path.read_text())
+    try:
+        res = load_results(args.experiment, args.csv)
+    except ResultsError as err:  # bad data: the file, line and column, without a traceback
+        sys.exit(f"fieldprint.plots: {err}")
     module = importlib.import_module(f"fieldprint.plots.{args.experiment}")
-    module.draw(read_csv(args.csv), manifest, args.out_stem)
+    module.draw(res.rows, res.manifest, args.out_stem)
 
 
 if __name__ == "__main__":

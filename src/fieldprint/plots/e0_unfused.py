@@ -12,7 +12,7 @@ LABELS = {"naive": "naive (materialized)", "two_softmax": "v2.5 two-softmax", "s
 def draw(rows, manifest, out_stem) -> None:
     series = defaultdict(list)
     for r in rows:
-        series[r["form"]].append((int(r["context"]), int(r["intermediate_bytes"]), float(r["ms"])))
+        series[r["form"]].append((r["context"], r["intermediate_bytes"], r["ms"]))
     fig, axes = figure(ncols=2, wide=True)
     ax_bytes, ax_ms = axes[0]
     for form, pts in series.items():

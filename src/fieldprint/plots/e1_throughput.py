@@ -13,11 +13,11 @@ STYLE = {"fused": ("C0", "o"), "cudnn_sdpa": ("k", "s"), "flash_sdpa": ("C7", "s
 def _decode(rows, impl, anchors=None, shape=None):
     out = []
     for r in rows:
-        if r["mode"] != "decode" or r["impl"] != impl or r["kv_dtype"] != "bf16" or r["tbps"] == "":
+        if r["mode"] != "decode" or r["impl"] != impl or r["kv_dtype"] != "bf16" or r["tbps"] is None:
             continue
-        if anchors is not None and int(r["anchors"]) != anchors:
+        if anchors is not None and r["anchors"] != anchors:
             continue
-        if shape is not None and (int(r["batch"]), int(r["context"])) != shape:
+        if shape is not None and (r["batch"], r["context"]) != shape:
             continue
         out.append(r)
     return out
@@ -26,16 +26,16 @@ def _decode(rows, impl, anchors=None, shape=None):
 def draw(rows, manifest, out_stem) -> None:
     fig, axes = figure(ncols=2, wide=True, height=2.4)
     ax = axes[0][0]
-    shapes = sorted({(int(r["batch"]), int(r["context"])) for r in rows if r["mode"] == "decode"},
+    shapes = sorted({(r["batch"], r["context"]) for r in rows if r["mode"] == "decode"},
                     key=lambda s: (s[1], -s[0]))
     labels = [f"B={b}\nL={c // 1024}K" for b, c in shapes]
-    present = {int(r["anchors"]) for r in rows if r["mode"] == "decode"}
+    present = {r["anchors"] for r in rows if r["mode"] == "decode"}
     a_plot = 64 if 64 in present else max(present)
     for impl, (color, marker) in STYLE.items():
         ys = []
         for s in shapes:
             got = _decode(rows, impl, anchors=a_plot, shape=s)
-            ys.append(float(got[0]["tbps"]) if got else float("nan"))
+            ys.append(got[0]["tbps"] if got else float("nan"))
         if all(y != y for y in ys):
             continue
         ax.plot(range(len(shapes)), ys, marker=marker, color=color, label=impl,
@@ -49,9 +49,9 @@ def draw(rows, manifest, out_stem) -> None:
     for impl in ("fused", "cascade", "prefix_blocks", "cudnn_sdpa"):
         color, marker = STYLE[impl]
         for s, ls in zip(shapes, ("-", "--", ":", "-."), strict=False):
-            got = sorted(_decode(rows, impl, shape=s), key=lambda r: int(r["anchors"]))
+            got = sorted(_decode(rows, impl, shape=s), key=lambda r: r["anchors"])
             if got:
-                ax.plot([int(r["anchors"]) for r in got], [float(r["tbps"]) for r in got], marker=marker,
+                ax.plot([r["anchors"] for r in got], [r["tbps"] for r in got], marker=marker,
                         color=color, linestyle=ls, linewidth=1,
                         label=f"{impl} B={s[0]} L={s[1] // 1024}K" if impl == "fused" or s == shapes[0] else None)
     ax.set_xscale("symlog", linthresh=64)

@@ -13,22 +13,22 @@ def draw(rows, manifest, out_stem) -> None:
     ax = axes[0][0]
     flat = [r for r in rows if r["kind"] == "flat"]
     x = range(len(flat))
-    ax.plot(x, [int(r["shared_bytes"]) / 1024 for r in flat], "o-", label="shared memory (KiB)")
-    ax.plot(x, [int(r["registers"]) for r in flat], "s-", label="registers / thread")
+    ax.plot(x, [r["shared_bytes"] / 1024 for r in flat], "o-", label="shared memory (KiB)")
+    ax.plot(x, [r["registers"] for r in flat], "s-", label="registers / thread")
     var = [r for r in rows if r["kind"] == "variant" and r["kernel"] == "attention"
-           and r["mode"] == "decode" and int(r["head_dim"]) == int(flat[0]["head_dim"])
+           and r["mode"] == "decode" and r["head_dim"] == flat[0]["head_dim"]
            and r["kv_dtype"] == "bf16" and not r["varied"]] if flat else []
     if var:
-        ax.axhline(int(var[0]["model_bytes"]) / 1024, color="k", linestyle="--", linewidth=1,
+        ax.axhline(var[0]["model_bytes"] / 1024, color="k", linestyle="--", linewidth=1,
                    label="model: Q + K + V tiles (KiB)")
-    ax.set_xticks(list(x), [f"A={r['anchors']}\nL={int(r['context']) // 1024}K" for r in flat], fontsize=6)
+    ax.set_xticks(list(x), [f"A={r['anchors']}\nL={r['context'] // 1024}K" for r in flat], fontsize=6)
     ax.set_ylim(bottom=0)
     ax.set_title(f"per program, decode D={flat[0]['head_dim'] if flat else '?'} (sm_90)")
     ax.legend(fontsize=6)
     ax = axes[0][1]
     for form, color in (("naive", "C3"), ("two_softmax", "C6")):
         for mode, ls in (("prefill", "-"), ("decode", "--")):
-            pts = sorted((int(r["context"]), int(r["hbm_bytes"])) for r in rows
+            pts = sorted((r["context"], r["hbm_bytes"]) for r in rows
                          if r["kind"] == "hbm" and r["form"] == form and r["mode"] == mode)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] / 1e9 for p in pts], ls, color=color, marker=".",

@@ -28,7 +28,7 @@ def draw(rows, manifest, out_stem) -> None:
     series = defaultdict(list)
     band = defaultdict(list)  # bytes -> quant+hash GB/s of every case
     for r in _timed(rows):
-        b, g = int(r["bytes"]), float(r["gbps"])
+        b, g = r["bytes"], r["gbps"]
         if r["impl"] == "quant_blake3_gpu":
             band[b].append(g)
             if (r["fmt"], r["rounding"]) in QUANT_SHOWN:

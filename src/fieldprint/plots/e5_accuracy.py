@@ -25,24 +25,20 @@ def _label(item: str) -> str:
     return f"{fmt}\n{SHORT.get(rounding, rounding)}"
 
 
-def _is_true(value: str) -> bool:
-    return str(value).lower() == "true"
-
-
-def grid(rows: list[dict[str, str]], kind: str, value) -> dict[tuple[str, bool], list[float]]:
+def grid(rows: list[dict[str, Any]], kind: str, value) -> dict[tuple[str, bool], list[float]]:
     """(fmt:rounding, anchors_quantized) -> values over seeds, float-attention rows only."""
     out: dict[tuple[str, bool], list[float]] = defaultdict(list)
     for r in rows:
         if r["kind"] != kind or r["fmt"] == "reference":
             continue
-        if r.get("attention", "reference") not in FLOAT_ATTENTION:
+        if r["attention"] not in FLOAT_ATTENTION:
             continue
-        out[(f"{r['fmt']}:{r['rounding']}", _is_true(r["anchors_quantized"]))].append(value(r))
+        out[(f"{r['fmt']}:{r['rounding']}", r["anchors_quantized"])].append(value(r))
     return out
 
 
-def reference_bpb(rows: list[dict[str, str]]) -> float:
-    refs = [float(r["bpb"]) for r in rows if r["kind"] == "lm" and r["fmt"] == "reference"]
+def reference_bpb(rows: list[dict[str, Any]]) -> float:
+    refs = [r["bpb"] for r in rows if r["kind"] == "lm" and r["fmt"] == "reference"]
     if len(refs) != 1:
         raise ValueError(f"expected one reference row, found {len(refs)}")
     return refs[0]
@@ -70,10 +66,10 @@ def _bars(ax, data: dict[tuple[str, bool], list[float]], labels: list[str]) -> N
                         fmt="none", ecolor="black", elinewidth=0.6, capsize=1.5)
 
 
-def draw(rows: list[dict[str, str]], manifest: dict[str, Any], out_stem) -> None:
+def draw(rows: list[dict[str, Any]], manifest: dict[str, Any], out_stem) -> None:
     ref = reference_bpb(rows)
-    lm = grid(rows, "lm", lambda r: 100 * (float(r["bpb"]) - ref) / ref)
-    attn = grid(rows, "attention", lambda r: float(r["rel_err"]))
+    lm = grid(rows, "lm", lambda r: 100 * (r["bpb"] - ref) / ref)
+    attn = grid(rows, "attention", lambda r: r["rel_err"])
     labels = [lab for lab in ORDER if any(k[0] == lab for k in lm)]
     labels += sorted({k[0] for k in lm} - set(labels))
     fig, axes = figure(nrows=2, height=1.9)

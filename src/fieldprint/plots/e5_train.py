@@ -8,10 +8,10 @@ from typing import Any
 from fieldprint.plots.style import figure, save, source_label
 
 
-def draw(rows: list[dict[str, str]], manifest: dict[str, Any], out_stem) -> None:
-    tokens = [int(r["tokens"]) / 1e6 for r in rows]
-    train = [float(r["train_loss"]) / math.log(2) for r in rows]
-    valid = [float(r["val_bpb"]) for r in rows]
+def draw(rows: list[dict[str, Any]], manifest: dict[str, Any], out_stem) -> None:
+    tokens = [r["tokens"] / 1e6 for r in rows]
+    train = [r["train_loss"] / math.log(2) for r in rows]
+    valid = [r["val_bpb"] for r in rows]
     fig, axes = figure()
     ax = axes[0][0]
     ax.plot(tokens, train, marker=".", label="training plays (running mean)")

@@ -14,13 +14,13 @@ STYLE = {
 }
 
 
-def draw(rows: list[dict[str, str]], manifest: dict, out_stem) -> None:
+def draw(rows: list[dict], manifest: dict, out_stem) -> None:
     timing = [r for r in rows if r["kind"] == "timing"]
-    intervals = sorted({int(r["interval"]) for r in timing if r["mode"].startswith("commit")}) or [1]
+    intervals = sorted({r["interval"] for r in timing if r["mode"].startswith("commit")}) or [1]
     fig, axes = figure()
     ax = axes[0][0]
     for mode, (label, color, ls) in STYLE.items():
-        pts = sorted((int(r["interval"]), 100 * float(r["overhead"])) for r in timing if r["mode"] == mode)
+        pts = sorted((r["interval"], 100 * r["overhead"]) for r in timing if r["mode"] == mode)
         if not pts:
             continue
         if mode.startswith("per_step"):  # independent of the interval: a level line

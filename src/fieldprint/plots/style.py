@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from fieldprint.results import atomic_write_bytes  # noqa: E402
 
 matplotlib.rcParams.update(
     {
@@ -40,16 +43,13 @@ def figure(ncols: int = 1, nrows: int = 1, wide: bool = False, height: float = 2
 
 def source_label(manifest: dict[str, Any]) -> str:
     """'NVIDIA H200, 2026-11-29' or 'CPU, 2026-11-29': where the plotted numbers came from."""
-    where = manifest.get("gpu") or f"CPU ({manifest.get('cpu_count', '?')} cores)"
-    return f"{where}, {str(manifest.get('date', '?'))[:10]}"
+    where = manifest["gpu"] or f"CPU ({manifest['cpu_count']} cores)"
+    # a "$" in a name would start matplotlib's math mode
+    return f"{where}, {manifest['date'][:10]}".replace("$", r"\$")
 
 
 def save(fig, out_stem: str | Path) -> None:
     """Write ``out_stem``.pdf and .png with no timestamps inside, then close the figure."""
-    import io
-
-    from fieldprint.experiments.common import atomic_write_bytes
-
     out_stem = Path(out_stem)
     for ext, kwargs in (("pdf", {"metadata": {"CreationDate": None, "ModDate": None}}),
                         ("png", {"metadata": {"Software": None}})):

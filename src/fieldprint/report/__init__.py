@@ -25,8 +25,20 @@ class Claim:
     evidence: str  # the numbers behind the verdict, e.g. "0.93x at B=16, L=32K"
 
 
-def latex_escape(text: str) -> str:
-    return re.sub(r"([%&#_$])", r"\\\1", text)
+# LaTeX's special characters -> their printed form, line breaks -> spaces (a blank line would end
+# the paragraph inside a macro argument). One pass (str.translate), so the backslashes this
+# introduces are never escaped again.
+_LATEX_SPECIALS = str.maketrans({
+    "\\": r"\textbackslash{}", "{": r"\{", "}": r"\}", "%": r"\%", "&": r"\&", "#": r"\#",
+    "_": r"\_", "$": r"\$", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+    "\n": " ", "\r": " ", "\t": " ",
+})
+
+
+def latex_escape(text: object) -> str:
+    """``text`` (a value from a results file or manifest) as LaTeX that prints it verbatim: every
+    string that reaches the paper from data goes through here, so none can inject a command."""
+    return str(text).translate(_LATEX_SPECIALS)
 
 
 def render_macros(values: dict[str, str]) -> str:

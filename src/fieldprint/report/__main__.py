@@ -2,7 +2,7 @@
 
     python -m fieldprint.report macros <experiment> <results.csv> <out.tex>
     python -m fieldprint.report claims <out.md> <experiment>=<results.csv> ...
-    python -m fieldprint.report environment <gpu_results.csv> <local_results.csv> <out.tex>
+    python -m fieldprint.report environment <gpu.manifest.json> <local.manifest.json> <out.tex>
     python -m fieldprint.report reproduction <out.md> <reference_dir> <experiment>=<results.csv> ...
     python -m fieldprint.report index <out.tex> <generated.tex> ...
 """
@@ -11,17 +11,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
+import sys
 from pathlib import Path
 
-from fieldprint.experiments.common import atomic_write_text, read_csv
 from fieldprint.report import Claim, render_macros
 from fieldprint.report.provenance import environment_macros, reproduction_report
-
-
-def _load(csv_path: Path) -> tuple[list[dict[str, str]], dict]:
-    manifest_path = csv_path.with_name(csv_path.name.removesuffix(".csv") + ".manifest.json")
-    return read_csv(csv_path), json.loads(manifest_path.read_text())
+from fieldprint.results import ResultsError, atomic_write_text, load_results
 
 
 def _report(experiment: str):
@@ -29,8 +24,8 @@ def _report(experiment: str):
 
 
 def write_macros(experiment: str, csv_path: Path, out: Path) -> None:
-    rows, manifest = _load(csv_path)
-    atomic_write_text(out, render_macros(_report(experiment).macros(rows, manifest)))
+    res = load_results(experiment, csv_path)
+    atomic_write_text(out, render_macros(_report(experiment).macros(res.rows, res.manifest)))
 
 
 def write_claims(out: Path, inputs: list[str]) -> None:
@@ -38,8 +33,9 @@ def write_claims(out: Path, inputs: list[str]) -> None:
     total = supported = 0
     for item in inputs:
         experiment, _, csv_name = item.partition("=")
-        rows, manifest = _load(Path(csv_name))
-        claims: list[Claim] = _report(experiment).claims(rows, manifest)
+        res = load_results(experiment, csv_name)
+        manifest = res.manifest
+        claims: list[Claim] = _report(experiment).claims(res.rows, manifest)
         where = manifest.get("gpu") or "CPU"
         sections += [f"## {experiment} ({where}, {str(manifest.get('date'))[:10]}, `{csv_name}`)", ""]
         for c in claims:
@@ -53,6 +49,13 @@ def write_claims(out: Path, inputs: list[str]) -> None:
 
 
 def main() -> None:
+    try:
+        _main()
+    except ResultsError as err:  # bad data: the file, line and column, without a traceback
+        sys.exit(f"fieldprint.report: {err}")
+
+
+def _main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     m = sub.add_parser("macros")
@@ -63,8 +66,8 @@ def main() -> None:
     c.add_argument("out", type=Path)
     c.add_argument("inputs", nargs="+", help="experiment=results.csv")
     e = sub.add_parser("environment")
-    e.add_argument("gpu_csv", type=Path)
-    e.add_argument("local_csv", type=Path)
+    e.add_argument("gpu_manifest", type=Path, help="manifest of the results the GPU numbers come from")
+    e.add_argument("local_manifest", type=Path, help="manifest of a result measured on this machine")
     e.add_argument("out", type=Path)
     r = sub.add_parser("reproduction")
     r.add_argument("out", type=Path)
@@ -82,7 +85,7 @@ def main() -> None:
     elif args.command == "claims":
         write_claims(args.out, args.inputs)
     elif args.command == "environment":
-        atomic_write_text(args.out, render_macros(environment_macros(args.gpu_csv, args.local_csv)))
+        atomic_write_text(args.out, render_macros(environment_macros(args.gpu_manifest, args.local_manifest)))
     else:
         pairs = [(exp, Path(p)) for exp, _, p in (item.partition("=") for item in args.inputs)]
         atomic_write_text(args.out, reproduction_report(args.reference_dir, pairs, _report))

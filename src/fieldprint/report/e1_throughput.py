@@ -2,29 +2,30 @@
 
 from __future__ import annotations
 
-from fieldprint.report import Claim
+from fieldprint.report import Claim, latex_escape
 
 TARGETS = [(64, 4096, 0.9), (16, 32768, 0.9), (1, 131072, 0.85)]  # (B, L, min ratio to cuDNN)
 KEY_SHAPE = {(64, 4096): "b64l4k", (16, 32768): "b16l32k", (4, 131072): "b4l128k", (1, 131072): "b1l128k"}
 
 
-def _f(x: str) -> float | None:
-    return float(x) if x not in ("", None) else None
-
-
 def _row(rows, impl, mode="decode", batch=None, context=None, anchors=64, kv="bf16"):
     for r in rows:
-        if (r["impl"] == impl and r["mode"] == mode and r["kv_dtype"] == kv and int(r["anchors"]) == anchors
-                and (batch is None or int(r["batch"]) == batch) and int(r["context"]) == context):
+        if (r["impl"] == impl and r["mode"] == mode and r["kv_dtype"] == kv and r["anchors"] == anchors
+                and (batch is None or r["batch"] == batch) and r["context"] == context):
             return r
     return None
 
 
+def _value(row, col: str) -> float | None:
+    """``row[col]``, None when the row is missing or the implementation did not run."""
+    return None if row is None else row[col]
+
+
 def _ratio(a, b, col="ms") -> float | None:
     """time(b) / time(a): how many times faster ``a`` is."""
-    if a is None or b is None or _f(a[col]) is None or _f(b[col]) is None:
+    if _value(a, col) is None or _value(b, col) is None:
         return None
-    return float(b[col]) / float(a[col])
+    return b[col] / a[col]
 
 
 def _fmt(x: float | None, digits: int = 2) -> str:
@@ -32,12 +33,13 @@ def _fmt(x: float | None, digits: int = 2) -> str:
 
 
 def macros(rows, manifest) -> dict[str, str]:
-    m: dict[str, str] = {"e1.gpu": manifest.get("gpu") or "CPU", "e1.date": str(manifest.get("date", ""))[:10]}
+    m: dict[str, str] = {"e1.gpu": latex_escape(manifest["gpu"] or "CPU"),
+                         "e1.date": latex_escape(manifest["date"][:10])}
     for (B, L), key in KEY_SHAPE.items():
         fused = _row(rows, "fused", batch=B, context=L)
         cudnn = _row(rows, "cudnn_sdpa", batch=B, context=L)
-        m[f"e1.fused_tbps_{key}"] = _fmt(_f(fused["tbps"]) if fused else None)
-        m[f"e1.cudnn_tbps_{key}"] = _fmt(_f(cudnn["tbps"]) if cudnn else None)
+        m[f"e1.fused_tbps_{key}"] = _fmt(_value(fused, "tbps"))
+        m[f"e1.cudnn_tbps_{key}"] = _fmt(_value(cudnn, "tbps"))
         m[f"e1.ratio_cudnn_{key}"] = _fmt(_ratio(fused, cudnn))
         m[f"e1.ratio_gather_{key}"] = _fmt(_ratio(fused, _row(rows, "gather_sdpa", batch=B, context=L)), 1)
         m[f"e1.ratio_cascade_{key}"] = _fmt(_ratio(fused, _row(rows, "cascade", batch=B, context=L)))
@@ -49,10 +51,10 @@ def macros(rows, manifest) -> dict[str, str]:
         key = f"{L // 1024}k"
         fused = _row(rows, "fused", mode="prefill", context=L)
         flash = _row(rows, "flash_sdpa", mode="prefill", context=L)
-        m[f"e1.prefill_fused_tflops_{key}"] = _fmt(_f(fused["tflops"]) if fused else None, 0)
-        m[f"e1.prefill_flash_tflops_{key}"] = _fmt(_f(flash["tflops"]) if flash else None, 0)
+        m[f"e1.prefill_fused_tflops_{key}"] = _fmt(_value(fused, "tflops"), 0)
+        m[f"e1.prefill_flash_tflops_{key}"] = _fmt(_value(flash, "tflops"), 0)
         m[f"e1.prefill_ratio_flash_{key}"] = _fmt(_ratio(fused, flash))
-    errs = [_f(r["rel_err"]) for r in rows if r["rel_err"] != ""]
+    errs = [r["rel_err"] for r in rows if r["rel_err"] is not None]
     m["e1.max_rel_err"] = _fmt(max(errs) if errs else None, 4)
     m["e1.rows_skipped"] = str(sum(1 for r in rows if r["skipped"]))
     return m
@@ -67,7 +69,7 @@ def claims(rows, manifest) -> list[Claim]:
                          f"Paged fused decode with 64 anchors reaches >= {need}x the bandwidth of "
                          f"contiguous cuDNN SDPA at B={B}, L={L}.",
                          r is not None and r >= need,
-                         f"{_fmt(r)}x ({fused['tbps'] if fused else '?'} vs {cudnn['tbps'] if cudnn else '?'} TB/s)"
+                         f"{_fmt(r)}x ({fused['tbps']:.4g} vs {cudnn['tbps']:.4g} TB/s)"
                          if r is not None else "not measured"))
     gains = []
     no_anchor = []
@@ -102,7 +104,7 @@ def claims(rows, manifest) -> list[Claim]:
                          "every decode shape with anchors.", worst is not None and worst >= 0.95,
                          f"speed ratio min {_fmt(worst)}, max {_fmt(max(rs) if rs else None)} "
                          f"({'beats' if worst and worst > 1.05 else 'matches at best' if worst else '?'})"))
-    errs = [(r["impl"], _f(r["rel_err"])) for r in rows if r["rel_err"] != ""]
+    errs = [(r["impl"], r["rel_err"]) for r in rows if r["rel_err"] is not None]
     bad = [f"{i}: {e:.2e}" for i, e in errs if e > 3e-2]
     out.append(Claim("e1.correct", "Every timed implementation agrees with the reference (max rel. err <= 3e-2).",
                      bool(errs) and not bad, "; ".join(bad) or f"{len(errs)} rows checked"))

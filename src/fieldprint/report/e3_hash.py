@@ -9,15 +9,15 @@ from fieldprint.report import Claim, latex_escape
 NA = "n/a"
 
 
-def _ok(rows, impl, fmt="", rounding=""):
+def _ok(rows, impl, fmt=None, rounding=None):
     """{bytes: row} of the successful measurements of one impl (and quant case)."""
-    return {int(r["bytes"]): r for r in rows
+    return {r["bytes"]: r for r in rows
             if r["impl"] == impl and r["status"] == "ok" and r["device"] == "cuda"
             and r["fmt"] == fmt and r["rounding"] == rounding}
 
 
 def _cpu(rows, impl):
-    return {int(r["bytes"]): r for r in rows if r["impl"] == impl and r["status"] == "ok"}
+    return {r["bytes"]: r for r in rows if r["impl"] == impl and r["status"] == "ok"}
 
 
 def _size(nbytes: int) -> str:
@@ -46,39 +46,39 @@ def summary(rows) -> dict:
                "d2h_pinned_x": None, "d2h_pageable_x": None, "peak_gib": None}
     if gpu:
         top = max(gpu)
-        s.update(gpu_bytes=top, gpu_gbps=float(gpu[top]["gbps"]))
+        s.update(gpu_bytes=top, gpu_gbps=gpu[top]["gbps"])
         if top in many:
-            s["many_gbps"] = float(many[top]["gbps"])
+            s["many_gbps"] = many[top]["gbps"]
         if top in copy:
-            s["copy_gbps"] = float(copy[top]["gbps"])
+            s["copy_gbps"] = copy[top]["gbps"]
     if cpu_all:
         top = max(cpu_all)
-        s.update(cpu_bytes=top, cpu_all_gbps=float(cpu_all[top]["gbps"]),
-                 cpu_threads=int(cpu_all[top]["threads"]))
+        s.update(cpu_bytes=top, cpu_all_gbps=cpu_all[top]["gbps"],
+                 cpu_threads=cpu_all[top]["threads"])
         if top in cpu_1t:
-            s["cpu_1t_gbps"] = float(cpu_1t[top]["gbps"])
+            s["cpu_1t_gbps"] = cpu_1t[top]["gbps"]
         if top in sha:
-            s["sha_gbps"] = float(sha[top]["gbps"])
+            s["sha_gbps"] = sha[top]["gbps"]
     common = sorted(set(gpu) & set(cpu_all))
     if common:
         b = common[-1]
         s.update(common_bytes=b,
-                 gpu_over_cpu=float(gpu[b]["gbps"]) / float(cpu_all[b]["gbps"]))
+                 gpu_over_cpu=gpu[b]["gbps"] / cpu_all[b]["gbps"])
     for fmt, rounding in _quant_cases(rows):
         q = _ok(rows, "quant_blake3_gpu", fmt, rounding)
         both = sorted(set(q) & set(many))
         if both:
             b = both[-1]
             s["quant_bytes"] = b
-            s["quant_ratios"][(fmt, rounding)] = float(q[b]["gbps"]) / float(many[b]["gbps"])
+            s["quant_ratios"][(fmt, rounding)] = q[b]["gbps"] / many[b]["gbps"]
     for fmt, rounding in _quant_cases(rows):
         fused = _ok(rows, "fused_quant_blake3_gpu", fmt, rounding)
         q = _ok(rows, "quant_blake3_gpu", fmt, rounding)
         both = sorted(set(fused) & set(many) & set(q))
         if both:
             b = both[-1]
-            s["fused_ratios"][(fmt, rounding)] = float(fused[b]["gbps"]) / float(many[b]["gbps"])
-            s["fused_over_unfused"][(fmt, rounding)] = float(fused[b]["gbps"]) / float(q[b]["gbps"])
+            s["fused_ratios"][(fmt, rounding)] = fused[b]["gbps"] / many[b]["gbps"]
+            s["fused_over_unfused"][(fmt, rounding)] = fused[b]["gbps"] / q[b]["gbps"]
     for impl, key in (("d2h_pinned_blake3", "d2h_pinned_x"), ("d2h_pageable_blake3",
                                                               "d2h_pageable_x")):
         d = _ok(rows, impl)
@@ -86,8 +86,8 @@ def summary(rows) -> dict:
         if both:
             b = both[-1]
             s["d2h_bytes"] = b
-            s[key] = float(d[b]["ms"]) / float(gpu[b]["ms"])
-    peaks = [float(r["peak_gpu_gib"]) for r in rows if r.get("peak_gpu_gib")]
+            s[key] = d[b]["ms"] / gpu[b]["ms"]
+    peaks = [r["peak_gpu_gib"] for r in rows if r["peak_gpu_gib"] is not None]
     if peaks:
         s["peak_gib"] = max(peaks)
     return s
@@ -102,9 +102,9 @@ def macros(rows, manifest) -> dict[str, str]:
     ratios = s["quant_ratios"]
     worst = min(ratios, key=ratios.get) if ratios else None
     out = {
-        "e3.device": latex_escape(manifest.get("gpu") or "CPU only"),
-        "e3.date": str(manifest.get("date", "?"))[:10],
-        "e3.cpu": latex_escape(str(manifest.get("cpu") or "?")),
+        "e3.device": latex_escape(manifest["gpu"] or "CPU only"),
+        "e3.date": latex_escape(manifest["date"][:10]),
+        "e3.cpu": latex_escape(manifest["cpu"] or "?"),
         "e3.cpu_threads": _f(s["cpu_threads"], "d"),
         "e3.gpu_bytes": _size(s["gpu_bytes"]) if s["gpu_bytes"] else NA,
         "e3.blake3_gpu_tbps": _f(s["gpu_gbps"] and s["gpu_gbps"] / 1e3, ".2f"),
@@ -140,7 +140,7 @@ def macros(rows, manifest) -> dict[str, str]:
 
 def claims(rows, manifest) -> list[Claim]:
     s = summary(rows)
-    where = manifest.get("gpu") or "no GPU in this run"
+    where = manifest["gpu"] or "no GPU in this run"
     gpu, cpu = s["gpu_gbps"], s["gpu_over_cpu"]
     ratios = s["quant_ratios"]
     worst = min(ratios, key=ratios.get) if ratios else None

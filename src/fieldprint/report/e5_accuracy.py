@@ -30,20 +30,16 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
-from fieldprint.report import Claim
+from fieldprint.report import Claim, latex_escape
 
 FLOAT_ATTENTION = ("reference", "naive")
-
-
-def _true(v: str) -> bool:
-    return str(v).lower() == "true"
 
 
 def _tag(rounding: str) -> str:
     return rounding.replace("_", "")  # macro keys: e5.pct.e4m3.twogrid
 
 
-def _reference(rows: list[dict[str, str]]) -> dict[str, str]:
+def _reference(rows: list[dict[str, Any]]) -> dict[str, Any]:
     refs = [r for r in rows if r["kind"] == "lm" and r["fmt"] == "reference"]
     if len(refs) != 1:
         raise ValueError(f"expected one lm reference row, found {len(refs)}")
@@ -53,34 +49,34 @@ def _reference(rows: list[dict[str, str]]) -> dict[str, str]:
 def _grouped(rows, kind: str, attention=FLOAT_ATTENTION) -> dict[tuple[str, str, bool], list[dict]]:
     out: dict[tuple[str, str, bool], list[dict]] = defaultdict(list)
     for r in rows:
-        if r["kind"] == kind and r["fmt"] != "reference" and r.get("attention", "reference") in attention:
-            out[(r["fmt"], r["rounding"], _true(r["anchors_quantized"]))].append(r)
+        if r["kind"] == kind and r["fmt"] != "reference" and r["attention"] in attention:
+            out[(r["fmt"], r["rounding"], r["anchors_quantized"])].append(r)
     return out
 
 
 def lm_cost(rows) -> dict[tuple[str, str, bool], tuple[float, float, float]]:
     """(fmt, rounding, anchors_quantized) -> (delta bpb mean, percent mean, percent std over seeds)."""
-    ref = float(_reference(rows)["bpb"])
+    ref = _reference(rows)["bpb"]
     out = {}
     for key, group in _grouped(rows, "lm").items():
-        pct = [100 * (float(r["bpb"]) - ref) / ref for r in group]
-        delta = statistics.fmean(float(r["bpb"]) - ref for r in group)
+        pct = [100 * (r["bpb"] - ref) / ref for r in group]
+        delta = statistics.fmean(r["bpb"] - ref for r in group)
         out[key] = (delta, statistics.fmean(pct), statistics.stdev(pct) if len(pct) > 1 else 0.0)
     return out
 
 
 def attention_error(rows) -> dict[tuple[str, str, bool], float]:
-    return {k: statistics.fmean(float(r["rel_err"]) for r in g)
+    return {k: statistics.fmean(r["rel_err"] for r in g)
             for k, g in _grouped(rows, "attention").items()}
 
 
 def kernel_gap(rows) -> float | None:
     """Largest |bpb(kernel) - bpb(float32 twin)| / reference, in percent (None: no kernel rows)."""
-    ref = float(_reference(rows)["bpb"])
-    floats = {(r["fmt"], r["rounding"], r["anchors_quantized"], r["seed"]): float(r["bpb"])
-              for r in rows if r["kind"] == "lm" and r.get("attention") in FLOAT_ATTENTION}
-    gaps = [abs(float(r["bpb"]) - floats[key]) / ref * 100
-            for r in rows if r["kind"] == "lm" and r.get("attention") == "kernel"
+    ref = _reference(rows)["bpb"]
+    floats = {(r["fmt"], r["rounding"], r["anchors_quantized"], r["seed"]): r["bpb"]
+              for r in rows if r["kind"] == "lm" and r["attention"] in FLOAT_ATTENTION}
+    gaps = [abs(r["bpb"] - floats[key]) / ref * 100
+            for r in rows if r["kind"] == "lm" and r["attention"] == "kernel"
             if (key := (r["fmt"], r["rounding"], r["anchors_quantized"], r["seed"])) in floats]
     return max(gaps) if gaps else None
 
@@ -92,22 +88,22 @@ def _signed(x: float, digits: int) -> str:
     return text.replace("-", "$-$")
 
 
-def macros(rows: list[dict[str, str]], manifest: dict[str, Any]) -> dict[str, str]:
+def macros(rows: list[dict[str, Any]], manifest: dict[str, Any]) -> dict[str, str]:
     ref = _reference(rows)
-    cfg = manifest.get("config", {})
+    cfg = manifest["config"]
     out = {
-        "e5.ref_bpb": f"{float(ref['bpb']):.3f}",
-        "e5.n_bytes": f"{int(ref['n_bytes']):,}".replace(",", "{,}"),
-        "e5.anchor_bytes": str(cfg.get("anchor_bytes", "?")),
-        "e5.window": str(cfg.get("window", "?")),
-        "e5.eval_windows": str(cfg.get("eval_windows", "?")),
+        "e5.ref_bpb": f"{ref['bpb']:.3f}",
+        "e5.n_bytes": f"{ref['n_bytes']:,}".replace(",", "{,}"),
+        "e5.anchor_bytes": latex_escape(cfg.get("anchor_bytes", "?")),
+        "e5.window": latex_escape(cfg.get("window", "?")),
+        "e5.eval_windows": latex_escape(cfg.get("eval_windows", "?")),
         "e5.n_seeds": str(len(cfg.get("seeds", [])) or "?"),
     }
     # facts of the checkpoint (n/a when it carries no training summary)
-    out["e5.params_m"] = f"{int(ref['params']) / 1e6:.1f}" if ref.get("params") else "n/a"
-    out["e5.train_val_bpb"] = f"{float(ref['train_val_bpb']):.3f}" if ref.get("train_val_bpb") else "n/a"
-    out["e5.train_steps"] = (f"{int(float(ref['train_steps'])):,}".replace(",", "{,}")
-                             if ref.get("train_steps") else "n/a")
+    out["e5.params_m"] = f"{ref['params'] / 1e6:.1f}"
+    out["e5.train_val_bpb"] = f"{ref['train_val_bpb']:.3f}" if ref["train_val_bpb"] is not None else "n/a"
+    out["e5.train_steps"] = (f"{ref['train_steps']:,}".replace(",", "{,}")
+                             if ref["train_steps"] is not None else "n/a")
     for (fmt, rounding, aq), (delta, pct, sd) in lm_cost(rows).items():
         key = f"{fmt}.{_tag(rounding)}"
         if aq:
@@ -126,8 +122,8 @@ def macros(rows: list[dict[str, str]], manifest: dict[str, Any]) -> dict[str, st
     return out
 
 
-def claims(rows: list[dict[str, str]], manifest: dict[str, Any]) -> list[Claim]:
-    ref = float(_reference(rows)["bpb"])
+def claims(rows: list[dict[str, Any]], manifest: dict[str, Any]) -> list[Claim]:
+    ref = _reference(rows)["bpb"]
     cost = lm_cost(rows)
     attn = attention_error(rows)
     out = [Claim("e5.model_real", "The evaluated model reaches at most 2.2 bits per byte on held-out plays "

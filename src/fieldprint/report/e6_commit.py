@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fieldprint.report import Claim
+from fieldprint.report import Claim, latex_escape
 
 PER_STEP = ("per_step_copy_cpu", "per_step_gpu")
 COMMIT = ("commit_sync", "commit_async")
@@ -10,23 +10,23 @@ TARGET_INTERVAL = 16
 TARGET_OVERHEAD = 0.02
 
 
-def _timing(rows: list[dict[str, str]]) -> dict[tuple[str, int], dict[str, str]]:
-    return {(r["mode"], int(r["interval"])): r for r in rows if r["kind"] == "timing"}
+def _timing(rows: list[dict]) -> dict[tuple[str, int], dict[str, str]]:
+    return {(r["mode"], r["interval"]): r for r in rows if r["kind"] == "timing"}
 
 
-def _tamper(rows: list[dict[str, str]]) -> dict[str, int]:
+def _tamper(rows: list[dict]) -> dict[str, int]:
     out = {"flips": 0, "detected": 0, "localized": 0, "anchor_flips": 0, "anchor_detected": 0,
            "false_positive": 0}
     for r in rows:
         if r["kind"] != "tamper":
             continue
-        out["flips"] += int(r["flips"])
-        out["detected"] += int(r["detected"])
-        out["localized"] += int(r["localized"])
-        out["false_positive"] = max(out["false_positive"], int(r["false_positive"]))
+        out["flips"] += r["flips"]
+        out["detected"] += r["detected"]
+        out["localized"] += r["localized"]
+        out["false_positive"] = max(out["false_positive"], r["false_positive"])
         if r["target"] == "anchor":
-            out["anchor_flips"] += int(r["flips"])
-            out["anchor_detected"] += int(r["detected"])
+            out["anchor_flips"] += r["flips"]
+            out["anchor_detected"] += r["detected"]
     return out
 
 
@@ -44,43 +44,42 @@ def _async_interval(timing: dict) -> int | None:
     return min(intervals, key=lambda i: abs(i - TARGET_INTERVAL)) if intervals else None
 
 
-def macros(rows: list[dict[str, str]], manifest: dict) -> dict[str, str]:
+def macros(rows: list[dict], manifest: dict) -> dict[str, str]:
     timing = _timing(rows)
     base = timing[("none", 1)]
     out = {
-        "e6.batch": base["batch"], "e6.context": base["context"], "e6.layers": base["layers"],
-        "e6.anchors": base["anchors"], "e6.steps": base["steps"], "e6.reps": base["reps"],
-        "e6.where": manifest.get("gpu") or "CPU",
-        "e6.none.ms_per_step": f"{float(base['ms_per_step']):.2f}",
-        "e6.none.tokens_per_s": f"{float(base['tokens_per_s']):,.0f}".replace(",", "{,}"),
+        **{f"e6.{name}": str(base[name]) for name in ("batch", "context", "layers", "anchors", "steps", "reps")},
+        "e6.where": latex_escape(manifest["gpu"] or "CPU"),
+        "e6.none.ms_per_step": f"{base['ms_per_step']:.2f}",
+        "e6.none.tokens_per_s": f"{base['tokens_per_s']:,.0f}".replace(",", "{,}"),
     }
-    base_ms = float(base["ms_per_step"])
+    base_ms = base["ms_per_step"]
     for (mode, interval), r in timing.items():
         if mode == "none":
             continue
         k = _key(mode, interval)
-        ms = float(r["ms_per_step"])
-        out[f"{k}.overhead_pct"] = _pct(float(r["overhead"]))
+        ms = r["ms_per_step"]
+        out[f"{k}.overhead_pct"] = _pct(r["overhead"])
         out[f"{k}.slowdown"] = f"{ms / base_ms:.2f}"
-        out[f"{k}.tokens_per_s"] = f"{float(r['tokens_per_s']):,.0f}".replace(",", "{,}")
-        out[f"{k}.d2h_bytes_per_step"] = f"{float(r['d2h_bytes_per_step']):,.0f}".replace(",", "{,}")
+        out[f"{k}.tokens_per_s"] = f"{r['tokens_per_s']:,.0f}".replace(",", "{,}")
+        out[f"{k}.d2h_bytes_per_step"] = f"{r['d2h_bytes_per_step']:,.0f}".replace(",", "{,}")
     # Interval-independent names for the text: the target interval (16, else the nearest run).
     i = _async_interval(timing)
     if i is not None:
         a = timing[("commit_async", i)]
         out["e6.target.interval"] = str(i)
-        out["e6.target.async_overhead_pct"] = _pct(float(a["overhead"]))
-        out["e6.target.async_d2h_bytes_per_step"] = f"{float(a['d2h_bytes_per_step']):.0f}"
+        out["e6.target.async_overhead_pct"] = _pct(a["overhead"])
+        out["e6.target.async_d2h_bytes_per_step"] = f"{a['d2h_bytes_per_step']:.0f}"
         # Extra time per commit: the per-step overhead times the steps between two commits.
-        out["e6.target.ms_per_commit"] = f"{(float(a['ms_per_step']) - base_ms) * i:.1f}"
+        out["e6.target.ms_per_commit"] = f"{(a['ms_per_step'] - base_ms) * i:.1f}"
         if ("commit_sync", i) in timing:
-            out["e6.target.sync_overhead_pct"] = _pct(float(timing[("commit_sync", i)]["overhead"]))
+            out["e6.target.sync_overhead_pct"] = _pct(timing[("commit_sync", i)]["overhead"])
         if ("per_step_copy_cpu", 1) in timing:
-            copy_ms = float(timing[("per_step_copy_cpu", 1)]["ms_per_step"])
-            out["e6.target.copy_vs_async"] = f"{copy_ms / float(a['ms_per_step']):.2f}"
+            copy_ms = timing[("per_step_copy_cpu", 1)]["ms_per_step"]
+            out["e6.target.copy_vs_async"] = f"{copy_ms / a['ms_per_step']:.2f}"
     if ("per_step_copy_cpu", 1) in timing:
         r = timing[("per_step_copy_cpu", 1)]
-        out["e6.copy.kib_per_step"] = f"{float(r['d2h_bytes_per_step']) / 1024:,.0f}".replace(",", "{,}")
+        out["e6.copy.kib_per_step"] = f"{r['d2h_bytes_per_step'] / 1024:,.0f}".replace(",", "{,}")
     t = _tamper(rows)
     if t["flips"]:
         out.update({
@@ -92,14 +91,14 @@ def macros(rows: list[dict[str, str]], manifest: dict) -> dict[str, str]:
     return out
 
 
-def claims(rows: list[dict[str, str]], manifest: dict) -> list[Claim]:
+def claims(rows: list[dict], manifest: dict) -> list[Claim]:
     timing = _timing(rows)
-    gpu = manifest.get("gpu")
+    gpu = manifest["gpu"]
     where = gpu or "CPU (a CPU run does not test the GPU timing claims)"
     result = []
     i = _async_interval(timing)
     if i is not None:
-        over = float(timing[("commit_async", i)]["overhead"])
+        over = timing[("commit_async", i)]["overhead"]
         result.append(Claim(
             "commit.async_overhead",
             f"Asynchronous commit-boundary verification costs at most 2% of decode time at interval {TARGET_INTERVAL}.",
@@ -107,8 +106,8 @@ def claims(rows: list[dict[str, str]], manifest: dict) -> list[Claim]:
             f"{100 * over:.2f}% at interval {i} on {where}",
         ))
     if ("per_step_copy_cpu", 1) in timing:
-        copy = float(timing[("per_step_copy_cpu", 1)]["overhead"])
-        ref = float(timing[("commit_async", i)]["overhead"]) if i is not None else None
+        copy = timing[("per_step_copy_cpu", 1)]["overhead"]
+        ref = timing[("commit_async", i)]["overhead"] if i is not None else None
         result.append(Claim(
             "commit.per_step_copy",
             "Copying every step's new KV to the host and hashing it there costs far more than "

@@ -3,33 +3,29 @@ fresh GPU run with the committed reference measurements."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from fieldprint.experiments.common import read_csv
 from fieldprint.report import latex_escape
+from fieldprint.results import load_results, read_manifest
 
 
-def manifest_of(csv_path: Path) -> dict:
-    return json.loads(csv_path.with_name(csv_path.name.removesuffix(".csv") + ".manifest.json").read_text())
-
-
-def environment_macros(gpu_csv: Path, local_csv: Path) -> dict[str, str]:
+def environment_macros(gpu_manifest: Path, local_manifest: Path) -> dict[str, str]:
     """``env.*`` keys from the manifest of a GPU experiment and of a locally run one."""
-    gpu, local = manifest_of(gpu_csv), manifest_of(local_csv)
-    return {
-        "env.gpu": latex_escape(gpu.get("gpu") or "no GPU"),
-        "env.date": str(gpu.get("date", "?"))[:10],
-        "env.driver": latex_escape(str(gpu.get("driver"))),
-        "env.cuda": latex_escape(str(gpu.get("cuda"))),
-        "env.torch": latex_escape(str(gpu.get("torch"))),
-        "env.triton": latex_escape(str(gpu.get("triton"))),
-        "env.python": str(gpu.get("python")),
-        "env.commit": str(gpu.get("commit", "?"))[:10],
-        "env.local_cpu_count": str(local.get("cpu_count")),
-        "env.local_torch": latex_escape(str(local.get("torch"))),
-        "env.local_date": str(local.get("date", "?"))[:10],
+    gpu, local = read_manifest(gpu_manifest), read_manifest(local_manifest)
+    values = {
+        "env.gpu": gpu["gpu"] or "no GPU",
+        "env.date": gpu["date"][:10],
+        "env.driver": gpu["driver"],
+        "env.cuda": gpu["cuda"],
+        "env.torch": gpu["torch"],
+        "env.triton": gpu["triton"],
+        "env.python": gpu["python"],
+        "env.commit": gpu["commit"][:10],
+        "env.local_cpu_count": local["cpu_count"],
+        "env.local_torch": local["torch"],
+        "env.local_date": local["date"][:10],
     }
+    return {key: latex_escape(value) for key, value in values.items()}
 
 
 def _numeric(values: dict[str, str]) -> dict[str, float]:
@@ -50,13 +46,15 @@ def reproduction_report(reference_dir: Path, pairs: list[tuple[str, Path]], repo
     for exp, fresh_csv in pairs:
         ref_csv = reference_dir / f"{exp}.csv"
         mod = report_module(exp)
-        fresh_rows, fresh_man = read_csv(fresh_csv), manifest_of(fresh_csv)
-        lines += [f"## {exp}", "", f"- this run: {fresh_man.get('gpu')}, {str(fresh_man.get('date'))[:10]}"]
+        fresh = load_results(exp, fresh_csv)
+        fresh_rows, fresh_man = fresh.rows, fresh.manifest
+        lines += [f"## {exp}", "", f"- this run: {fresh_man['gpu']}, {fresh_man['date'][:10]}"]
         if not ref_csv.exists():
             lines += [f"- no committed reference at `{ref_csv}`", ""]
             continue
-        ref_rows, ref_man = read_csv(ref_csv), manifest_of(ref_csv)
-        lines += [f"- reference: {ref_man.get('gpu')}, {str(ref_man.get('date'))[:10]}", "",
+        ref = load_results(exp, ref_csv)
+        ref_rows, ref_man = ref.rows, ref.manifest
+        lines += [f"- reference: {ref_man['gpu']}, {ref_man['date'][:10]}", "",
                   "| value | reference | this run | this / reference |", "| --- | --- | --- | --- |"]
         fresh_vals = _numeric(mod.macros(fresh_rows, fresh_man))
         ref_vals = _numeric(mod.macros(ref_rows, ref_man))
