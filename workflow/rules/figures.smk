@@ -9,6 +9,9 @@ rule figure:
         png="figures/{exp}.png",
     wildcard_constraints:
         exp="|".join(PAPER_EXPERIMENTS),
+    resources:
+        mem_mb=2000,
+        runtime=15,
     log:
         f"{RESULTS}/logs/figure.{{exp}}.log",
     conda:
@@ -25,6 +28,9 @@ rule smoke_figure:
         png="figures/smoke/{exp}.png",
     wildcard_constraints:
         exp="|".join(PAPER_EXPERIMENTS),
+    resources:
+        mem_mb=2000,
+        runtime=15,
     log:
         f"{RESULTS}/logs/smoke_figure.{{exp}}.log",
     conda:

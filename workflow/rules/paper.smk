@@ -8,6 +8,9 @@ rule macros:
         "paper/generated/{exp}.tex",
     wildcard_constraints:
         exp="|".join(PAPER_EXPERIMENTS),
+    resources:
+        mem_mb=2000,
+        runtime=15,
     log:
         f"{RESULTS}/logs/macros.{{exp}}.log",
     conda:
@@ -22,6 +25,9 @@ rule environment_macros:
         local=paper_source("e0_unfused"),
     output:
         "paper/generated/env.tex",
+    resources:
+        mem_mb=2000,
+        runtime=15,
     log:
         f"{RESULTS}/logs/env_macros.log",
     conda:
@@ -36,6 +42,9 @@ rule all_macros:
         "paper/generated/env.tex",
     output:
         "paper/generated/all.tex",
+    resources:
+        mem_mb=2000,
+        runtime=15,
     log:
         f"{RESULTS}/logs/all_macros.log",
     conda:
@@ -51,6 +60,9 @@ rule claims:
         f"{RESULTS}/claims.md",
     params:
         pairs=" ".join(f"{exp}={paper_source(exp)}" for exp in PAPER_EXPERIMENTS),
+    resources:
+        mem_mb=2000,
+        runtime=15,
     log:
         f"{RESULTS}/logs/claims.log",
     conda:
@@ -68,6 +80,9 @@ rule reproduction:
     params:
         reference=lambda w, input: os.path.dirname(input.reference[0]),
         pairs=" ".join(f"{exp}={result(exp, 'paper')}" for exp in GPU_EXPERIMENTS),
+    resources:
+        mem_mb=2000,
+        runtime=15,
     log:
         f"{RESULTS}/logs/reproduction.log",
     conda:
@@ -86,6 +101,9 @@ rule paper:
         expand("figures/{exp}.pdf", exp=PAPER_EXPERIMENTS),
     output:
         PAPER_PDF,
+    resources:
+        mem_mb=2000,
+        runtime=15,
     log:
         f"{RESULTS}/logs/paper.log",
     conda:
