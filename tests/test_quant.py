@@ -599,3 +599,19 @@ def test_every_bf16_value_at_an_extreme_scale_triton_equals_torch(fmt, k):
         if a.helper is not None:
             assert torch.equal(a.helper, b.helper)
         assert torch.equal(_codes_of(b), _reference_codes(_ALL_BF16, fmt, rounding, k, seed)[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_cuda_kernel_every_bf16_value_at_the_extreme_scales(fmt):
+    """The compiled kernel on the sweep of every finite bf16 value gives the float64 spec's codes."""
+    x = _ALL_BF16.cuda()
+    for k in EXTREME_K if FORMATS[fmt].scaled else (0,):
+        for rounding in ROUNDINGS:
+            seed = 2**40 + 3 if rounding == "stochastic" else None
+            qt = quantize(x, fmt, rounding, seed=seed, scale=2.0**k)
+            want = _reference_codes(_ALL_BF16, fmt, rounding, k, seed)[0]
+            assert torch.equal(_codes_of(qt).cpu(), want), (k, rounding)
+            if rounding == "two_grid":
+                assert torch.equal(qt.helper.cpu(), quantize(_ALL_BF16, fmt, rounding, scale=2.0**k).helper)
