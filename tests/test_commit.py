@@ -259,8 +259,7 @@ def test_nan_page_leaves_the_committer_as_before_and_the_flag_is_per_commit(back
     for poison in (True, False):
         gen = torch.Generator().manual_seed(20)
         cache, seqs = _filled(20)
-        c = Committer(cache, mode="commit_sync", quant_backend=backend,
-                      hash_backend="triton" if backend == "triton" else "auto")
+        c = Committer(cache, mode="commit_sync", quant_backend=backend)  # the flag is the quantizer's
         c.commit([p for s in seqs for p in cache.complete_pages(s)])
         _grow(cache, seqs, 4, gen)  # seals one page of each sequence
         sealed = cache.sequences[seqs[1]].blocks[3]
