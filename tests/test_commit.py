@@ -420,3 +420,22 @@ def test_gpu_async_commit_of_a_nan_page_rolls_back():
         runs[poison] = (c.roots()[-1], len(c.leaves))
         assert c.verify().ok and c.verify_live().ok
     assert runs[True] == runs[False]
+
+
+def test_anchor_being_prefilled_is_committed_only_once_complete():
+    """A commit between reserve_anchor and the last write_anchor leaves the anchor out (its
+    unwritten layers would be committed as zeros); the next commit takes it."""
+    from fieldprint.cache import PagedKVCache
+    from fieldprint.commit import Committer
+
+    gen = torch.Generator().manual_seed(5)
+    cache = PagedKVCache(2, 8, 4, 1, 8, dtype=torch.float32)
+    anchor = cache.reserve_anchor(6)
+    cache.write_anchor(0, anchor, torch.randn(6, 1, 8, generator=gen), torch.randn(6, 1, 8, generator=gen))
+    committer = Committer(cache, mode="commit_sync", interval=1, fmt="e4m3", rounding="rne")
+    committer.commit([])
+    assert len(committer.leaves) == 0
+    cache.write_anchor(1, anchor, torch.randn(6, 1, 8, generator=gen), torch.randn(6, 1, 8, generator=gen))
+    committer.commit([])
+    assert {leaf.page.kind for leaf in committer.leaves} == {"anchor"} and len(committer.leaves) == 2 * 2 * 2
+    assert committer.verify().ok

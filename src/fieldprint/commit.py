@@ -210,7 +210,9 @@ class Committer:
                                                                                   for p in pages)):
             raise TypeError("pages must be a list of PageRef (from PagedKVCache.complete_pages)")
         self._harvest(wait=False)  # a failed commit in flight raises here, before this one starts
-        new_anchors = [a for a in sorted(self.cache.anchors) if a not in self._anchors_done]
+        # an anchor whose prefill is still writing its layers is committed once it is complete
+        new_anchors = [a for a in sorted(self.cache.anchors)
+                       if a not in self._anchors_done and self.cache.anchor_complete(a)]
         taken: tuple[PageRef, ...] = ()
         if pages is None:
             taken = tuple(self.cache.take_sealed())
