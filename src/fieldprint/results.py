@@ -430,6 +430,20 @@ def _expect_e4(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _expect_e4r(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
+    cfg = manifest["config"]
+    on_gpu = manifest["gpu"] is not None and cfg["device"] != "cpu"
+    out = []
+    for mode in cfg["modes"]:
+        # the cpu scenario needs a GPU prover and the default mode (see the experiment)
+        scenarios = [s for s in cfg["scenarios"] if s != "cpu" or (on_gpu and mode == "default")]
+        out += [{"measure": "recompute", "mode": mode, "scenario": s, "fmt": f.split(":")[0],
+                 "rounding": f.split(":")[1]} for s in scenarios for f in cfg["formats"]]
+        if on_gpu:
+            out += [{"measure": "cost", "mode": mode, "what": w} for w in ("prefill", "decode")]
+    return out
+
+
 def _expect_e5_accuracy(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
     cfg = manifest["config"]
     def runs(formats: Iterable[str]):
@@ -460,7 +474,7 @@ def _expect_e6(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
     batches = cfg["batches"] if "batches" in cfg else [cfg["batch"]]
     out = [{"kind": "timing", "mode": m, "interval": i, "batch": b} for b in batches for m, i in timing]
     if cfg["tamper_trials"]:
-        out += [{"kind": "tamper", "batch": b} for b in batches]
+        out.append({"kind": "tamper", "batch": batches[0]})
     return out
 
 
@@ -474,6 +488,7 @@ def _columns(spec: str, required: bool | When = True, absent_ok: bool = False) -
 _E1_TIMED = When("skipped", "")  # every implementation that ran
 _E3_MEASURED = When("status", "ok(: .*)?")
 _E4_OK = When("status", "ok")
+_E4R_RECOMPUTE, _E4R_COST = When("measure", "recompute"), When("measure", "cost")
 _E6_TIMING, _E6_TAMPER = When("kind", "timing"), When("kind", "tamper")
 _E5_LM, _E5_ATTN = When("kind", "lm"), When("kind", "attention")
 _E2_VARIANT, _E2_FLAT, _E2_HBM = When("kind", "variant"), When("kind", "flat"), When("kind", "hbm")
@@ -523,6 +538,13 @@ SCHEMAS: dict[str, Schema] = {s.name: s for s in (
                    "frac_over_bound:float", _E4_OK)
         + _columns("device:str status:str")),
         key=("variant", "out_dtype", "fmt", "rounding", "page_elems"), expected=_expect_e4),
+    Schema("e4_recompute", tuple(
+        _columns("measure:str model:str mode:str")
+        + _columns("scenario:str fmt:str rounding:str layer:int kind:str pages:int bitwise:int matched:int "
+                   "max_over_bound:float verifier_device:str", _E4R_RECOMPUTE)
+        + _columns("what:str batch:int tokens:int reps:int ms:float ms_q1:float ms_q3:float", _E4R_COST)
+        + _columns("device:str")),
+        key=("measure", "mode", "scenario", "fmt", "rounding", "layer", "kind", "what"), expected=_expect_e4r),
     Schema("e5_train", tuple(_columns(
         "step:int tokens:int seconds:float lr:float train_loss:float val_loss:float val_bpb:float "
         "final:bool")),
