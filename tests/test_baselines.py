@@ -3,18 +3,14 @@ merge, prefix blocks; contiguous SDPA setup on the CPU math backend."""
 
 from __future__ import annotations
 
-import os
+import importlib.util
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels on the CPU
+import pytest
+import torch
 
-import importlib.util  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from fieldprint.attention import baselines as bl  # noqa: E402
-from fieldprint.attention import reference_attention  # noqa: E402
-from fieldprint.attention.paged_inputs import make_case  # noqa: E402
+from fieldprint.attention import baselines as bl
+from fieldprint.attention import reference_attention
+from fieldprint.attention.paged_inputs import make_case
 
 HQ, HKV, D, BS = 4, 2, 16, 4
 HAVE_KERNEL = importlib.util.find_spec("fieldprint.attention.kernel") is not None
@@ -96,6 +92,7 @@ def test_merge_states_is_exact_and_handles_empty_side():
     _close(bl.merge_states(torch.zeros_like(oa), empty, ob, lb), ob)
 
 
+@pytest.mark.interpreted
 def test_merge_states_triton_interpreted():
     g = torch.Generator().manual_seed(6)
     oa, ob = torch.randn(2, 5, 3, 24, generator=g)
@@ -127,6 +124,7 @@ def test_prefix_blocks_matches_reference_and_needs_aligned_anchors():
 
 
 @pytest.mark.skipif(not HAVE_KERNEL, reason="fieldprint.attention.kernel not written yet")
+@pytest.mark.interpreted
 @pytest.mark.parametrize("name", ["fused", "cascade", "prefix_blocks"])
 @pytest.mark.parametrize("q_lens", [[1, 1], [3, 1]], ids=["decode", "prefill"])
 def test_kernel_baselines_interpreted(name, q_lens):

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import random
 
+import blake3
 import pytest
 import torch
 
-from fieldprint.cache import PagedKVCache
-from fieldprint.commit import Committer, _DeviceTree, _quantize_pages, page_id
-from fieldprint.merkle import MerkleTree, hash_pages, page_leaf_bytes
+from fieldprint.cache import PagedKVCache, PageRef
+from fieldprint.commit import Committer, page_id
+from fieldprint.commit_pages import quantize_pages
+from fieldprint.merkle import DeviceMerkleTree, MerkleTree, hash_pages, page_leaf_bytes
 from fieldprint.quant import quantize
+
+interpreted = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="needs CUDA or TRITON_INTERPRET=1")
 
 L, S, HKV, D = 2, 4, 2, 8
 
@@ -43,13 +49,20 @@ def test_device_tree_matches_merkle_tree_for_every_size_and_split():
     gen = torch.Generator().manual_seed(1)
     for n in range(1, 23):
         leaves = torch.randint(0, 256, (n, 32), generator=gen, dtype=torch.uint8)
-        tree = _DeviceTree(torch.device("cpu"), "auto")
+        tree = DeviceMerkleTree(torch.device("cpu"), "auto")
         i = 0
         while i < n:
             j = min(n, i + rng.randint(1, 5))
-            root = tree.append(leaves[i:j])
-            assert bytes(root.tolist()) == bytes(MerkleTree(leaves[:j]).root), (n, j)
-            i = j
+            grown = tree.append(leaves[i:j])
+            assert bytes(grown.root.tolist()) == bytes(MerkleTree(leaves[:j]).root.tolist()), (n, j)
+            assert tree.n == i and grown.n == j  # append leaves the old tree as it was
+            if i:
+                assert bytes(tree.root.tolist()) == bytes(MerkleTree(leaves[:i]).root.tolist())
+            tree, i = grown, j
+    with pytest.raises(ValueError, match="empty tree"):
+        _ = DeviceMerkleTree("cpu").root
+    with pytest.raises(ValueError, match="digests"):
+        DeviceMerkleTree("cpu").append(torch.zeros(0, 32, dtype=torch.uint8))
 
 
 def test_roots_stable_across_commits_and_physical_layout():
@@ -134,37 +147,33 @@ def test_leaves_are_merkle_page_leaves(fmt, rounding):
 def test_quantize_pages_equals_quantize_page_by_page(fmt, rounding):
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(5, S, HKV, D, generator=gen) * torch.tensor([1e-3, 1.0, 30.0, 0.0, 1e3]).reshape(5, 1, 1, 1)
-    codes, helper, scale, flag = _quantize_pages(x, fmt, rounding)
-    assert flag is None
+    codes, helper, scale, finite = quantize_pages(x, fmt, rounding)
+    assert finite.all() and scale.shape == (5, 1) and scale.dtype == torch.float32
     for i in range(5):
         qt = quantize(x[i], fmt, rounding)
-        assert torch.equal(codes[i], qt.codes.reshape(-1).contiguous().view(torch.uint8))
+        assert torch.equal(codes[i], qt.canonical_bytes()[:codes.shape[1]])
         assert helper.shape[1] == (0 if qt.helper is None else qt.helper.numel())
-        assert float(scale[i].view(torch.float32)) == float(qt.scale)
+        assert float(scale[i]) == float(qt.scale)
 
 
+@interpreted
 def test_triton_path_gives_the_same_root():
     """The GPU code path (Triton quantization with deferred finite check, Triton BLAKE3) on tiny
     pages: on a CPU it runs under TRITON_INTERPRET=1 (set by conftest)."""
-    import os
-
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     cache, seqs = _filled(12, lens=(5,), anchor_len=3)
     want = _commit_all(cache, seqs).root()
     got = _commit_all(cache, seqs, hash_backend="triton", quant_backend="triton")
     assert got.root() == want
     x = torch.randn(3, S, HKV, D, generator=torch.Generator().manual_seed(12))
-    for a, b in zip(_quantize_pages(x, "e4m3", "two_grid", "triton")[:3],
-                    _quantize_pages(x, "e4m3", "two_grid", "torch")[:3], strict=True):
+    for a, b in zip(quantize_pages(x, "e4m3", "two_grid", "triton"),
+                    quantize_pages(x, "e4m3", "two_grid", "torch"), strict=True):
         assert torch.equal(a, b)
     x[1, 0, 0, 0] = float("inf")
-    assert int(_quantize_pages(x, "e4m3", "two_grid", "triton")[3]) == 1
+    for backend in ("triton", "torch"):
+        assert quantize_pages(x, "e4m3", "two_grid", backend)[3].tolist() == [True, False, True]
 
 
 def test_per_step_modes_hash_every_step():
-    import blake3
-
     cache, seqs = _filled(9)
     for mode in ("per_step_copy_cpu", "per_step_gpu", "none"):
         c = Committer(cache, mode=mode)
@@ -195,6 +204,8 @@ def test_bad_inputs():
         Committer(cache, rounding="stochastic")
     with pytest.raises(ValueError, match="quant_backend"):
         Committer(cache, quant_backend="cuda")
+    with pytest.raises(ValueError, match="hash_backend"):
+        Committer(cache, hash_backend="gpu")  # refused at once, not at the first commit
     with pytest.raises(ValueError, match="multiple of 8"):
         Committer(PagedKVCache(1, 4, 4, 1, 3))
     with pytest.raises(ValueError, match="commit\\(\\) needs mode"):
@@ -211,7 +222,7 @@ def test_bad_inputs():
     c.commit([p for s in seqs for p in cache.complete_pages(s)])
     with pytest.raises(ValueError, match="root must be 32 bytes"):
         c.verify(root=b"short")
-    with pytest.raises(ValueError, match="do not hash to the committed root"):
+    with pytest.raises(ValueError, match="not one of this committer's committed roots"):
         c.verify(root=bytes(32))
     with pytest.raises(ValueError, match="leaf must be"):
         c.row_fields(len(c.leaves))
@@ -220,6 +231,105 @@ def test_bad_inputs():
     cache.k[0, cache.sequences[seqs[0]].blocks[0], 1, 0, 3] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         _commit_all(cache, seqs)
+    with pytest.raises(ValueError, match="block_size must be below 2\\*\\*16"):
+        Committer(PagedKVCache(1, 1, 2**16, 1, 8))
+
+
+def _state(c: Committer) -> tuple:
+    """Everything a commit changes, as plain values."""
+    return (len(c.leaves), list(c.leaves), len(c.store), c.commits, c.roots(),
+            [bytes(r.reshape(-1).tolist()) for r in c.store])
+
+
+def _grow(cache: PagedKVCache, seqs: list[int], steps: int, gen: torch.Generator) -> None:
+    for _ in range(steps):
+        slots = cache.extend(seqs, [1] * len(seqs))
+        for layer in range(L):
+            cache.write(layer, slots, torch.randn(len(seqs), HKV, D, generator=gen),
+                        torch.randn(len(seqs), HKV, D, generator=gen))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interpreted)])
+def test_nan_page_leaves_the_committer_as_before_and_the_flag_is_per_commit(backend):
+    """A commit over a NaN page raises and changes nothing; the sealed pages it took are kept,
+    so once the page is fixed the next commit lands them all: the roots then equal those of a
+    committer that never saw the NaN. On the Triton path the NaN flag does not stick."""
+    runs = {}
+    for poison in (True, False):
+        gen = torch.Generator().manual_seed(20)
+        cache, seqs = _filled(20)
+        c = Committer(cache, mode="commit_sync", quant_backend=backend,
+                      hash_backend="triton" if backend == "triton" else "auto")
+        c.commit([p for s in seqs for p in cache.complete_pages(s)])
+        _grow(cache, seqs, 4, gen)  # seals one page of each sequence
+        sealed = cache.sequences[seqs[1]].blocks[3]
+        if poison:
+            before = _state(c)
+            good = cache.v[1, sealed, 2, 1, 5].clone()
+            cache.v[1, sealed, 2, 1, 5] = float("nan")
+            with pytest.raises(ValueError, match=r"NaN or Inf in the V half of context page 3 of owner 1 .*layer 1"):
+                c.commit()
+            assert _state(c) == before and c.verify().ok
+            cache.v[1, sealed, 2, 1, 5] = good
+        c.commit()
+        assert c.verify().ok
+        runs[poison] = c.roots()
+    assert runs[True] == runs[False] and len(runs[True]) == 2
+
+
+def test_bad_pages_are_refused_before_anything_changes():
+    cache, seqs = _filled(21)
+    c = _commit_all(cache, seqs)
+    before = _state(c)
+    block = cache.sequences[seqs[0]].blocks[0]
+    for page, match in ((PageRef("context", 2**22, 0, block, S), "owner < 2\\*\\*22"),  # sequence id overflow
+                        (PageRef("context", 0, 2**24, block, S), "index < 2\\*\\*24"),
+                        (PageRef("context", 0, 0, cache.num_blocks, S), "block outside the pool"),
+                        (PageRef("context", 0, 0, block, 0), "tokens must be in"),
+                        (PageRef("other", 0, 0, block, S), "kind must be")):
+        with pytest.raises(ValueError, match=match):
+            c.commit(cache.complete_pages(seqs[0]) + [page])
+        assert _state(c) == before
+    assert c.verify().ok
+
+
+def test_sealed_pages_of_a_freed_sequence_are_dropped_after_a_failed_commit():
+    gen = torch.Generator().manual_seed(22)
+    cache, seqs = _filled(22)
+    c = _commit_all(cache, seqs)
+    _grow(cache, seqs, 4, gen)
+    cache.k[0, cache.sequences[seqs[0]].blocks[2]] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        c.commit()
+    c.fence()
+    cache.free_sequence(seqs[0])
+    n = len(c.leaves)
+    c.commit()  # the other sequence's sealed page only
+    assert [(leaf.page.owner, leaf.page.index) for leaf in c.leaves[n:]] == [(seqs[1], 3)] * (2 * L)
+    assert c.verify().ok
+
+
+def test_verify_any_committed_root():
+    cache, seqs = _filled(23)
+    gen = torch.Generator().manual_seed(23)
+    c = Committer(cache, mode="commit_sync", interval=4)
+    for _ in range(12):
+        slots = cache.extend(seqs, [1, 1])
+        for layer in range(L):
+            cache.write(layer, slots, torch.randn(2, HKV, D, generator=gen), torch.randn(2, HKV, D, generator=gen))
+        c.step(slots)
+    roots = c.roots()
+    assert len(roots) == 3
+    for n, r in roots:
+        res = c.verify(root=r)
+        assert res.ok and res.num_leaves == n and res.recomputed_root == r
+    last = len(c.leaves) - 1
+    c.row_fields(last)["codes"][0] ^= 4
+    assert c.verify(root=roots[0][1]).ok  # the first root does not cover the last leaf
+    res = c.verify(root=roots[-1][1])
+    assert not res.ok and res.tampered == [last]
+    with pytest.raises(ValueError, match="root must be 32 bytes"):
+        c.verify(root="ab" * 16)
 
 
 @pytest.mark.gpu
@@ -239,7 +349,7 @@ def test_gpu_async_equals_sync_and_cpu():
         c.row_fields(leaf)["codes"][0] ^= 1
         assert c.verify().tampered == [leaf]
     x = torch.randn(7, S, HKV, D, device="cuda", dtype=torch.bfloat16)
-    for got, want in zip(_quantize_pages(x, "e4m3", "two_grid")[:3], _quantize_pages(x.cpu(), "e4m3", "two_grid")[:3],
+    for got, want in zip(quantize_pages(x, "e4m3", "two_grid"), quantize_pages(x.cpu(), "e4m3", "two_grid"),
                          strict=True):
         assert torch.equal(got.cpu(), want)
 

@@ -13,14 +13,15 @@ CFG = ModelConfig(n_layer=2, d_model=128, n_head=2, n_kv_head=1, context=96, voc
 def _setup(model, seed: int):
     """A cache with a 19-token anchor shared by three ragged prompts (prefilled)."""
     g = torch.Generator().manual_seed(seed)
+    dev = model.embed.weight.device
     cache = model.new_cache(num_blocks=24, block_size=16, dtype=torch.bfloat16, seed=seed)
     cache.scratch_slot()  # taken first in every cache, so that both paths allocate the same pages
-    anchor = prefill_anchor(model, cache, torch.randint(0, 64, (19,), generator=g), attention="kernel")
-    prompts = [torch.randint(0, 64, (n,), generator=g) for n in (15, 1, 33)]
+    anchor = prefill_anchor(model, cache, torch.randint(0, 64, (19,), generator=g).to(dev), attention="kernel")
+    prompts = [torch.randint(0, 64, (n,), generator=g).to(dev) for n in (15, 1, 33)]
     seqs = [cache.add_sequence(anchor=anchor) for _ in prompts]
     logits, _ = forward_sequences(model, cache, seqs, torch.cat(prompts), [p.numel() for p in prompts],
                                   attention="kernel")
-    ends = torch.tensor([p.numel() for p in prompts]).cumsum(0) - 1
+    ends = torch.tensor([p.numel() for p in prompts], device=dev).cumsum(0) - 1
     return cache, seqs, logits[ends].argmax(-1)
 
 

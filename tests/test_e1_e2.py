@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
+import pytest
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels on the CPU
-
-import pytest  # noqa: E402
-
-from fieldprint.experiments import e1_throughput as e1  # noqa: E402
-from fieldprint.experiments import e2_sram as e2  # noqa: E402
-from fieldprint.experiments.common import compose  # noqa: E402
-from fieldprint.report import e1_throughput as r1  # noqa: E402
-from fieldprint.report import e2_sram as r2  # noqa: E402
+from fieldprint.experiments import e1_throughput as e1
+from fieldprint.experiments import e2_sram as e2
+from fieldprint.experiments.common import compose
+from fieldprint.report import e1_throughput as r1
+from fieldprint.report import e2_sram as r2
 
 
 @pytest.mark.parametrize("scale", ["smoke", "paper"])
@@ -36,6 +32,7 @@ def test_bad_configs_are_clear_errors():
         compose("e1_throughput", e1.E1Config, ["+nonsense=1"])
 
 
+@pytest.mark.interpreted
 def test_e1_tiny_run_on_cpu():
     cfg = e1.E1Config(decode_shapes=[[2, 20]], anchors=[16], prefill_contexts=[], prefill_anchors=[],
                       impls=["fused", "naive", "gather_sdpa", "cudnn_sdpa"], warmup_ms=1, rep_ms=1,

@@ -136,6 +136,7 @@ def _ok_pages():
     (lambda x: _fused(x, page_ids=[0], layer=0, kind="k"), ValueError, "page_ids"),
     (lambda x: _fused(x, page_ids=[0, -1], layer=0, kind="k"), ValueError, "page_ids"),
     (lambda x: _fused(x, page_ids=torch.zeros(2), layer=0, kind="k"), TypeError, "page_ids"),
+    (lambda x: _fused(x, page_ids=[0.0, 1.5], layer=0, kind="k"), TypeError, "page_ids"),
     (lambda x: _fused(x, page_ids=[0, 1], layer=-1, kind="k"), ValueError, "layer"),
     (lambda x: _fused(x, page_ids=[0, 1], layer=0, kind="q"), ValueError, "kind"),
     (lambda x: _fused(x, page_ids=[0, 1], layer=0, kind="k", key=b"short"), ValueError, "key"),
@@ -157,3 +158,21 @@ def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="pages must be on a CUDA device"):
         _fused(torch.randn((2, 4, 2, 16)), page_ids=[0, 1], layer=0, kind="k")
+
+
+def test_header_words_are_the_leaf_modules_and_checked(monkeypatch):
+    """The kernel's header words are fieldprint.leaf's header (page id words zero, filled per
+    lane); a kernel that wrote the page id elsewhere is refused at launch."""
+    from fieldprint.hashing import fused
+    from fieldprint.leaf import LeafSpec
+
+    spec = LeafSpec("int8", "stochastic", elems=32, seed=SEED)
+    words = fused._header_words(spec, 9, "v", torch.device("cpu"))
+    assert words.dtype == torch.int32 and words.shape == (16,)
+    got = b"".join((w & 0xFFFFFFFF).to_bytes(4, "little") for w in words.tolist())
+    assert got == spec.header(0, 9, "v")
+    fused._header_words.cache_clear()
+    monkeypatch.setattr(fused, "_PAGE_ID_WORD", 4)
+    with pytest.raises(RuntimeError, match="page-id words"):
+        fused._header_words(spec, 9, "v", torch.device("cpu"))
+    fused._header_words.cache_clear()

@@ -1,4 +1,5 @@
-"""BLAKE3 (fieldprint.hashing) against the `blake3` package and the official test vectors.
+"""BLAKE3 (fieldprint.hashing) against the `blake3` package and the official test vectors
+(tests/data/blake3_test_vectors.json).
 
 The Triton kernels run in the CPU interpreter (slow), so their cases stay at a few KB; the
 lengths are chosen to hit each code path: empty input, partial last block, exactly one chunk
@@ -6,6 +7,7 @@ lengths are chosen to hit each code path: empty input, partial last block, exact
 word-aligned and unaligned rows, several rows in one launch.
 """
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -16,10 +18,9 @@ import torch
 
 from fieldprint.hashing import blake3, blake3_many
 
-REPO = Path(__file__).resolve().parents[1]
-VECTORS = REPO.parent / "shared" / "blake3" / "test_vectors.json"
-# The official vectors' keyed-mode key (a field of test_vectors.json, repeated here so the same
-# cases are checked against the package without the file).
+# The official vectors, copied into the repository (provenance and licence: tests/data/README.md).
+VECTORS = Path(__file__).resolve().parent / "data" / "blake3_test_vectors.json"
+VECTORS_SHA256 = "dcb91ea8accc77e6d6e632af7cdc1a99a9f3ae78cf648da595c7d064db32f624"
 VECTOR_KEY = b"whats the Elvish word for friend"
 VECTOR_LENS = [0, 1, 2, 3, 4, 5, 6, 7, 8, 63, 64, 65, 127, 128, 129, 1023, 1024, 1025, 2048, 2049,
                3072, 3073, 4096, 4097, 5120, 5121, 6144, 6145, 7168, 7169, 8192, 8193, 16384,
@@ -55,33 +56,36 @@ def test_reference_backend_matches_package(length):
         _ref(data, key)
 
 
-def test_official_vectors_against_package():
-    """The official cases (i % 251 inputs, plain and keyed) through the public API; without the
-    vector file this still checks every case's length against the package."""
-    expected = {}
-    if VECTORS.exists():
-        doc = json.loads(VECTORS.read_text())
-        assert doc["key"].encode() == VECTOR_KEY
-        expected = {c["input_len"]: c for c in doc["cases"]}
-        assert sorted(expected) == VECTOR_LENS
+@pytest.fixture(scope="module")
+def vectors() -> dict[int, dict]:
+    """The official cases by input length, from the unchanged copy of the vector file."""
+    raw = VECTORS.read_bytes()
+    assert hashlib.sha256(raw).hexdigest() == VECTORS_SHA256, f"{VECTORS} differs from the official file"
+    doc = json.loads(raw)
+    assert doc["key"].encode() == VECTOR_KEY
+    cases = {c["input_len"]: c for c in doc["cases"]}
+    assert sorted(cases) == VECTOR_LENS
+    return cases
+
+
+def test_official_vectors_against_package(vectors):
+    """The official cases (i % 251 inputs, plain and keyed) through the public API, and the
+    package on the same inputs (so a disagreement says which side is wrong)."""
     for n in VECTOR_LENS:
         data = _vector_input(n)
         plain = bytes(blake3(data).tolist())
         keyed = bytes(blake3(data, key=VECTOR_KEY).tolist())
         assert plain == _ref(data)
         assert keyed == _ref(data, VECTOR_KEY)
-        if expected:
-            assert plain.hex() == expected[n]["hash"][:64]
-            assert keyed.hex() == expected[n]["keyed_hash"][:64]
+        assert plain.hex() == vectors[n]["hash"][:64]
+        assert keyed.hex() == vectors[n]["keyed_hash"][:64]
 
 
-@pytest.mark.skipif(not VECTORS.exists(), reason="../shared/blake3/test_vectors.json absent")
 @pytest.mark.parametrize("length,keyed", [(0, False), (65, True), (3072, True)])
-def test_official_vectors_triton(length, keyed):
-    case = {c["input_len"]: c for c in json.loads(VECTORS.read_text())["cases"]}[length]
+def test_official_vectors_triton(vectors, length, keyed):
     data = _vector_input(length)
     got = blake3(data, key=VECTOR_KEY if keyed else None, backend="triton")
-    assert bytes(got.tolist()).hex() == case["keyed_hash" if keyed else "hash"][:64]
+    assert bytes(got.tolist()).hex() == vectors[length]["keyed_hash" if keyed else "hash"][:64]
 
 
 @pytest.mark.parametrize("length,keyed", [(0, True), (1, False), (63, True), (64, False),
@@ -168,15 +172,35 @@ def test_bad_inputs(fn, monkeypatch):
         fn(ok, backend="triton")
 
 
+# The GPU test's cases: (rows, length) -> what each one covers. Triton compiles one kernel per
+# specialization of the integer arguments (each is specialized on == 1 and on being a multiple of
+# 16), and each BLAKE3 compile takes a while, so the cases are chosen to need nine compiles in
+# all (six chunk_kernel, three parent_kernel) rather than one per length: the unaligned multi-chunk
+# cases share one chunk_kernel specialization (no count, length or word count a multiple of 16),
+# and no tree level of any of them has a node count that is a multiple of 16.
+GPU_CASES = [
+    (1, 0),                # empty input (same specialization as the next)
+    (1, 64),               # exactly one block, aligned loads
+    (1, 37),               # less than one block, padded loads
+    (1, 1000),             # 16 blocks, partial last: the chunk is the root
+    (1, 1024),             # exactly one chunk
+    (3, 1025),             # 2 chunks per row: the root is a parent
+    (3, 4 * 1024 + 7),     # 5 chunks: an odd node carried up
+    (3, 33 * 1024 + 1),    # 34 chunks: 34 -> 9 -> 3 -> 1, two parent launches
+    (3, 5 * 1024),         # 5 whole chunks per row: aligned loads across chunks
+    (3, (1 << 20) + 3),    # 1025 chunks: six tree levels
+    (1, (1 << 22) + 3),    # 4097 chunks of one row (blake3(), not blake3_many)
+]
+
+
 @pytest.mark.gpu
-def test_gpu_matches_package_random_lengths():
-    rng = random.Random(11)
-    lengths = [0, 1, 64, 1024, 1025, 4096, 65537, 1 << 20, (1 << 22) + 3] + \
-        [rng.randrange(1, 1 << 21) for _ in range(8)]
-    for n in lengths:
-        data = torch.randint(0, 256, (n,), dtype=torch.uint8, device="cuda")
-        for key in (None, bytes(range(32))):
-            assert bytes(blake3(data, key=key).cpu().tolist()) == _ref(data.cpu(), key), n
-    rows = torch.randint(0, 256, (37, 16448), dtype=torch.uint8, device="cuda")
-    got = blake3_many(rows).cpu()
-    assert all(bytes(got[i].tolist()) == _ref(rows[i].cpu()) for i in range(37))
+@pytest.mark.parametrize("rows,length", GPU_CASES)
+def test_gpu_matches_package(rows, length):
+    gen = torch.Generator().manual_seed(length)
+    data = _rand(gen, rows, length)
+    key = _key(gen)
+    dev = data.cuda()
+    for k in (None, key):
+        got = blake3(dev[0], key=k) if rows == 1 else blake3_many(dev, key=k)
+        got = got.view(-1, 32).cpu()
+        assert [bytes(r.tolist()) for r in got] == [_ref(data[r], k) for r in range(rows)], (length, k)

@@ -14,6 +14,7 @@ digests of the new pages) crosses PCIe, into pinned host memory with ``non_block
         committer.step(slots)          # a commit every `interval` calls (per-step modes: every call)
     committer.root()                   # bytes(32): the latest committed root (waits if pending)
     committer.verify()                 # re-hash the stored pages, check root, localize tampering
+    committer.verify(root=r)           # the same for any root r of committer.roots()
 
 Modes (:data:`MODES`):
 
@@ -36,83 +37,90 @@ freeing or truncating sequences (which lets pages be reused), call :meth:`Commit
 the decode stream waits for the gather. The stored leaf rows are read by :meth:`verify` on the
 decode stream after a full synchronization, and ``record_stream`` marks each one used there.
 
-Page leaves: one per page, layer and K/V half, in the layout of ``fieldprint.merkle``
-(``page_leaf_bytes``, version 1): a 64-byte header (magic, page id, layer, kind, format,
-rounding, sizes), the codes, the page's power-of-two scale (float32), the two_grid helper bits,
-zero padding to a multiple of 64 bytes. Each page is quantized on its own, with the per-tensor
-scale rule of ``fieldprint.quant``; the K and V halves of a page get separate scales. The page id
-(:func:`page_id`) encodes anchor/context, owner, page index and valid tokens, so a leaf names
-a logical page and two caches with the same contents commit to the same root whatever physical
-pages they use. Padding slots of an anchor's last page are zeroed before quantization.
+Parts (each its own module): `fieldprint.commit_pages` turns cache pages into page leaves
+(layout `fieldprint.leaf`; page ids, quantization with one power-of-two scale per half-page);
+`fieldprint.commit_store.LeafStore` keeps the committed rows and the host copy of their digests
+and verifies them; `fieldprint.merkle.DeviceMerkleTree` is the tree on the device;
+`fieldprint.commit_baselines` holds the per-step modes. This module runs the commit stream and
+keeps the roots.
+
+Atomic commits. A commit either lands whole (leaves, rows, digests, tree, root) or leaves the
+committer as it was and raises a ValueError naming the reason: a page that cannot be a leaf
+(unknown kind, a block outside the pool, or a sequence/anchor id, page index or token count that
+does not fit the leaf header's page id, `fieldprint.commit_pages.page_id`) is refused before
+anything changes; a page holding NaN/Inf is found when the commit's work is read back (at once
+in ``commit_sync`` and on a CPU; at the next ``root()``, ``roots()``, ``verify()`` or commit in
+``commit_async``), and that commit and every later one still in flight are rolled back. Pages
+that a commit took from the cache's sealed list are kept by the committer until a commit lands
+them (pages of sequences freed or truncated meanwhile are dropped), so a failed commit loses
+none.
 
 The leaf digest is ``blake3_many(rows, key=merkle.LEAF_KEY)``; the rows themselves are kept on the
 device as the committed copy of the quantized pages (:attr:`Committer.store`), which
-:meth:`Committer.verify` re-hashes. Flip any bit of a stored row (codes, helper, scale, header or
-padding) and the recomputed root differs; comparing the recomputed leaves with the host's copy
-of the committed leaf digests and checking each Merkle proof against the committed root names
-the page. The rows are built on the device in one pass (headers prepared on the host and copied
-from pinned memory): ``page_leaf_bytes`` itself builds its headers with a pageable copy, which
-would make the host wait for the side stream.
+:meth:`Committer.verify` re-hashes. The rows are built on the device in one pass (headers prepared
+on the host and copied from pinned memory): ``page_leaf_bytes`` itself builds its headers with a
+pageable copy, which would make the host wait for the side stream.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-import struct
 from dataclasses import dataclass
 
 import torch
 
 from fieldprint.cache import PagedKVCache, PageRef
+from fieldprint.commit_baselines import PerStepCopyCPU, PerStepGPU
+from fieldprint.commit_pages import LeafRef, check_pages, leaf_headers, leaf_refs, page_id, page_leaf_rows
+from fieldprint.commit_store import LeafStore, VerifyResult
+from fieldprint.formats import FORMATS, ROUNDING_IDS
+from fieldprint.hashing import BACKENDS as HASH_BACKENDS
+from fieldprint.hashing import blake3_many
+from fieldprint.leaf import LeafSpec
+from fieldprint.merkle import LEAF_KEY, DeviceMerkleTree
+from fieldprint.quant import BACKENDS as QUANT_BACKENDS
+
+__all__ = ["COMMIT_MODES", "MODES", "Committer", "LeafRef", "VerifyResult", "page_id"]
 
 MODES = ("none", "per_step_copy_cpu", "per_step_gpu", "commit_sync", "commit_async")
 COMMIT_MODES = ("commit_sync", "commit_async")
-FORMATS = ("e4m3", "e5m2", "int8", "bf16", "fp16")
-ROUNDINGS = ("rne", "trunc", "two_grid")
-HEADER_BYTES = 64  # fieldprint.merkle page-leaf header
+ROUNDINGS = tuple(r for r in ROUNDING_IDS if r != "stochastic")  # stochastic would need a seed per page
 _ROOT_RING = 8  # pinned root buffers in flight
 
 
 @dataclass(frozen=True)
-class LeafRef:
-    """What leaf ``i`` of the tree commits to: the ``kind`` ("k" or "v") half of page ``page``
-    in layer ``layer``."""
+class _Before:
+    """The committer's state before a commit landed: what a rollback restores."""
 
-    page: PageRef
-    layer: int
-    kind: str
-
-
-def page_id(page: PageRef) -> int:
-    """The 64-bit page id of a leaf header: ``anchor << 62 | owner << 40 | index << 16 | tokens``
-    (owner: sequence or anchor id < 2**22; index: page of that owner < 2**24; tokens: valid
-    tokens < 2**16). It binds a leaf to its logical place, not to a physical pool page."""
-    if not (0 <= page.owner < 2**22 and 0 <= page.index < 2**24 and 0 <= page.tokens < 2**16):
-        raise ValueError(f"page {page} does not fit the 64-bit page id (owner < 2**22, index < 2**24)")
-    return (page.kind == "anchor") << 62 | page.owner << 40 | page.index << 16 | page.tokens
+    leaves: int
+    commits: int
+    tree: DeviceMerkleTree
+    anchors_done: frozenset[int]
+    backlog: tuple[PageRef, ...]
 
 
 @dataclass(frozen=True)
-class VerifyResult:
-    """``ok``: the stored pages hash to the committed root. ``tampered``: the leaves whose Merkle
-    proof fails against the committed root, with what they hold."""
+class _Pending:
+    """A landed commit whose root is not on the host yet."""
 
-    ok: bool
-    root: bytes
-    recomputed_root: bytes
-    num_leaves: int
-    tampered: list[int]
-    tampered_pages: list[LeafRef]
+    done: torch.cuda.Event | None  # after its copies to pinned memory (None: already done)
+    slot: int  # its root's row of the pinned ring
+    leaves: int  # leaves covered by its root
+    finite: torch.Tensor  # [n] bool on the device: which of its leaves held no NaN/Inf
+    refs: list[LeafRef]  # its leaves
+    taken: tuple[PageRef, ...]  # pages it took from the cache's sealed list
+    before: _Before
 
 
 class Committer:
     """Commits the pages of ``cache`` every ``interval`` steps (see the module doc).
 
     mode: one of :data:`MODES`; fmt, rounding: the quantization of the pages
-    (``fieldprint.quant``); fetch_leaves: also copy the leaf digests to the host (needed by
-    :meth:`verify`); hash_backend / quant_backend: ``"auto"`` (CUDA -> Triton, CPU -> reference)
-    or ``"triton"``; stream: the side stream of ``commit_async`` (default: a new one).
+    (``fieldprint.quant``; rounding not stochastic); fetch_leaves: also copy the leaf digests to
+    the host (needed by :meth:`verify`); hash_backend: ``fieldprint.hashing.BACKENDS`` ("auto":
+    CUDA -> Triton, CPU -> the blake3 package); quant_backend: ``fieldprint.quant.BACKENDS``
+    ("auto": CUDA -> Triton, CPU -> torch); stream: the side stream of ``commit_async`` (default:
+    a new one).
     """
 
     def __init__(
@@ -124,42 +132,58 @@ class Committer:
             raise TypeError(f"cache must be a PagedKVCache, got {type(cache).__name__}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if not isinstance(interval, int) or interval < 1:
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be a positive int, got {interval!r}")
         if fmt not in FORMATS:
-            raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+            raise ValueError(f"fmt must be one of {list(FORMATS)}, got {fmt!r}")
         if rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS} (stochastic would need a seed per page), "
                              f"got {rounding!r}")
-        if quant_backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"quant_backend must be 'auto', 'torch' or 'triton', got {quant_backend!r}")
+        if quant_backend not in QUANT_BACKENDS:
+            raise ValueError(f"quant_backend must be one of {QUANT_BACKENDS}, got {quant_backend!r}")
+        if hash_backend not in HASH_BACKENDS:
+            raise ValueError(f"hash_backend must be one of {HASH_BACKENDS}, got {hash_backend!r}")
         if (cache.num_kv_heads * cache.head_dim) % 8:
             raise ValueError("num_kv_heads * head_dim of the cache must be a multiple of 8 (whole helper bytes "
                              f"per token), got {cache.num_kv_heads} * {cache.head_dim}")
+        if cache.block_size >= 2**16:
+            raise ValueError(f"the cache's block_size must be below 2**16 (a page's valid tokens fit the "
+                             f"leaf header's page id), got {cache.block_size}")
+        cuda = cache.device.type == "cuda"
+        if stream is not None and not (cuda and mode == "commit_async"):
+            raise ValueError("stream applies only to mode='commit_async' on a CUDA cache")
         self.cache, self.mode, self.interval = cache, mode, interval
         self.fmt, self.rounding = fmt, rounding
         self.fetch_leaves, self.hash_backend, self.quant_backend = fetch_leaves, hash_backend, quant_backend
         self.device = cache.device
-        cuda = self.device.type == "cuda"
-        if stream is not None and not (cuda and mode == "commit_async"):
-            raise ValueError("stream applies only to mode='commit_async' on a CUDA cache")
         # One side stream per committer unless given: pass the same stream to successive
         # committers so that the caching allocator can reuse their freed memory.
         self._side = (stream or torch.cuda.Stream(self.device)) if cuda and mode == "commit_async" else None
+        self._per_step = {"per_step_copy_cpu": lambda: PerStepCopyCPU(cache),
+                          "per_step_gpu": lambda: PerStepGPU(cache, fmt, rounding, quant_backend, hash_backend),
+                          }.get(mode, lambda: None)()
         self.steps = 0
         self.commits = 0
-        self.leaves: list[LeafRef] = []
-        self.store: list[torch.Tensor] = []  # leaf rows [n_i, row_bytes] uint8, one per commit
         self.step_digests: list[bytes] = []  # per-step modes: one digest per step (host)
-        self._tree = _DeviceTree(self.device, hash_backend)
-        self._anchors_done: set[int] = set()
+        spec = LeafSpec(fmt, rounding, elems=cache.block_size * cache.num_kv_heads * cache.head_dim)
+        self._store = LeafStore(spec, self.device, hash_backend, host_digests=fetch_leaves)
+        self._tree = DeviceMerkleTree(self.device, hash_backend)
+        self._anchors_done: frozenset[int] = frozenset()
+        self._backlog: tuple[PageRef, ...] = ()  # sealed pages taken from the cache, not committed yet
         self._roots: list[tuple[int, bytes]] = []  # (leaves covered, root) fetched to the host
-        self._pending: list[tuple[torch.cuda.Event | None, int, int]] = []  # (done, ring slot, leaves)
+        self._pending: list[_Pending] = []
         self._root_host = torch.zeros((_ROOT_RING, 32), dtype=torch.uint8, pin_memory=cuda)
-        self._leaf_host = torch.zeros((0, 32), dtype=torch.uint8)
         self._last_done: torch.cuda.Event | None = None
-        self._nonfinite: torch.Tensor | None = None  # device int32 [1]: NaN/Inf seen by the kernel
-        self._trusted: tuple[int, object] | None = None  # (leaves, MerkleTree of the host digests)
+
+    @property
+    def leaves(self) -> list[LeafRef]:
+        """What each committed leaf holds, in tree order."""
+        return self._store.leaves
+
+    @property
+    def store(self) -> list[torch.Tensor]:
+        """The committed leaf rows on the device, one ``[n_i, row bytes]`` uint8 tensor per commit."""
+        return self._store.rows
 
     # ------------------------------------------------------------------ the decode-loop hook
 
@@ -171,36 +195,45 @@ class Committer:
         if slots.device != self.device:
             raise ValueError(f"slots is on {slots.device} but the cache is on {self.device}")
         self.steps += 1
-        if self.mode == "per_step_copy_cpu":
-            self._per_step_cpu(slots)
-        elif self.mode == "per_step_gpu":
-            self._per_step_gpu(slots)
+        if self._per_step is not None:
+            self.step_digests.append(self._per_step.step(slots))
         elif self.mode in COMMIT_MODES and self.steps % self.interval == 0:
             self.commit()
 
     def commit(self, pages: list[PageRef] | None = None) -> None:
-        """Commit new anchors and ``pages`` (default: the pages sealed since the last commit) now."""
+        """Commit new anchors and ``pages`` (default: the pages sealed since the last commit) now.
+        Atomic: see the module doc."""
         if self.mode not in COMMIT_MODES:
             raise ValueError(f"commit() needs mode in {COMMIT_MODES}, this committer is {self.mode!r}")
-        if pages is not None and not all(isinstance(p, PageRef) for p in pages):
+        if pages is not None and (not isinstance(pages, list | tuple) or not all(isinstance(p, PageRef)
+                                                                                  for p in pages)):
             raise TypeError("pages must be a list of PageRef (from PagedKVCache.complete_pages)")
-        anchor_pages = []
-        for a in sorted(self.cache.anchors):
-            if a not in self._anchors_done:
-                anchor_pages += self.cache.anchor_pages(a)
-                self._anchors_done.add(a)
-        pages = anchor_pages + (self.cache.take_sealed() if pages is None else list(pages))
-        if not pages:
+        self._harvest(wait=False)  # a failed commit in flight raises here, before this one starts
+        new_anchors = [a for a in sorted(self.cache.anchors) if a not in self._anchors_done]
+        taken: tuple[PageRef, ...] = ()
+        if pages is None:
+            taken = tuple(self.cache.take_sealed())
+            self._backlog = self._live(self._backlog + taken)
+        body = list(self._backlog) if pages is None else list(pages)
+        todo = [p for a in new_anchors for p in self.cache.anchor_pages(a)] + body
+        if not todo:
             return
+        check_pages(todo, self.cache)  # bad pages and header overflows: refused before anything changes
         L = self.cache.num_layers
-        self.leaves += [LeafRef(p, layer, kind) for p in pages for layer in range(L) for kind in ("k", "v")]
-        header = _headers(pages, L, self.cache, self.fmt, self.rounding)
-        blocks = torch.tensor([p.block for p in pages], dtype=torch.int64)
-        tokens = torch.tensor([p.tokens for p in pages], dtype=torch.int64)
+        refs = leaf_refs(todo, L)
+        header = leaf_headers(self._store.spec, todo, L)
+        blocks = torch.tensor([p.block for p in todo], dtype=torch.int64)
+        tokens = torch.tensor([p.tokens for p in todo], dtype=torch.int64)
+        n_after = len(self._store) + len(refs)
+        if self.fetch_leaves and n_after > self._store.capacity:
+            self._harvest(wait=True)  # no digest copy into the host buffer may be in flight
+            self._store.reserve(n_after)
+        while len(self._pending) >= _ROOT_RING:
+            self._harvest_one()
+        before = _Before(len(self._store), self.commits, self._tree, self._anchors_done, self._backlog)
         if self.device.type == "cuda":
             header, blocks, tokens = header.pin_memory(), blocks.pin_memory(), tokens.pin_memory()
         slot = self.commits % _ROOT_RING
-        self._reuse_slot()
         stream_ctx = contextlib.nullcontext()
         if self._side is not None:
             written = torch.cuda.Event()
@@ -209,21 +242,23 @@ class Committer:
             stream_ctx = torch.cuda.stream(self._side)
         with stream_ctx:
             dev = self.device
-            rows = self._leaf_rows(header.to(dev, non_blocking=True), blocks.to(dev, non_blocking=True),
-                                   tokens.to(dev, non_blocking=True))
-            digests = _hash(rows, "leaf", self.hash_backend)
-            root = self._tree.append(digests)
-            self._root_host[slot].copy_(root, non_blocking=True)
-            first = len(self.leaves) - digests.shape[0]
-            if self.fetch_leaves:
-                self._grow_leaf_host(len(self.leaves))
-                self._leaf_host[first:len(self.leaves)].copy_(digests, non_blocking=True)
+            rows, finite = page_leaf_rows(self.cache, self._store.spec, header.to(dev, non_blocking=True),
+                                          blocks.to(dev, non_blocking=True), tokens.to(dev, non_blocking=True),
+                                          self.quant_backend)
+            digests = blake3_many(rows, key=LEAF_KEY, backend=self.hash_backend)
+            tree = self._tree.append(digests)
+            self._root_host[slot].copy_(tree.root, non_blocking=True)
+            # landing: from here on nothing can fail but the finite check at harvest
+            self._store.append(refs, rows, digests)
             done = None
             if self.device.type == "cuda":
                 done = torch.cuda.Event()
                 done.record()
-        self.store.append(rows)
-        self._pending.append((done, slot, len(self.leaves)))
+        self._tree = tree
+        self._anchors_done = self._anchors_done | set(new_anchors)
+        if pages is None:
+            self._backlog = ()
+        self._pending.append(_Pending(done, slot, n_after, finite, refs, taken, before))
         self._last_done = done
         self.commits += 1
         if self._side is None:
@@ -249,270 +284,68 @@ class Committer:
     # ------------------------------------------------------------------ verification
 
     def verify(self, root: bytes | None = None) -> VerifyResult:
-        """Re-hash every stored page leaf and check it against the committed ``root`` (default:
-        the latest); localize mismatches with Merkle proofs over the host's leaf digests."""
-        from fieldprint.merkle import MerkleTree, verify_proof
-
-        trusted_root = self.root() if root is None else root
-        if not isinstance(trusted_root, bytes | bytearray) or len(trusted_root) != 32:
-            raise ValueError(f"root must be 32 bytes, got {trusted_root!r}")
+        """Re-hash the stored page leaves that ``root`` covers (default: the latest root; any root
+        of :meth:`roots`) and check them against it; localize mismatches with Merkle proofs over
+        the host's leaf digests."""
         if not self.fetch_leaves:
             raise ValueError("verify() needs the leaf digests on the host: use fetch_leaves=True")
+        if root is not None and (not isinstance(root, bytes | bytearray) or len(root) != 32):
+            raise ValueError(f"root must be 32 bytes, got {root!r}")
+        trusted = bytes(self.root() if root is None else root)
+        covered = [n for n, r in self.roots() if r == trusted]
+        if not covered:
+            raise ValueError("root is not one of this committer's committed roots (see roots())")
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        n = len(self.leaves)
-        trusted = self._leaf_host[:n]
-        if self._trusted is None or self._trusted[0] != n:  # host tree of the committed digests
-            self._trusted = (n, MerkleTree(trusted.clone()))
-        tree = self._trusted[1]
-        if _as_bytes(tree.root) != bytes(trusted_root):
-            raise ValueError("the host's leaf digests do not hash to the committed root")
-        if self.device.type == "cuda":
-            for rows in self.store:
-                rows.record_stream(torch.cuda.current_stream(self.device))
-        fresh_dev = torch.cat([_hash(rows, "leaf", self.hash_backend) for rows in self.store])
-        recomputed = _as_bytes(MerkleTree(fresh_dev, backend=self.hash_backend).root)
-        fresh = fresh_dev.cpu()
-        tampered = []
-        for i in torch.nonzero((fresh != trusted).any(dim=1)).flatten().tolist():
-            proof = tree.proof(i)
-            if not verify_proof(bytes(trusted_root), _as_bytes(fresh[i]), i, n, proof):
-                tampered.append(i)
-        return VerifyResult(
-            ok=recomputed == bytes(trusted_root) and not tampered, root=bytes(trusted_root),
-            recomputed_root=recomputed, num_leaves=n, tampered=tampered,
-            tampered_pages=[self.leaves[i] for i in tampered],
-        )
+        return self._store.verify(trusted, covered[-1])
 
     def row_fields(self, leaf: int) -> dict[str, torch.Tensor]:
-        """Views into the stored row of leaf ``leaf`` (uint8): header, codes, scale (float32),
-        helper (empty unless two_grid), padding (zeros up to a multiple of 64 bytes)."""
-        if not isinstance(leaf, int) or not 0 <= leaf < len(self.leaves):
-            raise ValueError(f"leaf must be an int in [0, {len(self.leaves)}), got {leaf!r}")
-        for rows in self.store:
-            if leaf < rows.shape[0]:
-                row = rows[leaf]
-                break
-            leaf -= rows.shape[0]
-        out, at = {}, 0
-        for name, size in self._layout():
-            out[name] = row[at:at + size]
-            at += size
-        return out
+        """Views into the stored row of leaf ``leaf`` (uint8): header, codes, scale (float32
+        bytes), helper (empty unless two_grid), padding (zeros up to a multiple of 64 bytes)."""
+        return self._store.row_fields(leaf)
 
-    # ------------------------------------------------------------------ internals
+    # ------------------------------------------------------------------ the commit stream
 
-    def _layout(self) -> list[tuple[str, int]]:
-        c = self.cache
-        elems = c.block_size * c.num_kv_heads * c.head_dim
-        fields = [("header", HEADER_BYTES), ("codes", elems * _code_width(self.fmt)), ("scale", 4),
-                  ("helper", elems // 8 if self.rounding == "two_grid" else 0)]
-        return fields + [("padding", -sum(n for _, n in fields) % 64)]
-
-    def _leaf_rows(self, header: torch.Tensor, blocks: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """[P*L*2, row_bytes] uint8 leaf rows of pages ``blocks [P]`` (``tokens [P]`` valid each),
-        in the order page, layer, K then V; byte for byte ``fieldprint.merkle.page_leaf_bytes``."""
-        c = self.cache
-        P, L = blocks.shape[0], c.num_layers
-        # Gather a copy: [L, P, S, Hkv, D] twice -> [P, L, 2, S, Hkv, D], the order of the leaves.
-        x = torch.stack([c.k[:, blocks], c.v[:, blocks]], dim=2).transpose(0, 1)
-        valid = torch.arange(c.block_size, device=blocks.device)[None, :] < tokens[:, None]  # [P, S]
-        x = x.masked_fill(~valid[:, None, None, :, None, None], 0).reshape(P * L * 2, -1)
-        codes, helper, scale, flag = _quantize_pages(x, self.fmt, self.rounding, self.quant_backend)
-        self._note_flag(flag)
-        parts = [header, codes, scale, helper]
-        pad = -sum(t.shape[1] for t in parts) % 64
-        parts.append(torch.zeros((x.shape[0], pad), dtype=torch.uint8, device=x.device))
-        return torch.cat(parts, dim=1)
-
-    def _per_step_cpu(self, slots: torch.Tensor) -> None:
-        import blake3 as _b3
-
-        c = self.cache
-        shape = (c.num_layers, c.num_blocks * c.block_size, c.num_kv_heads, c.head_dim)
-        k = c.k.view(shape)[:, slots].cpu()  # blocking device-to-host copy of the new K/V
-        v = c.v.view(shape)[:, slots].cpu()
-        h = _b3.blake3(max_threads=_b3.blake3.AUTO)
-        h.update(_host_bytes(k))
-        h.update(_host_bytes(v))
-        self.step_digests.append(h.digest())
-
-    def _per_step_gpu(self, slots: torch.Tensor) -> None:
-        c = self.cache
-        shape = (c.num_layers, c.num_blocks * c.block_size, c.num_kv_heads, c.head_dim)
-        rows = []
-        for pool in (c.k, c.v):
-            x = pool.view(shape)[:, slots]  # [L, T, Hkv, D]
-            codes, helper, scale, flag = _quantize_pages(x, self.fmt, self.rounding, self.quant_backend)
-            self._note_flag(flag)
-            rows.append(torch.cat([codes, scale, helper], dim=1))
-        digests = _hash(torch.cat(rows, dim=1).contiguous(), "leaf", self.hash_backend)
-        self.step_digests.append(bytes(digests.cpu().flatten().tolist()))  # synchronous fetch
-        self._check_flags()
-
-    def _note_flag(self, flag: torch.Tensor | None) -> None:
-        if flag is not None:
-            self._nonfinite = flag if self._nonfinite is None else self._nonfinite + flag
-
-    def _check_flags(self) -> None:
-        """Raise if a quantized page held NaN/Inf (read after the commit's work is done)."""
-        if self._nonfinite is not None and int(self._nonfinite.item()):
-            raise ValueError("the KV cache holds NaN or Inf in a committed page: nothing to commit")
-
-    def _grow_leaf_host(self, n: int) -> None:
-        if n <= self._leaf_host.shape[0]:
-            return
-        self._harvest(wait=True)  # no copy into the old buffer may be in flight
-        cap = max(2 * n, 64)  # doubling: a host wait only when the count of leaves doubles
-        new = torch.zeros((cap, 32), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-        new[: self._leaf_host.shape[0]] = self._leaf_host
-        self._leaf_host = new
-
-    def _reuse_slot(self) -> None:
-        while len(self._pending) >= _ROOT_RING:
-            self._harvest_one()
+    def _live(self, pages: tuple[PageRef, ...]) -> tuple[PageRef, ...]:
+        """The pages that still hold what they held when sealed: their sequence lives, the page
+        is still its ``index``-th page and is still full."""
+        out = []
+        for p in pages:
+            s = self.cache.sequences.get(p.owner)
+            if (s is not None and p.index < len(s.blocks) and s.blocks[p.index] == p.block
+                    and (p.index + 1) * self.cache.block_size <= s.length):
+                out.append(p)
+        return tuple(out)
 
     def _harvest(self, wait: bool) -> None:
-        while self._pending and (wait or self._pending[0][0] is None or self._pending[0][0].query()):
+        while self._pending and (wait or self._pending[0].done is None or self._pending[0].done.query()):
             self._harvest_one()
-        if not self._pending:
-            self._check_flags()
 
     def _harvest_one(self) -> None:
-        done, slot, n = self._pending.pop(0)
-        if done is not None:
-            done.synchronize()
-        self._roots.append((n, bytes(self._root_host[slot].tolist())))
+        p = self._pending[0]
+        if p.done is not None:
+            p.done.synchronize()
+        bad = torch.nonzero(~p.finite.cpu()).flatten().tolist()
+        if bad:
+            self._roll_back()
+            leaf = p.refs[bad[0]]
+            raise ValueError(
+                f"NaN or Inf in the {leaf.kind.upper()} half of {leaf.page.kind} page {leaf.page.index} of "
+                f"owner {leaf.page.owner} (pool page {leaf.page.block}), layer {leaf.layer}: nothing committed, "
+                "the committer is back to its state before that commit")
+        self._pending.pop(0)
+        self._roots.append((p.leaves, bytes(self._root_host[p.slot].tolist())))
 
-
-class _DeviceTree:
-    """RFC 6962 Merkle tree kept level by level on the device, extended in place.
-
-    Level 0 holds the leaf digests; node ``i`` of level ``h+1`` hashes nodes ``2i, 2i+1`` of
-    level ``h`` (keyed with NODE_KEY), or is node ``2i`` itself when that has no right sibling.
-    Bottom-up promotion of a lone last node gives exactly RFC 6962's split at the largest power of
-    two below ``n``. Appending leaves recomputes only the nodes to the right of the first new one.
-    """
-
-    def __init__(self, device: torch.device, backend: str) -> None:
-        self.device, self.backend = device, backend
-        self.levels: list[torch.Tensor] = []
-
-    def append(self, digests: torch.Tensor) -> torch.Tensor:
-        """Add ``digests [m, 32]`` as leaves; returns the root ``[32]`` uint8 on the device."""
-        if not self.levels:
-            self.levels = [digests[:0]]
-        first = self.levels[0].shape[0]
-        self.levels[0] = torch.cat([self.levels[0], digests])
-        h = 0
-        while self.levels[h].shape[0] > 1:
-            cur = self.levels[h]
-            n = cur.shape[0]
-            start = first // 2
-            pairs = (n - 2 * start) // 2
-            new = _hash(cur[2 * start: 2 * start + 2 * pairs].reshape(pairs, 64), "node", self.backend)
-            if n % 2:
-                new = torch.cat([new, cur[-1:]])
-            if h + 1 == len(self.levels):
-                self.levels.append(new)
-            else:
-                self.levels[h + 1] = torch.cat([self.levels[h + 1][:start], new])
-            first, h = start, h + 1
-        del self.levels[h + 1:]
-        return self.levels[h][0]
-
-
-def _page_exponents(flat: torch.Tensor, fmt: str) -> torch.Tensor:
-    """Per-page power-of-two scale exponents ``[P]`` int32 of ``flat [P, E]``: the smallest k with
-    ``amax(|page|) <= fmax * 2**k`` (clamped to [-126, 127], 0 for an all-zero page), the rule
-    ``fieldprint.quant`` applies per tensor; 0 for the unscaled formats."""
-    from fieldprint.quant import FORMATS
-
-    f = FORMATS[fmt]
-    if not f.scaled:
-        return torch.zeros(flat.shape[0], dtype=torch.int32, device=flat.device)
-    amax = flat.abs().amax(dim=1).float()
-    mant, e = torch.frexp(amax)
-    fm, fe = math.frexp(f.fmax)
-    k = e - fe + (mant > fm).to(torch.int32)
-    return torch.where(amax == 0, torch.zeros_like(k), k).clamp(-126, 127).to(torch.int32)
-
-
-def _quantize_pages(x: torch.Tensor, fmt: str, rounding: str, backend: str = "auto"):
-    """Quantize pages ``x [P, ...]`` independently, each with its own power-of-two scale.
-
-    Returns uint8 rows ``codes [P, C]``, ``helper [P, H]`` (H = 0 unless two_grid),
-    ``scale [P, 4]`` (the float32 ``2**k``, little-endian) and, on the Triton path, the device int32 [1]
-    non-finite flag (None on the torch path, where NaN/Inf raise at once). backend: ``"auto"``
-    (CUDA -> Triton, CPU -> torch), ``"torch"``, ``"triton"`` (a CPU tensor only under
-    TRITON_INTERPRET=1). The Triton path launches the quantization kernel of
-    ``fieldprint.quant_kernels`` directly: ``quantize`` reads its finite flag and validates a
-    given scale on the host, and either would stall the decode stream behind an async commit.
-    Both paths produce the codes of ``quantize(page, fmt, rounding, scale=2**k)``.
-    """
-    from fieldprint.quant import FORMATS, quantize
-
-    P = x.shape[0]
-    flat = x.reshape(P, -1)
-    if flat.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        flat = flat.float()
-    k = _page_exponents(flat, fmt)
-    flag = None
-    if backend == "triton" or (backend == "auto" and x.is_cuda):
-        from fieldprint.quant_kernels import launch_quantize
-
-        n = flat.numel()
-        codes = torch.empty(n, dtype=FORMATS[fmt].code_dtype, device=x.device)
-        helper = torch.empty((n + 7) // 8, dtype=torch.uint8, device=x.device) if rounding == "two_grid" else None
-        flag = launch_quantize(flat.contiguous().reshape(-1), k, fmt, rounding, 0, 0, None, codes, helper)
-    else:
-        scale = torch.ldexp(torch.ones(P, 1), k.reshape(P, 1).float()) if FORMATS[fmt].scaled else None
-        qt = quantize(flat, fmt, rounding, scale=scale, backend="torch")
-        codes, helper = qt.codes, qt.helper
-    codes = codes.reshape(P, -1).contiguous().view(torch.uint8)  # int16 codes: little-endian byte pairs
-    helper = (helper.reshape(P, -1) if helper is not None
-              else torch.zeros((P, 0), dtype=torch.uint8, device=x.device))
-    scale = torch.ldexp(torch.ones(P, 1, device=x.device), k.reshape(P, 1).float())
-    return codes, helper, scale.contiguous().view(torch.uint8), flag
-
-
-def _code_width(fmt: str) -> int:
-    return 2 if fmt in ("bf16", "fp16") else 1
-
-
-def _headers(pages: list[PageRef], L: int, cache: PagedKVCache, fmt: str, rounding: str) -> torch.Tensor:
-    """[P*L*2, 64] uint8 page-leaf headers (``fieldprint.merkle`` layout v1), leaf order."""
-    from fieldprint import merkle
-    from fieldprint.quant import ROUNDING_IDS
-
-    elems = cache.block_size * cache.num_kv_heads * cache.head_dim
-    width = _code_width(fmt)
-    helper = elems // 8 if rounding == "two_grid" else 0
-    head = struct.pack("<4sHH", merkle.MAGIC, merkle.LAYOUT_VERSION, HEADER_BYTES)
-    out = bytearray()
-    for p in pages:
-        pid = struct.pack("<Q", page_id(p))
-        for layer in range(L):
-            for kind in ("k", "v"):
-                out += head + pid + struct.pack(
-                    "<IBBBBIIIIQB15x", layer, merkle.KIND_IDS[kind], merkle.FORMAT_IDS[fmt],
-                    ROUNDING_IDS[rounding], width, elems, elems * width, 1, helper, 0, 0)
-    return torch.frombuffer(out, dtype=torch.uint8).reshape(-1, HEADER_BYTES)
-
-
-def _hash(rows: torch.Tensor, kind: str, backend: str) -> torch.Tensor:
-    """BLAKE3 of each row, keyed for ``kind`` ("leaf" or "node") as in :mod:`fieldprint.merkle`."""
-    from fieldprint import merkle
-    from fieldprint.hashing import blake3_many
-
-    return blake3_many(rows, key=merkle.LEAF_KEY if kind == "leaf" else merkle.NODE_KEY, backend=backend)
-
-
-def _host_bytes(x: torch.Tensor) -> bytes:
-    return x.contiguous().view(torch.uint8).numpy().tobytes()
-
-
-def _as_bytes(x) -> bytes:
-    if isinstance(x, torch.Tensor):
-        return bytes(x.cpu().flatten().tolist())
-    return bytes(x)
+    def _roll_back(self) -> None:
+        """Undo the oldest pending commit and every later one: the committer's state before it,
+        with the sealed pages those commits took from the cache kept for the next commit."""
+        for p in self._pending:
+            if p.done is not None:
+                p.done.synchronize()  # no copy into a host buffer may still land
+        first = self._pending[0].before
+        taken = tuple(page for p in self._pending[1:] for page in p.taken)
+        self._pending.clear()
+        self._store.truncate(first.leaves, first.commits)
+        self._tree, self.commits = first.tree, first.commits
+        self._anchors_done = first.anchors_done
+        self._backlog = self._live(first.backlog + taken)

@@ -4,6 +4,7 @@
     digests = hash_pages(qt, page_ids=ids, layer=3, kind="k")        # [P, 32] uint8
     tree = MerkleTree(digests); tree.root; tree.proof(i)
     verify_proof(tree.root, digests[i], i, P, tree.proof(i)) -> bool
+    grown = DeviceMerkleTree(device).append(digests[:3]).append(digests[3:])  # grown.root == tree.root
 
 Tree shape: RFC 6962, MTH(D[0:n]) = NODE(MTH(D[0:k]) || MTH(D[k:n])) with k the largest power
 of two < n, and MTH of one leaf digest = the digest itself. Built bottom-up by pairing
@@ -16,47 +17,23 @@ Domain separation (BLAKE3 keyed mode, O'Connor et al. 2020):
     NODE_KEY = BLAKE3 derive_key(context = "fieldprint 2026 merkle node v1", key material = b"")
 A leaf can therefore never be read as a node, nor a node as a leaf.
 
-Page leaf layout (version 1), all integers little-endian:
-
-    offset size  field
-    0      4     magic b"FPKV"
-    4      2     layout version = 1 (u16)
-    6      2     header bytes = 64 (u16)
-    8      8     page id (u64)
-    16     4     layer (u32)
-    20     1     kind: 0 = K, 1 = V
-    21     1     format: 1 e4m3, 2 e5m2, 3 int8, 4 bf16, 5 fp16
-    22     1     rounding: fieldprint.quant.ROUNDING_IDS (rne 0, trunc 1, stochastic 2, two_grid 3)
-    23     1     code width in bytes (1 or 2)
-    24     4     element count E of the page (u32)
-    28     4     code bytes = E * width (u32)
-    32     4     scale count S (u32): 1 for a per-tensor scale, else the page's rows
-    36     4     helper bytes (u32): ceil(E / 8) for two_grid, else 0
-    40     8     rounding seed (u64), 0 when none
-    48     1     1 if a seed is present, else 0
-    49     15    zero
-    64     E*w   codes in row-major order, as fieldprint.quant.canonical_bytes writes them
-                 (16-bit codes as two little-endian bytes)
-    ...    4*S   scales as IEEE-754 binary32, little-endian
-    ...    H     helper bits (bit i of byte j = element 8j + i of the page)
-    ...          zero padding to a multiple of 64 bytes (whole BLAKE3 blocks)
-
-Every byte that decides the dequantized values is in the leaf, so a flipped bit anywhere in
-the page, its scale or its helper changes the leaf digest and the root.
+Page leaves: the bytes of a leaf (layout version 1: header, codes, scales, helper bits, padding)
+are defined by `fieldprint.leaf`; `page_leaf_bytes` builds them for a `QTensor` of pages.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import struct
-
+import blake3
 import torch
 
 from fieldprint.hashing import blake3_many
+from fieldprint.leaf import LeafSpec, check_page_ids, header_rows, leaf_bytes
+from fieldprint.quant import QTensor, code_bytes
 
 __all__ = [
     "LEAF_KEY",
     "NODE_KEY",
+    "DeviceMerkleTree",
     "MerkleTree",
     "hash_pages",
     "page_leaf_bytes",
@@ -68,19 +45,11 @@ NODE_CONTEXT = "fieldprint 2026 merkle node v1"
 
 
 def _derive(context: str) -> bytes:
-    import blake3 as _b3
-
-    return _b3.blake3(b"", derive_key_context=context).digest()
+    return blake3.blake3(b"", derive_key_context=context).digest()
 
 
 LEAF_KEY = _derive(LEAF_CONTEXT)
 NODE_KEY = _derive(NODE_CONTEXT)
-
-MAGIC = b"FPKV"
-LAYOUT_VERSION = 1
-HEADER_BYTES = 64
-FORMAT_IDS = {"e4m3": 1, "e5m2": 2, "int8": 3, "bf16": 4, "fp16": 5}
-KIND_IDS = {"k": 0, "v": 1}
 
 
 def _digest_bytes(x, name: str) -> bytes:
@@ -98,9 +67,7 @@ def _digest_bytes(x, name: str) -> bytes:
 
 
 def _node(left: bytes, right: bytes) -> bytes:
-    import blake3 as _b3
-
-    return _b3.blake3(left + right, key=NODE_KEY).digest()
+    return blake3.blake3(left + right, key=NODE_KEY).digest()
 
 
 class MerkleTree:
@@ -152,6 +119,61 @@ class MerkleTree:
         return path
 
 
+class DeviceMerkleTree:
+    """The same RFC 6962 tree kept level by level on the device and grown by appending leaves:
+    the commit path's tree (`fieldprint.commit`), whose roots never leave the device until fetched.
+
+    Level 0 holds the leaf digests; node ``i`` of level ``h+1`` hashes nodes ``2i, 2i+1`` of
+    level ``h`` (keyed with NODE_KEY), or is node ``2i`` itself when that has no right sibling:
+    bottom-up promotion of a lone last node, as in `MerkleTree`. Appending recomputes only the
+    nodes to the right of the first new leaf. A tree is never changed in place: `append` returns
+    a new tree (sharing the untouched levels' tensors), so a caller can keep or drop either.
+    backend: as for `blake3_many`.
+    """
+
+    def __init__(self, device: torch.device | str, backend: str = "auto",
+                 levels: tuple[torch.Tensor, ...] = ()) -> None:
+        self.device, self.backend = torch.device(device), backend
+        self.levels = levels  # levels[0]: [n, 32] leaf digests, levels[-1]: [1, 32] the root
+
+    @property
+    def n(self) -> int:
+        """Number of leaves."""
+        return self.levels[0].shape[0] if self.levels else 0
+
+    @property
+    def root(self) -> torch.Tensor:
+        """[32] uint8 on the device (the tree must hold a leaf)."""
+        if not self.levels:
+            raise ValueError("an empty tree has no root: append leaves first")
+        return self.levels[-1][0]
+
+    def append(self, digests: torch.Tensor) -> DeviceMerkleTree:
+        """The tree with ``digests [m >= 1, 32]`` uint8 (on the tree's device) appended as leaves."""
+        if not isinstance(digests, torch.Tensor) or digests.dtype != torch.uint8:
+            raise TypeError("digests must be a uint8 tensor of shape [m, 32]")
+        if digests.dim() != 2 or digests.shape[1] != 32 or digests.shape[0] < 1:
+            raise ValueError(f"digests must have shape [m >= 1, 32], got {tuple(digests.shape)}")
+        if digests.device != self.device:
+            raise ValueError(f"digests is on {digests.device} but the tree is on {self.device}")
+        first = self.n
+        levels = [torch.cat([self.levels[0], digests]) if self.levels else digests.contiguous()]
+        h = 0
+        while levels[h].shape[0] > 1:
+            cur = levels[h]
+            n = cur.shape[0]
+            start = first // 2  # parents left of it are unchanged
+            pairs = (n - 2 * start) // 2
+            new = blake3_many(cur[2 * start: 2 * start + 2 * pairs].reshape(pairs, 64), key=NODE_KEY,
+                              backend=self.backend)
+            if n % 2:
+                new = torch.cat([new, cur[-1:]])
+            old = self.levels[h + 1][:start] if h + 1 < len(self.levels) else new[:0]
+            levels.append(torch.cat([old, new]))
+            first, h = start, h + 1
+        return DeviceMerkleTree(self.device, self.backend, tuple(levels))
+
+
 def verify_proof(root, leaf_digest, i: int, n: int, proof) -> bool:
     """True iff ``proof`` shows that ``leaf_digest`` is leaf i of the n-leaf tree with ``root``
     (the verification algorithm of RFC 9162, section 2.1.3.2, with our node hash).
@@ -187,77 +209,34 @@ def verify_proof(root, leaf_digest, i: int, n: int, proof) -> bool:
     return sn == 0 and r == root_b
 
 
-def _page_parts(qt, n_pages: int):
-    """Per-page code bytes [P, E*w], scales [P, S] float32, helper bytes [P, H] of a QTensor
-    whose codes have the pages as their leading dimension."""
-    codes = qt.codes
-    e = codes[0].numel()
-    width = codes.element_size()
-    from fieldprint.quant import canonical_bytes
+def page_leaf_bytes(qt: QTensor, *, page_ids, layer: int, kind: str) -> torch.Tensor:
+    """Leaf bytes of P quantized KV pages (layout of `fieldprint.leaf`).
 
-    code_bytes = canonical_bytes(dataclasses.replace(qt, helper=None)).reshape(n_pages, e * width)
+    qt: a fieldprint.quant.QTensor whose codes are [P, ...] (one page per leading index,
+    e.g. [P, block_size, Hkv, D]), quantized in one call so its helper bits run page after page;
+    its scale is per tensor or per row of the pages. page_ids: [P] ints (integer tensor or
+    sequence of ints); layer: int in [0, 2**32); kind: "k" or "v".
+    Returns [P, L] uint8 on the codes' device, L a multiple of 64.
+    """
+    if not isinstance(qt, QTensor):
+        raise TypeError(f"qt must be a fieldprint.quant.QTensor, got {type(qt).__name__}")
+    codes = qt.codes
+    if codes.dim() < 1 or codes.shape[0] < 1 or codes[0].numel() < 1:
+        raise ValueError(f"qt.codes must be [P >= 1, ...] with elements in each page, got {tuple(codes.shape)}")
+    n_pages, e = codes.shape[0], codes[0].numel()
     scale = qt.scale.to(torch.float32)
     if scale.numel() == 1:
         scales = scale.reshape(1, 1).expand(n_pages, 1)
-    elif scale.shape[0] == n_pages and scale.numel() % n_pages == 0:
+    elif scale.dim() >= 1 and scale.shape[0] == n_pages and scale.numel() % n_pages == 0:
         scales = scale.reshape(n_pages, -1)
     else:
         raise ValueError(f"qt.scale must be per tensor or per row of the pages, got {tuple(scale.shape)}")
-    if qt.helper is None:
-        helper = code_bytes.new_zeros((n_pages, 0))
-    else:
-        if e % 8:
-            raise ValueError(f"two_grid pages need a multiple of 8 elements per page, got {e}")
-        helper = qt.helper.reshape(n_pages, e // 8)
-    return code_bytes, scales.contiguous(), helper, e, width
-
-
-def page_leaf_bytes(qt, *, page_ids, layer: int, kind: str) -> torch.Tensor:
-    """Leaf bytes of P quantized KV pages (layout in the module docstring).
-
-    qt: a fieldprint.quant.QTensor whose codes are [P, ...] (one page per leading index,
-    e.g. [P, block_size, Hkv, D]), quantized in one call so its helper bits run page after page.
-    page_ids: [P] ints (tensor or sequence); layer: int >= 0; kind: "k" or "v".
-    Returns [P, L] uint8 on the codes' device, L a multiple of 64.
-    """
-    codes = getattr(qt, "codes", None)
-    if not isinstance(codes, torch.Tensor):
-        raise TypeError(f"qt must be a fieldprint.quant.QTensor, got {type(qt).__name__}")
-    if codes.dim() < 1 or codes.shape[0] < 1:
-        raise ValueError(f"qt.codes must be [P >= 1, ...], got {tuple(codes.shape)}")
-    if qt.fmt not in FORMAT_IDS:
-        raise ValueError(f"qt.fmt must be one of {sorted(FORMAT_IDS)}, got {qt.fmt!r}")
-    if kind not in KIND_IDS:
-        raise ValueError(f"kind must be 'k' or 'v', got {kind!r}")
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < 2**32:
-        raise ValueError(f"layer must be an int in [0, 2**32), got {layer!r}")
-    n_pages = codes.shape[0]
-    ids = torch.as_tensor(page_ids, dtype=torch.int64).reshape(-1).tolist()
-    if len(ids) != n_pages:
-        raise ValueError(f"page_ids must have {n_pages} entries (one per page), got {len(ids)}")
-    if any(not 0 <= p < 2**63 for p in ids):
-        raise ValueError("page_ids must be non-negative")
-    from fieldprint.quant import ROUNDING_IDS
-
-    code_bytes, scales, helper, e, width = _page_parts(qt, n_pages)
-    seed = qt.seed
-    fixed = struct.pack("<4sHH", MAGIC, LAYOUT_VERSION, HEADER_BYTES)
-    rest = struct.pack(
-        "<IBBBBIIIIQB15x", layer, KIND_IDS[kind], FORMAT_IDS[qt.fmt], ROUNDING_IDS[qt.rounding],
-        width, e, e * width, scales.shape[1], helper.shape[1],
-        0 if seed is None else seed & (2**64 - 1), 0 if seed is None else 1)
-    header = torch.tensor(
-        [list(fixed + struct.pack("<Q", p) + rest) for p in ids], dtype=torch.uint8)
+    spec = LeafSpec(qt.fmt, qt.rounding, elems=e, scales=scales.shape[1], seed=qt.seed)
+    ids = check_page_ids(page_ids, n_pages)
+    header = header_rows(spec, ids, [layer] * n_pages, [kind] * n_pages)
+    helper = None if qt.helper is None else qt.helper.reshape(n_pages, spec.helper_bytes)
     dev = codes.device
-    bits = scales.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    scale_bytes = torch.stack([(bits >> s) & 0xFF for s in (0, 8, 16, 24)], dim=2)
-    body = [header.to(dev), code_bytes.to(dev),
-            scale_bytes.reshape(n_pages, -1).to(torch.uint8).to(dev), helper.to(dev)]
-    length = sum(b.shape[1] for b in body)
-    pad = -length % 64
-    if pad:
-        body.append(torch.zeros((n_pages, pad), dtype=torch.uint8, device=dev))
-    return torch.cat(body, dim=1)
+    return leaf_bytes(spec, header.to(dev), code_bytes(codes.reshape(n_pages, e)), scales.to(dev), helper)
 
 
 def hash_pages(qt, *, page_ids, layer: int, kind: str, backend: str = "auto") -> torch.Tensor:

@@ -100,16 +100,40 @@ SMOLLM2_135M = ModelConfig(n_layer=30, d_model=576, n_head=9, n_kv_head=3, conte
                            rope_base=100000.0, vocab_size=49152, ffn_hidden=1536, norm_eps=1e-5)
 
 
+def _batch_invariant_ops():
+    # imported when asked for: the module decorates Triton kernels, which must happen after
+    # TRITON_INTERPRET is set (tests and CPU runs set it before they build a model)
+    from fieldprint import batch_invariant
+
+    return batch_invariant
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.batch_invariant = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch_invariant:
+            return _batch_invariant_ops().rms_norm(x, self.weight.to(x.dtype), self.eps)
         # normalized in float32, then scaled in x's dtype (as Llama implementations do)
         rms = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
         return (x.float() * rms).to(x.dtype) * self.weight.to(x.dtype)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` without bias that switches to :func:`fieldprint.batch_invariant.linear`."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__(n_in, n_out, bias=False)
+        self.batch_invariant = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch_invariant:
+            return _batch_invariant_ops().linear(x, self.weight)
+        return super().forward(x)
 
 
 def rotary(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
@@ -131,18 +155,23 @@ class PagedStep:
 
     ``write(layer, k, v)`` stores the new tokens' ``k, v: [T, Hkv, D]`` of one layer (a bound
     :meth:`PagedKVCache.write` with the step's slots, or :meth:`PagedKVCache.write_anchor`).
+    ``kernel_options``: extra keyword arguments of the fused kernel (e.g. ``kv_split_tokens``).
     """
 
     def __init__(self, cache: PagedKVCache, args: KernelArgs,
                  write: Callable[[int, torch.Tensor, torch.Tensor], None], *,
-                 backend: str = "reference", store: Store | None = None, validate: bool = True) -> None:
+                 backend: str = "reference", store: Store | None = None, validate: bool = True,
+                 kernel_options: dict | None = None) -> None:
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {backend!r}")
         self.cache, self.args, self.write, self.store = cache, args, write, store
-        self.backend = backend
-        # The kernel's index checks read the tables on the host (a sync); a decode loop whose
-        # tables the cache built may turn them off.
-        self.kwargs = {"validate": validate} if backend == "kernel" else {}
+        self.backend, self.validate = backend, validate
+        # The value checks (token ids, the kernel's index tables) read tensors on the host (a
+        # sync, and an error inside CUDA-graph capture); a decode loop whose inputs the cache and
+        # the model built may turn them off.
+        if kernel_options and backend != "kernel":
+            raise ValueError(f"kernel_options are for attention='kernel', not {backend!r}")
+        self.kwargs = {"validate": validate, **(kernel_options or {})} if backend == "kernel" else {}
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, Hq, D], k, v: [T, Hkv, D] of the new tokens -> attention output [T, Hq, D]."""
@@ -161,10 +190,10 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         d, hd = cfg.d_model, cfg.head_dim
-        self.wq = nn.Linear(d, cfg.n_head * hd, bias=False)
-        self.wk = nn.Linear(d, cfg.n_kv_head * hd, bias=False)
-        self.wv = nn.Linear(d, cfg.n_kv_head * hd, bias=False)
-        self.wo = nn.Linear(cfg.n_head * hd, d, bias=False)
+        self.wq = Linear(d, cfg.n_head * hd)
+        self.wk = Linear(d, cfg.n_kv_head * hd)
+        self.wv = Linear(d, cfg.n_kv_head * hd)
+        self.wo = Linear(cfg.n_head * hd, d)
 
     def qkv(self, x: torch.Tensor, positions: torch.Tensor):
         """x: [..., T, d] -> rotated q [..., T, Hq, D], rotated k and v [..., T, Hkv, D]."""
@@ -193,9 +222,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
-        self.up = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
-        self.down = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
+        self.gate = Linear(cfg.d_model, cfg.mlp_hidden)
+        self.up = Linear(cfg.d_model, cfg.mlp_hidden)
+        self.down = Linear(cfg.mlp_hidden, cfg.d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.silu(self.gate(x)) * self.up(x))
@@ -223,6 +252,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
+        self.batch_invariant = False
         self.apply(self._init)
         # GPT-2 style: residual projections scaled down with depth
         for block in self.blocks:
@@ -234,7 +264,19 @@ class Transformer(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
 
+    def set_batch_invariant(self, on: bool = True) -> Transformer:
+        """Batch-invariant mode: every linear layer, RMSNorm and the output layer run the
+        fixed-reduction-order kernels of :mod:`fieldprint.batch_invariant`, so with the (batch
+        invariant) paged attention kernel a token's K/V and logits do not depend on the other
+        tokens of the batch. Returns the model."""
+        for m in self.modules():
+            if isinstance(m, (Linear, RMSNorm, Transformer)):
+                m.batch_invariant = bool(on)
+        return self
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self.batch_invariant:
+            return _batch_invariant_ops().linear(self.norm(h), self.embed.weight)
         return self.norm(h) @ self.embed.weight.t()  # tied output layer
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -258,8 +300,9 @@ class Transformer(nn.Module):
 
         tokens, positions: [T] int64 (rotary position of each new token), in the packed order of
         the step's ``query_start_loc``; ``step`` writes their K/V and attends (see :class:`PagedStep`).
+        Token ids are range-checked unless ``step.validate`` is off.
         """
-        self.check_tokens(tokens, "tokens", 1)
+        self.check_tokens(tokens, "tokens", 1, values=step.validate)
         if positions.shape != tokens.shape:
             raise ValueError(f"positions {tuple(positions.shape)} must have the shape of tokens "
                              f"{tuple(tokens.shape)}")
@@ -268,13 +311,14 @@ class Transformer(nn.Module):
             h = block(h, positions, step)
         return self.logits(h)
 
-    def check_tokens(self, x: torch.Tensor, name: str, ndim: int) -> None:
+    def check_tokens(self, x: torch.Tensor, name: str, ndim: int, values: bool = True) -> None:
+        """x must be an int64 tensor of ``ndim`` dims; with ``values``, of ids in [0, vocab)."""
         vocab = self.cfg.vocab_size
         if not isinstance(x, torch.Tensor) or x.dtype != torch.int64:
             raise TypeError(f"{name} must be an int64 tensor of token ids, got {getattr(x, 'dtype', type(x))}")
         if x.dim() != ndim:
             raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(x.shape)}")
-        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab):
+        if values and x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab):
             raise ValueError(f"{name} must hold token ids in [0, {vocab})")
 
     def new_cache(self, num_blocks: int, block_size: int, *, dtype: torch.dtype | None = None,
@@ -297,7 +341,8 @@ def _attention_fn(backend: str):
 
 @torch.no_grad()
 def prefill_anchor(model: Transformer, cache: PagedKVCache, tokens: torch.Tensor, *,
-                   attention: str = "reference", store: Store | None = None) -> int:
+                   attention: str = "reference", store: Store | None = None,
+                   kernel_options: dict | None = None) -> int:
     """Run the anchor prologue ``tokens [A] int64`` (causal over itself, positions ``0..A-1``) and
     write its K/V into fresh pinned pages of ``cache``; returns the anchor id for
     :meth:`PagedKVCache.add_sequence`."""
@@ -305,7 +350,7 @@ def prefill_anchor(model: Transformer, cache: PagedKVCache, tokens: torch.Tensor
     anchor = cache.reserve_anchor(tokens.numel())
     step = PagedStep(cache, cache.anchor_prefill_args(anchor),
                      lambda layer, k, v: cache.write_anchor(layer, anchor, k, v),
-                     backend=attention, store=store)
+                     backend=attention, store=store, kernel_options=kernel_options)
     model.forward_paged(tokens, torch.arange(tokens.numel(), device=tokens.device), step)
     return anchor
 
@@ -313,7 +358,8 @@ def prefill_anchor(model: Transformer, cache: PagedKVCache, tokens: torch.Tensor
 @torch.no_grad()
 def forward_sequences(model: Transformer, cache: PagedKVCache, seqs: list[int], tokens: torch.Tensor,
                       counts: list[int], *, attention: str = "reference", store: Store | None = None,
-                      validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                      validate: bool = True, kernel_options: dict | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Append ``counts[i]`` new tokens to sequence ``seqs[i]`` and run them through the model.
 
     tokens: [sum(counts)] int64, packed sequence by sequence (a decode step: one per sequence).
@@ -327,7 +373,7 @@ def forward_sequences(model: Transformer, cache: PagedKVCache, seqs: list[int], 
                              dtype=torch.int64).to(tokens.device)
     step = PagedStep(cache, cache.kernel_args(seqs, counts),
                      lambda layer, k, v: cache.write(layer, slots, k, v),
-                     backend=attention, store=store, validate=validate)
+                     backend=attention, store=store, validate=validate, kernel_options=kernel_options)
     return model.forward_paged(tokens, positions, step), slots
 
 

@@ -4,9 +4,10 @@
     x_hat = dequantize(qt)                     # float32, x's shape
     data = qt.canonical_bytes()                # 1-D uint8: codes (little-endian), then helper
 
-Formats (``FORMATS``). Codes are the raw bits of the target format; saturation is explicit:
-|x / scale| is clamped to the largest finite value before rounding, so nothing overflows to
-Inf/NaN (torch 2.11 turns float8_e4m3fn casts above 464 into NaN; later releases saturate).
+Formats (``FORMATS``, the table of `fieldprint.formats`). Codes are the raw bits of the target
+format; saturation is explicit: |x / scale| is clamped to the largest finite value before
+rounding, so nothing overflows to Inf/NaN (torch 2.11 turns float8_e4m3fn casts above 464 into
+NaN; later releases saturate).
 
 * ``e4m3``: OCP FP8 E4M3 ("fn"): bias 7, max 448 (byte 0x7E), no Inf, 0x7F/0xFF NaN never made.
 * ``e5m2``: OCP FP8 E5M2, saturating: max 57344 (0x7B), the Inf/NaN bytes are never made.
@@ -19,10 +20,11 @@ to float32 (exact for fp16/bf16/fp32; float64 rounds to nearest even once, so a 
 quantized as its float32 rounding). In-range RNE codes equal torch's cast bit for bit.
 
 Scale (fp8 and int8). ``scale=None``: one per-tensor power of two ``2**k`` with the smallest k
-such that ``amax(|x|) <= fmax * 2**k`` (k clamped to [-126, 127]; k = 0 for an all-zero x). A
-power of two makes ``x / scale`` exact, so scaling adds no rounding of its own. A given scale is
-used as is (the verifier passes the prover's ``qt.scale``): a positive power-of-two float or
-float32 tensor with one element, or per row of shape ``x.shape[:-1] + (1,)``. bf16/fp16: 1.
+such that ``amax(|x|) <= fmax * 2**k`` (k clamped to [-126, 127]; k = 0 for an all-zero x: the
+rule of `fieldprint.formats.scale_exponent`, which pages and rows use too). A power of two
+makes ``x / scale`` exact, so scaling adds no rounding of its own. A given scale is used as is
+(the verifier passes the prover's ``qt.scale``): a positive power-of-two float or float32 tensor
+with one element, or per row of shape ``x.shape[:-1] + (1,)``. bf16/fp16: 1.
 
 Rounding (on the scaled magnitude; the sign is applied after, so every mode is symmetric):
 
@@ -31,7 +33,7 @@ Rounding (on the scaled magnitude; the sign is applied after, so every mode is s
 * ``stochastic``: round up with probability (distance to the lower grid point) / spacing, using
   32 counter-based random bits per element, ``r = mix(mix(lo32(i) ^ key0) ^ hi32(i) ^ key1)``,
   where i is the row-major flat index and (key0, key1) come from the 64-bit seed
-  (`quant_kernels.seed_keys`). Reproducible on every device and under every tiling; unbiased
+  (`seed_keys`). Reproducible on every device and under every tiling; unbiased
   (E[dequantize] = x for in-range x) except that values below 2**-8 of the smallest spacing
   round up with probability ceil(p * 2**32) / 2**32, an excess below 2**-32.
 * ``two_grid``: see below. Dequantization error at most a quarter of the local spacing.
@@ -75,31 +77,45 @@ NaN/Inf in the input is a ValueError. The scale and the format belong in the pag
 
 from __future__ import annotations
 
-import math
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 
-ROUNDING_IDS = {"rne": 0, "trunc": 1, "stochastic": 2, "two_grid": 3}
+from fieldprint.formats import (
+    FORMATS,
+    ROUNDING_IDS,
+    ROUNDINGS,
+    Format,
+    format_constants,
+    get_format,
+    pow2,
+    scale_exponent,
+)
+from fieldprint.quant_kernels import launch_quantize
 
-# name -> (MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS): the constexprs of `quant_kernels.quant_code`
-_CONSTANTS = {
-    "e4m3": (3, -6, 0x7E, 7, 0),
-    "e5m2": (2, -14, 0x7B, 7, 0),
-    "int8": (7, 7, 127, 7, 1),
-    "bf16": (7, -126, 0x7F7F, 15, 0),
-    "fp16": (10, -14, 0x7BFF, 15, 0),
-}
+__all__ = [
+    "BACKENDS",
+    "FORMATS",
+    "ROUNDINGS",
+    "ROUNDING_IDS",
+    "Format",
+    "QTensor",
+    "canonical_bytes",
+    "check_seed",
+    "code_bytes",
+    "code_spacing",
+    "counter_bits_torch",
+    "dequantize",
+    "format_constants",
+    "quantize",
+    "seed_keys",
+]
+
+BACKENDS = ("auto", "torch", "triton")
+_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _M32 = 0xFFFFFFFF
-
-
-def format_constants(fmt: str) -> dict[str, int]:
-    """The constexpr arguments of `quant_kernels.quant_code` for ``fmt`` (e.g. ``"e4m3"``)."""
-    if fmt not in _CONSTANTS:
-        raise ValueError(f"fmt must be one of {sorted(_CONSTANTS)}, got {fmt!r}")
-    mbits, emin, cmax, sign_shift, twos = _CONSTANTS[fmt]
-    return dict(MBITS=mbits, EMIN=emin, CMAX=cmax, SIGN_SHIFT=sign_shift, TWOS=twos)
 
 
 def _mix32_int(x: int) -> int:
@@ -117,48 +133,6 @@ def seed_keys(seed: int) -> tuple[int, int]:
     key0 = _mix32_int((seed & _M32) ^ 0x9E3779B9)
     key1 = _mix32_int(((seed >> 32) & _M32) ^ key0 ^ 0x85EBCA6B)
     return key0, key1
-
-
-@dataclass(frozen=True)
-class Format:
-    """One target format: grid constants shared with the Triton kernel."""
-
-    name: str
-    mbits: int  # stored mantissa bits (int8: 7, so the grid spacing is 2**(emin - mbits) = 1)
-    emin: int  # smallest normal exponent; below it the grid is uniform with spacing 2**(emin-mbits)
-    cmax: int  # largest finite magnitude code
-    sign_shift: int  # position of the sign bit (sign-magnitude formats)
-    twos: bool  # two's complement (int8) instead of sign-magnitude
-    fmax: float  # largest finite value
-    code_dtype: torch.dtype
-    scaled: bool  # fp8/int8 carry a power-of-two scale; bf16/fp16 do not
-
-
-def _fmt(name: str, fmax: float, code_dtype: torch.dtype, scaled: bool) -> Format:
-    c = format_constants(name)
-    return Format(
-        name,
-        c["MBITS"],
-        c["EMIN"],
-        c["CMAX"],
-        c["SIGN_SHIFT"],
-        bool(c["TWOS"]),
-        fmax,
-        code_dtype,
-        scaled,
-    )
-
-
-FORMATS = {
-    "e4m3": _fmt("e4m3", 448.0, torch.uint8, True),
-    "e5m2": _fmt("e5m2", 57344.0, torch.uint8, True),
-    "int8": _fmt("int8", 127.0, torch.uint8, True),
-    "bf16": _fmt("bf16", float.fromhex("0x1.fep127"), torch.int16, False),
-    "fp16": _fmt("fp16", 65504.0, torch.int16, False),
-}
-ROUNDINGS = tuple(ROUNDING_IDS)
-BACKENDS = ("auto", "torch", "triton")
-_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -184,15 +158,20 @@ class QTensor:
         return canonical_bytes(self)
 
 
+def code_bytes(codes: torch.Tensor) -> torch.Tensor:
+    """Codes ``[..., n]`` (uint8, or int16 bf16/fp16 bit patterns) -> ``[..., n * width]`` uint8,
+    16-bit codes as two little-endian bytes each, on every host."""
+    if codes.dtype == torch.uint8:
+        return codes
+    if sys.byteorder == "little":  # the int16 memory already holds the little-endian bytes
+        return codes.contiguous().view(torch.uint8)
+    w = codes.to(torch.int32) & 0xFFFF
+    return torch.stack([w & 0xFF, w >> 8], dim=-1).flatten(-2).to(torch.uint8)
+
+
 def canonical_bytes(qt: QTensor) -> torch.Tensor:
     """Canonical hashing bytes of ``qt`` (see `QTensor.canonical_bytes`)."""
-    flat = qt.codes.reshape(-1)
-    if flat.dtype == torch.uint8:
-        data = flat
-    else:
-        # explicit byte split: does not depend on the host's endianness
-        w = flat.to(torch.int32) & 0xFFFF
-        data = torch.stack([w & 0xFF, w >> 8], dim=1).reshape(-1).to(torch.uint8)
+    data = code_bytes(qt.codes.reshape(-1))
     if qt.helper is not None:
         data = torch.cat([data, qt.helper.reshape(-1)])
     return data
@@ -243,15 +222,10 @@ def _scale_exponent_of(scale, x: torch.Tensor, f: Format) -> torch.Tensor:
 
 
 def _computed_exponent(x32: torch.Tensor, f: Format) -> torch.Tensor:
-    """Smallest k with amax(|x|) <= fmax * 2**k, as an int32 [1] tensor (no host sync)."""
+    """The per-tensor scale exponent of `fieldprint.formats.scale_exponent`, int32 [1] (no host sync)."""
     if not f.scaled or x32.numel() == 0:
         return torch.zeros(1, dtype=torch.int32, device=x32.device)
-    amax = x32.abs().amax().reshape(1)
-    mant, e = torch.frexp(amax)
-    fm, fe = math.frexp(f.fmax)  # fmax = fm * 2**fe, fm in [0.5, 1)
-    k = e - fe + (mant > fm).to(torch.int32)
-    k = torch.where(amax == 0, torch.zeros_like(k), k)
-    return k.clamp(-126, 127).to(torch.int32)
+    return scale_exponent(x32.abs().amax().reshape(1), f.name)
 
 
 def _mix32_torch(x: torch.Tensor) -> torch.Tensor:
@@ -379,10 +353,9 @@ def quantize(
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _INPUT_DTYPES:
         raise TypeError(f"x must be float16/bfloat16/float32/float64, got {x.dtype}")
-    _check_choice("fmt", fmt, FORMATS)
+    f = get_format(fmt)
     _check_choice("rounding", rounding, ROUNDINGS)
     _check_choice("backend", backend, BACKENDS)
-    f = FORMATS[fmt]
     check_seed(rounding, seed)
     n = x.numel()
     if helper is not None:
@@ -399,10 +372,10 @@ def quantize(
     if scale is None:
         x32 = flat.float()
         k = _computed_exponent(x32, f)
-        scale_t = torch.ldexp(torch.ones((), device=x.device), k.reshape(()).float())
+        scale_t = pow2(k).reshape(())
     else:
         k = _scale_exponent_of(scale, x, f)
-        scale_t = torch.ldexp(torch.ones_like(k, dtype=torch.float32), k.float())
+        scale_t = pow2(k)
         if k.numel() > 1:
             scale_t = scale_t.reshape(tuple(x.shape[:-1]) + (1,))
         else:
@@ -418,8 +391,6 @@ def quantize(
                 "backend='triton' on a CPU tensor needs TRITON_INTERPRET=1 (set before triton is "
                 "imported); use backend='torch' for the same codes"
             )
-        from fieldprint.quant_kernels import launch_quantize
-
         helper_out = torch.empty((n + 7) // 8, dtype=torch.uint8, device=x.device) if prover_two_grid else None
         flag = launch_quantize(flat, k, fmt, rounding, *keys, helper, codes, helper_out)
         if int(flag.item()):
@@ -479,8 +450,7 @@ def code_spacing(x: torch.Tensor, fmt: str, scale=None) -> torch.Tensor:
     """
     if not isinstance(x, torch.Tensor) or x.dtype not in _INPUT_DTYPES:
         raise TypeError("x must be a float16/bfloat16/float32/float64 tensor")
-    _check_choice("fmt", fmt, FORMATS)
-    f = FORMATS[fmt]
+    f = get_format(fmt)
     qt = quantize(x, fmt, "trunc", scale=scale, backend="torch")
     c = qt.codes.reshape(-1).to(torch.int64)
     if f.twos:

@@ -10,16 +10,14 @@ Reusable pieces for other kernels (the fused quantize-and-hash kernel):
 
 * ``quant_code(x, k, r, hb_in, MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, VERIFY)``:
   one block of float32 values -> (int32 codes, int32 helper bits). The format constants come from
-  ``fieldprint.quant.format_constants(fmt)``, ``ROUNDING`` from ``fieldprint.quant.ROUNDING_IDS``.
-* ``e4m3_rne_code(x, k)``, ``e5m2_rne_code(x, k)``, ``int8_rne_code(x, k)``, ``bf16_rne_code(x)``,
-  ``fp16_rne_code(x)``: round-to-nearest-even shortcuts of ``quant_code``.
+  ``fieldprint.formats.format_constants(fmt)``, ``ROUNDING`` from ``fieldprint.formats.ROUNDING_IDS``.
 * ``counter_bits(idx, key0, key1)``: the 32 random bits of element ``idx`` (int64 flat index)
   for stochastic rounding; ``fieldprint.quant.seed_keys(seed)`` gives ``(key0, key1)``.
 * ``pack_helper_bits(hb, BLOCK)``: ``BLOCK`` helper bits -> ``BLOCK // 8`` bytes (little-endian
   bit order: element ``8 j + i`` is bit ``i`` of byte ``j``).
 
-This module imports triton at import time; `fieldprint.quant` imports it lazily, so set
-``TRITON_INTERPRET=1`` before the first quantization on a CPU through the Triton path.
+This module imports triton at import time, and so does `fieldprint.quant`: set
+``TRITON_INTERPRET=1`` before importing either to run the Triton path on a CPU.
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fieldprint.quant import ROUNDING_IDS, format_constants
+from fieldprint.formats import ROUNDING_IDS, format_constants
 
 
 @triton.jit
@@ -135,41 +133,6 @@ def quant_code(
         s = (neg & ((n > 0) | (hb != 0))).to(tl.int32)
         code = n | (s << SIGN_SHIFT)
     return code, hb
-
-
-@triton.jit
-def e4m3_rne_code(x, k):
-    """OCP E4M3 (fn, saturating) RNE codes of ``x / 2**k``; x: float32 block -> int32 bytes."""
-    code, _ = quant_code(x, k, 0, 0, 3, -6, 0x7E, 7, 0, 0, False)
-    return code
-
-
-@triton.jit
-def e5m2_rne_code(x, k):
-    """OCP E5M2 (saturating) RNE codes of ``x / 2**k``; x: float32 block -> int32 bytes."""
-    code, _ = quant_code(x, k, 0, 0, 2, -14, 0x7B, 7, 0, 0, False)
-    return code
-
-
-@triton.jit
-def int8_rne_code(x, k):
-    """int8 RNE codes (two's complement byte, range +-127) of ``x / 2**k`` -> int32 bytes."""
-    code, _ = quant_code(x, k, 0, 0, 7, 7, 127, 7, 1, 0, False)
-    return code
-
-
-@triton.jit
-def bf16_rne_code(x):
-    """bfloat16 RNE bit patterns (saturating) of float32 block ``x`` -> int32 in 0..65535."""
-    code, _ = quant_code(x, 0, 0, 0, 7, -126, 0x7F7F, 15, 0, 0, False)
-    return code
-
-
-@triton.jit
-def fp16_rne_code(x):
-    """float16 RNE bit patterns (saturating) of float32 block ``x`` -> int32 in 0..65535."""
-    code, _ = quant_code(x, 0, 0, 0, 10, -14, 0x7BFF, 15, 0, 0, False)
-    return code
 
 
 @triton.jit

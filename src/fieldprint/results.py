@@ -458,9 +458,11 @@ def _expect_e6(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
     commit_modes = ("commit_sync", "commit_async")
     timing = [(m, 1) for m in cfg["modes"] if m not in commit_modes]
     timing += [(m, i) for m in cfg["modes"] if m in commit_modes for i in cfg["intervals"]]
-    out = [{"kind": "timing", "mode": m, "interval": i} for m, i in timing]
+    # the first reference ran one batch size ("batch"), later runs a list ("batches")
+    batches = cfg["batches"] if "batches" in cfg else [cfg["batch"]]
+    out = [{"kind": "timing", "mode": m, "interval": i, "batch": b} for b in batches for m, i in timing]
     if cfg["tamper_trials"]:
-        out.append({"kind": "tamper"})
+        out += [{"kind": "tamper", "batch": b} for b in batches]
     return out
 
 
@@ -544,7 +546,11 @@ SCHEMAS: dict[str, Schema] = {s.name: s for s in (
         + _columns("graphs:bool sync:bool", False, absent_ok=True)
         + _columns("device:str ms_per_step:float ms_min:float tokens_per_s:float overhead:float "
                    "commits:int d2h_bytes_per_step:float", _E6_TIMING)
+        # spread and per-commit costs came with the graph-captured baseline (not in the first reference)
+        + _columns("ms_q1:float ms_q3:float ms_max:float overhead_q1:float overhead_q3:float", False,
+                   absent_ok=True)
+        + _columns("commit_host_ms:float launches_per_commit:int", False, absent_ok=True)
         + _columns("target:str field:str flips:int detected:int localized:int leaves:int "
                    "false_positive:int", _E6_TAMPER)),
-        key=("kind", "mode", "interval", "target", "field"), expected=_expect_e6),
+        key=("kind", "mode", "interval", "batch", "target", "field"), expected=_expect_e6),
 )}

@@ -35,7 +35,6 @@ import dataclasses
 import math
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -43,9 +42,10 @@ import triton
 import triton.language as tl
 
 from fieldprint.experiments.common import ExperimentConfig, check, hydra_main, resolve_device
+from fieldprint.formats import FORMAT_IDS, ROUNDINGS, get_format, pow2, scale_exponent
+from fieldprint.quant import code_bytes
 
-FORMATS = ("e4m3", "e5m2", "int8", "bf16", "fp16")
-ROUNDINGS = ("rne", "trunc", "stochastic", "two_grid")
+FORMATS = tuple(FORMAT_IDS)
 OUT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 VARIANT_RE = re.compile(
     r"^(rehash|split_k(\d+)_(fwd|rev)|batch_rows(\d+)|tf32|bf16_gemm|triton_mm|cpu|attention)$"
@@ -128,29 +128,12 @@ class E4Config(ExperimentConfig):
 
 
 def pow2_scale(amax: torch.Tensor, fmt: str) -> torch.Tensor | None:
-    """Smallest power of two 2**k with ``amax <= fmax * 2**k`` (float32, amax's shape), k in
-    [-126, 127], 1 for an all-zero page; None for the unscaled formats (bf16, fp16)."""
-    from fieldprint.quant import FORMATS as QFORMATS
-
-    f = QFORMATS[fmt]
-    if not f.scaled:
+    """The power-of-two scales (float32, amax's shape) of groups whose largest magnitudes are
+    ``amax``: `fieldprint.formats.scale_exponent`'s rule (1 for an all-zero page); None for the
+    unscaled formats (bf16, fp16)."""
+    if not get_format(fmt).scaled:
         return None
-    amax = amax.float()
-    mant, e = torch.frexp(amax)
-    fm, fe = math.frexp(f.fmax)
-    k = e - fe + (mant > fm).to(torch.int32)
-    k = torch.where(amax == 0, torch.zeros_like(k), k).clamp(-126, 127)
-    return torch.ldexp(torch.ones_like(amax), k.float())
-
-
-def code_bytes(codes: torch.Tensor) -> torch.Tensor:
-    """[P, n] uint8/int16 codes -> [P, n * width] uint8, little-endian (as `canonical_bytes`)."""
-    if codes.dtype == torch.uint8:
-        return codes
-    if sys.byteorder == "little":
-        return codes.contiguous().view(torch.uint8)
-    w = codes.to(torch.int32) & 0xFFFF
-    return torch.stack([w & 0xFF, w >> 8], dim=-1).flatten(-2).to(torch.uint8)
+    return pow2(scale_exponent(amax, fmt))
 
 
 def page_rows(qt, page_elems: int) -> torch.Tensor:

@@ -47,14 +47,14 @@ import torch
 
 from fieldprint.experiments.common import ExperimentConfig, check, hydra_main, resolve_device
 from fieldprint.experiments.e5_train import read_bytes
+from fieldprint.formats import FORMAT_IDS, ROUNDINGS, get_format, pow2, scale_exponent
 from fieldprint.model import ATTENTION_BACKENDS, load_checkpoint, score_paged
+from fieldprint.quant import dequantize, quantize
 
-FORMATS = ("bf16", "fp16", "e4m3", "e5m2", "int8")
-ROUNDINGS = ("rne", "trunc", "stochastic", "two_grid")
+FORMATS = tuple(FORMAT_IDS)
 RANDOM_ROUNDINGS = ("stochastic",)
 KV_SCALES = ("page", "row")
 KERNEL_FORMATS = ("bf16", "e4m3", "e5m2", "int8")  # values a bf16 cache holds exactly
-BITS = {"bf16": 16, "fp16": 16, "e4m3": 8, "e5m2": 8, "int8": 8}
 
 
 @dataclass
@@ -135,23 +135,17 @@ def parse_format(item: str) -> tuple[str, str]:
 
 def row_scale(x: torch.Tensor, fmt: str) -> torch.Tensor | None:
     """Per-row power-of-two scale for fp8/int8: x: [..., D] -> [..., 1] float32, the smallest
-    ``2**k`` with ``amax(|row|) <= fmax * 2**k`` (as ``quantize`` picks one per tensor); None for
-    bf16/fp16, which store unscaled."""
-    if fmt in ("bf16", "fp16"):
+    ``2**k`` with ``amax(|row|) <= fmax * 2**k`` (`fieldprint.formats.scale_exponent`, the rule
+    ``quantize`` applies per tensor); None for bf16/fp16, which store unscaled."""
+    if not get_format(fmt).scaled:
         return None
-    fmax = {"e4m3": 448.0, "e5m2": 57344.0, "int8": 127.0}[fmt]
-    amax = x.detach().abs().amax(-1, keepdim=True).double()
-    k = torch.ceil(torch.log2(amax / fmax)).clamp(-126, 127).nan_to_num(0.0)
-    k = torch.where(amax > 0, k, torch.zeros_like(k))
-    return torch.exp2(k).float()
+    return pow2(scale_exponent(x.detach().abs().amax(-1, keepdim=True), fmt))
 
 
 def round_trip(x: torch.Tensor, fmt: str, rounding: str, seed: int,
                page_tokens: int | None = None) -> torch.Tensor:
     """x: [T, H, D] -> the float32 values a cache in (fmt, rounding) holds for x, with one scale
     per (token, head) row, or per page of ``page_tokens`` consecutive tokens (T a multiple)."""
-    from fieldprint.quant import dequantize, quantize
-
     if page_tokens is not None:
         if x.shape[0] % page_tokens:
             raise ValueError(f"{x.shape[0]} tokens are not whole pages of {page_tokens}")
@@ -200,7 +194,7 @@ def _runs(cfg: E5AccuracyConfig, formats: list[str]):
 
 
 def _bits(fmt: str, rounding: str) -> int:
-    return BITS[fmt] + (rounding == "two_grid")  # the helper bit is stored too
+    return get_format(fmt).bits + (rounding == "two_grid")  # the helper bit is stored too
 
 
 def lm_rows(cfg: E5AccuracyConfig, device: str) -> list[dict]:

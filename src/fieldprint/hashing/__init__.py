@@ -15,6 +15,7 @@ length is not a multiple of 4 bytes are first copied into a zero-padded word buf
 
 import os
 
+import blake3 as _b3
 import torch
 import triton
 
@@ -69,8 +70,6 @@ def _resolve(backend: str, device: torch.device, name: str) -> str:
 
 
 def _reference_many(rows: torch.Tensor, key: bytes | None) -> torch.Tensor:
-    import blake3 as _b3
-
     host = rows.detach().cpu().numpy()
     out = torch.empty((rows.shape[0], 32), dtype=torch.uint8)
     for i in range(rows.shape[0]):

@@ -11,22 +11,25 @@ version 1: 64-byte header, codes, one float32 scale, helper bits, zero padding t
 Formats: the 1-byte ones (e4m3, e5m2, int8); bf16/fp16 codes are not fused (use
 ``quantize`` + ``hash_pages``).
 
-Two launches plus the BLAKE3 parent levels:
+Steps: the page scales, one launch, then the BLAKE3 parent levels.
 
-1. `_page_scale_kernel` (one program per page): the page's max magnitude, hence its scale
-   exponent k and the NaN/Inf flag. This is a separate read of the pages: the scale of a page
-   depends on all of its elements, and a chunk lane cannot wait for the other chunks of its page.
+1. `fieldprint.leaf.page_scales`: each page's largest magnitude (one read of the pages, in
+   torch), hence its scale exponent k (the one page-scale rule) and whether it is finite. A
+   separate read: the scale of a page depends on all of its elements, and a chunk lane cannot
+   wait for the other chunks of its page.
 2. `_fused_kernel`: one lane per (page, chunk of its leaf); all lanes of a program hash the same
    chunk index of BLOCK consecutive pages, so which part of the leaf a 64-byte block holds
    (header, codes, scale/helper/padding) is the same for every lane and is decided by scalar
    branches, without divergence. Each lane builds its message words in registers: a code block
    quantizes its 64 elements 16 at a time (`quant_kernels.quant_code`) and packs them 4 to a
-   little-endian word;
-   the scale word is ``(k + 127) << 23``; a helper word recomputes the helper bits of its 32
-   elements (`pack` order of `quant.canonical_bytes`); header words come from the page id and
-   scalar arguments. Codes and helper bytes are stored as side outputs; the leaf itself is
-   never written to memory. Chunk chaining values then go through the hashing module's
-   `reduce_parents`, as in `blake3_many`.
+   little-endian word; the scale word is ``(k + 127) << 23`` (`fieldprint.formats.pow2`); a
+   helper word recomputes the helper bits of its 32 elements (`pack` order of
+   `quant.canonical_bytes`); the header words are `fieldprint.leaf`'s header of the batch with
+   the lane's page id written into words 2 and 3 (checked against the leaf module once per
+   configuration, `_header_words`). The field offsets come from `fieldprint.leaf.LeafSpec`.
+   Codes and helper bytes are stored as side outputs; the leaf itself is never written to
+   memory. Chunk chaining values then go through the hashing module's `reduce_parents`, as in
+   `blake3_many`.
 
 Two_grid pages therefore read their elements twice inside the fused kernel (codes, then helper
 words); the second read usually hits L2.
@@ -34,56 +37,27 @@ words); the second read usually hits L2.
 
 from __future__ import annotations
 
-import math
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+from fieldprint.formats import FORMATS, ROUNDING_IDS, format_constants, pow2
 from fieldprint.hashing import _kernels as K
 from fieldprint.hashing import _key_args, _key_bytes, reduce_parents
-from fieldprint.merkle import FORMAT_IDS, HEADER_BYTES, KIND_IDS, LAYOUT_VERSION, LEAF_KEY, MAGIC
-from fieldprint.quant import FORMATS, ROUNDING_IDS, check_seed, format_constants, seed_keys
+from fieldprint.leaf import LeafSpec, check_page_ids, header_offset, page_scales
+from fieldprint.merkle import LEAF_KEY
+from fieldprint.quant import check_seed, seed_keys
 from fieldprint.quant_kernels import counter_bits, quant_code
 
 __all__ = ["FUSED_FORMATS", "quantize_hash_pages"]
 
-FUSED_FORMATS = ("e4m3", "e5m2", "int8")
+FUSED_FORMATS = tuple(name for name, f in FORMATS.items() if f.width == 1)  # the fp8 and int8 codes
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_SCALAR_ARGS = ["layer", "hw5", "seed_lo", "seed_hi", "has_seed", "key0", "key1",
-                "k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7", "key_flags"]
-
-
-@triton.jit
-def _page_scale_kernel(x_ptr, k_ptr, scale_ptr, flag_ptr, E,
-                       MF: tl.constexpr, EF: tl.constexpr, BLOCK: tl.constexpr):
-    """Per page p of x [P, E]: k[p] = the smallest k in [-126, 127] with amax <= fmax * 2**k
-    (0 for an all-zero page), scale[p] = 2**k (float32), flag = 1 if any NaN/Inf.
-
-    fmax = MF * 2**EF with MF a 24-bit significand, so the test is integer arithmetic on the bit
-    pattern of amax (the rule of `fieldprint.quant`, which uses frexp): a normal amax = ma *
-    2**(ef - 150) gives k = ef - 150 - EF + (ma > MF); a subnormal amax always clamps to -126.
-    """
-    page = tl.program_id(0)
-    base = x_ptr + page.to(tl.int64) * E
-    acc = tl.zeros([BLOCK], tl.int32)
-    start = 0
-    while start < E:
-        offs = start + tl.arange(0, BLOCK)
-        x = tl.load(base + offs, mask=offs < E, other=0.0).to(tl.float32)
-        acc = tl.maximum(acc, x.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
-        start += BLOCK
-    a = tl.max(acc, axis=0)
-    if a >= 0x7F800000:
-        tl.atomic_max(flag_ptr, 1)
-    ef = a >> 23
-    k = ef - 150 - EF + (((a & 0x7FFFFF) | 0x800000) > MF).to(tl.int32)
-    k = tl.where(ef == 0, -126, k)
-    k = tl.where(a == 0, 0, k)
-    k = tl.minimum(tl.maximum(k, -126), 127)
-    tl.store(k_ptr + page, k)
-    tl.store(scale_ptr + page, ((k + 127) << 23).to(tl.float32, bitcast=True))
+_SCALAR_ARGS = ["key0", "key1", "k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7", "key_flags"]
+_PAGE_ID_WORD = header_offset("page_id")[0] // 4  # the kernel writes each page's id into words 2, 3
 
 
 @triton.jit
@@ -101,28 +75,18 @@ def _codes_of(xrow, elem, mask, k, key0, key1,
 
 
 @triton.jit
-def _word(wi, xrow, crow, hrow, page_lo, page_hi, k, valid, E, code_end, helper_end, H,
-          layer, hw5, seed_lo, seed_hi, has_seed, key0, key1,
+def _word(wi, xrow, crow, hrow, hdr_ptr, page_lo, page_hi, k, valid, E, code_end, helper_end, H, key0, key1,
           MBITS: tl.constexpr, EMIN: tl.constexpr, CMAX: tl.constexpr,
           SIGN_SHIFT: tl.constexpr, TWOS: tl.constexpr, ROUNDING: tl.constexpr,
-          BLOCK: tl.constexpr):
+          PAGE_ID_WORD: tl.constexpr, BLOCK: tl.constexpr):
     """Leaf word ``wi`` (a scalar: the same for every lane) of each lane's page, as [BLOCK]
     uint32; stores the codes / helper bytes it covers. The slow path: header, a code block
     cut by the end of the codes, scale, helper and padding words."""
     w = tl.zeros([BLOCK], tl.int32)
     if wi < 16:
-        # header (merkle layout v1); words 13..15 are zero
-        hv = tl.where(wi == 0, 0x564B5046, 0)  # b"FPKV"
-        hv = tl.where(wi == 1, 1 | (64 << 16), hv)  # layout version 1, 64 header bytes
-        hv = tl.where(wi == 4, layer, hv)
-        hv = tl.where(wi == 5, hw5, hv)  # kind, format, rounding, code width
-        hv = tl.where((wi == 6) | (wi == 7), E, hv)  # elements, code bytes
-        hv = tl.where(wi == 8, 1, hv)  # one scale
-        hv = tl.where(wi == 9, H, hv)
-        hv = tl.where(wi == 10, seed_lo, hv)
-        hv = tl.where(wi == 11, seed_hi, hv)
-        hv = tl.where(wi == 12, has_seed, hv)
-        w = w + hv + tl.where(wi == 2, page_lo, 0) + tl.where(wi == 3, page_hi, 0)
+        # header: the leaf module's words for this batch, with each lane's page id in its two words
+        hv = tl.load(hdr_ptr + wi)
+        w = w + hv + tl.where(wi == PAGE_ID_WORD, page_lo, 0) + tl.where(wi == PAGE_ID_WORD + 1, page_hi, 0)
     elif wi < code_end:
         elem = (wi - 16) * 4 + tl.arange(0, 4)[None, :]
         mask = valid[:, None] & (elem < E)
@@ -169,17 +133,17 @@ def _split16(w, BLOCK: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=_SCALAR_ARGS)
-def _fused_kernel(x_ptr, kexp_ptr, ids_ptr, codes_ptr, helper_ptr, out_ptr,
-                  P, E, C, n_leaf_blocks, code_end, helper_end, H,
-                  layer, hw5, seed_lo, seed_hi, has_seed, key0, key1,
+def _fused_kernel(x_ptr, kexp_ptr, ids_ptr, hdr_ptr, codes_ptr, helper_ptr, out_ptr,
+                  P, E, C, n_leaf_blocks, code_end, helper_end, H, key0, key1,
                   k0, k1, k2, k3, k4, k5, k6, k7, key_flags,
                   MBITS: tl.constexpr, EMIN: tl.constexpr, CMAX: tl.constexpr,
                   SIGN_SHIFT: tl.constexpr, TWOS: tl.constexpr, ROUNDING: tl.constexpr,
-                  BLOCK: tl.constexpr):
+                  PAGE_ID_WORD: tl.constexpr, BLOCK: tl.constexpr):
     """Chaining values out [P, C, 8] int32 of chunk ``program_id(1)`` of BLOCK pages' leaves.
 
-    x: [P, E] pages; kexp: [P] int32 scale exponents; ids: [P] int64 page ids; codes: [P, E]
-    uint8 and helper: [P, H] uint8 side outputs. The leaf has n_leaf_blocks 64-byte blocks:
+    x: [P, E] pages; kexp: [P] int32 scale exponents; ids: [P] int64 page ids; hdr: [16] int32
+    header words shared by the pages (page id words zero); codes: [P, E] uint8 and helper:
+    [P, H] uint8 side outputs. The leaf has n_leaf_blocks 64-byte blocks:
     block 0 the header, words [16, code_end) the codes, word code_end the scale, words
     (code_end, helper_end) the helper bits, zeros after. C == 1: the chunk is the root and
     its output is the digest.
@@ -229,9 +193,8 @@ def _fused_kernel(x_ptr, kexp_ptr, ids_ptr, codes_ptr, helper_ptr, out_ptr,
         else:
             j = 0
             while j < 16:
-                w = _word(wb + j, xrow, crow, hrow, page_lo, page_hi, k, valid, E, code_end, helper_end, H,
-                          layer, hw5, seed_lo, seed_hi, has_seed, key0, key1,
-                          MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, BLOCK)
+                w = _word(wb + j, xrow, crow, hrow, hdr_ptr, page_lo, page_hi, k, valid, E, code_end, helper_end,
+                          H, key0, key1, MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, PAGE_ID_WORD, BLOCK)
                 tile = tl.where(cols == j, w.to(tl.int32, bitcast=True)[:, None], tile)
                 j += 1
         m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15 = _split16(
@@ -275,22 +238,25 @@ def _check_pages(pages) -> tuple[int, int]:
     return n_pages, e
 
 
-def _check_ids(page_ids, n_pages: int, device: torch.device) -> torch.Tensor:
-    if isinstance(page_ids, torch.Tensor):
-        if page_ids.dtype.is_floating_point or page_ids.dtype in (torch.bool, torch.uint8):
-            raise TypeError(f"page_ids must be an integer tensor, got {page_ids.dtype}")
-        ids = page_ids.to(device=device, dtype=torch.int64).reshape(-1)
-    else:
-        try:
-            ids = torch.tensor(list(page_ids), dtype=torch.int64)
-        except (TypeError, ValueError, RuntimeError, OverflowError) as e:
-            raise TypeError(f"page_ids must be a sequence of ints or an integer tensor: {e}") from None
-        ids = ids.to(device)
-    if ids.numel() != n_pages:
-        raise ValueError(f"page_ids must have {n_pages} entries (one per page), got {ids.numel()}")
-    if bool((ids < 0).any()):
-        raise ValueError("page_ids must be non-negative")
-    return ids.contiguous()
+@functools.lru_cache(maxsize=512)
+def _header_words(spec: LeafSpec, layer: int, kind: str, device: torch.device) -> torch.Tensor:
+    """The [16] int32 header words `_fused_kernel` writes for (spec, layer, kind), page id words
+    zero, on ``device``: the leaf module's header. Checked once per config that the kernel's
+    overlay of a page id (words `_PAGE_ID_WORD`, +1) gives `fieldprint.leaf`'s header of that
+    page id: the kernel holds no other knowledge of the header."""
+    words = _le_words(spec.header(0, layer, kind))
+    probe = 0x8123456789ABCDEF  # both id words nonzero, the high one with its top bit set
+    written = list(words)
+    written[_PAGE_ID_WORD] += _s32(probe)
+    written[_PAGE_ID_WORD + 1] += _s32(probe >> 32)
+    if words[_PAGE_ID_WORD:_PAGE_ID_WORD + 2] != [0, 0] or written != _le_words(spec.header(probe, layer, kind)):
+        raise RuntimeError("the fused kernel's page-id words disagree with fieldprint.leaf's header layout")
+    return torch.tensor(words, dtype=torch.int32).to(device)
+
+
+def _le_words(data: bytes) -> list[int]:
+    """Little-endian 32-bit words of ``data`` as the signed ints the kernel bitcasts back."""
+    return [_s32(int.from_bytes(data[i:i + 4], "little")) for i in range(0, len(data), 4)]
 
 
 def quantize_hash_pages(pages: torch.Tensor, fmt: str = "e4m3", rounding: str = "rne", *,
@@ -320,47 +286,34 @@ def quantize_hash_pages(pages: torch.Tensor, fmt: str = "e4m3", rounding: str = 
         raise ValueError(f"rounding must be one of {list(ROUNDING_IDS)}, got {rounding!r}")
     check_seed(rounding, seed)
     two_grid = rounding == "two_grid"
-    if two_grid and e % 8:
-        raise ValueError(f"two_grid pages need a multiple of 8 elements per page, got {e}")
-    if kind not in KIND_IDS:
-        raise ValueError(f"kind must be 'k' or 'v', got {kind!r}")
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < 2**32:
-        raise ValueError(f"layer must be an int in [0, 2**32), got {layer!r}")
+    spec = LeafSpec(fmt, rounding, elems=e, seed=seed)
+    hdr = _header_words(spec, layer, kind, pages.device)  # checks layer and kind too
     kb = _key_bytes(key)
     dev = pages.device
-    ids = _check_ids(page_ids, n_pages, dev)
+    ids = torch.tensor(check_page_ids(page_ids, n_pages), dtype=torch.int64).to(dev)
 
-    f = FORMATS[fmt]
-    fm, fe = math.frexp(f.fmax)
-    kexp = torch.empty(n_pages, dtype=torch.int32, device=dev)
-    scales = torch.empty(n_pages, dtype=torch.float32, device=dev)
-    flag = torch.zeros(1, dtype=torch.int32, device=dev)
-    _page_scale_kernel[(n_pages,)](pages, kexp, scales, flag, e, MF=int(fm * 2**24), EF=fe - 24,
-                                   BLOCK=1024, num_warps=4)
-
-    h_bytes = e // 8 if two_grid else 0
-    leaf_len = HEADER_BYTES + e + 4 + h_bytes
-    leaf_len += -leaf_len % 64
-    n_chunks = -(-leaf_len // K.CHUNK_LEN)
-    code_end = HEADER_BYTES // 4 + e // 4
-    helper_end = code_end + 1 + -(-h_bytes // 4)
+    kexp, finite = page_scales(pages, fmt)
+    # word offsets of the leaf's fields: the kernel assumes header, codes, one scale word,
+    # helper, padding in this order
+    at = spec.offsets()
+    code_end = (at["codes"][0] + at["codes"][1]) // 4
+    helper_end = code_end + 1 + -(-spec.helper_bytes // 4)
+    if at["codes"][0] != 64 or at["scale"] != (4 * code_end, 4) or at["helper"][0] != 4 * code_end + 4:
+        raise RuntimeError(f"the fused kernel cannot write the leaf layout {spec.fields()}")
+    n_chunks = -(-spec.length // K.CHUNK_LEN)
     codes = torch.empty((n_pages, e), dtype=torch.uint8, device=dev)
-    helper = torch.empty((n_pages, h_bytes), dtype=torch.uint8, device=dev) if two_grid else None
+    helper = torch.empty((n_pages, spec.helper_bytes), dtype=torch.uint8, device=dev) if two_grid else None
     nodes = torch.empty((n_pages * n_chunks, 8), dtype=torch.int32, device=dev)
     kw, kf = _key_args(kb)
     keys = seed_keys(seed) if seed is not None else (0, 0)
-    s = seed or 0
-    hw5 = KIND_IDS[kind] | FORMAT_IDS[fmt] << 8 | ROUNDING_IDS[rounding] << 16 | 1 << 24
-    assert MAGIC == b"FPKV" and LAYOUT_VERSION == 1  # the header words the kernel writes
     block = min(64, max(16, triton.next_power_of_2(n_pages)))
     grid = (triton.cdiv(n_pages, block), n_chunks)
     _fused_kernel[grid](
-        pages, kexp, ids, codes, helper if helper is not None else codes, nodes,
-        n_pages, e, n_chunks, leaf_len // 64, code_end, helper_end, h_bytes,
-        _s32(layer), hw5, _s32(s), _s32(s >> 32), int(seed is not None), *keys, *kw, kf,
-        **format_constants(fmt), ROUNDING=ROUNDING_IDS[rounding], BLOCK=block,
+        pages, kexp, ids, hdr, codes, helper if helper is not None else codes, nodes,
+        n_pages, e, n_chunks, spec.length // 64, code_end, helper_end, spec.helper_bytes, *keys, *kw, kf,
+        **format_constants(fmt), ROUNDING=ROUNDING_IDS[rounding], PAGE_ID_WORD=_PAGE_ID_WORD, BLOCK=block,
         num_warps=max(1, block // 32))
     digests = reduce_parents(nodes, n_pages, n_chunks, kw, kf)
-    if int(flag.item()):
+    if not bool(finite.all()):
         raise ValueError("pages contains NaN or Inf")
-    return codes, scales, helper, digests
+    return codes, pow2(kexp), helper, digests

@@ -1,0 +1,139 @@
+"""From cache pages to page leaves: what a commit hashes (`fieldprint.commit`).
+
+One leaf per page, layer and K/V half, in leaf order (page, then layer, then K before V), in the
+layout of `fieldprint.leaf` (version 1). Each half of a page is quantized on its own with its own
+power-of-two scale (`fieldprint.leaf.page_scales`); the padding slots of an anchor's last page
+are zeroed first. The page id (`page_id`) names the logical page (anchor or context, owner, page
+index, valid tokens), so two caches with the same contents commit to the same leaves whatever
+physical pool pages they use.
+
+    refs = leaf_refs(pages, num_layers)                         # what each leaf commits to
+    header = leaf_headers(spec, pages, num_layers)              # [N, 64] uint8 (host)
+    rows, finite = page_leaf_rows(cache, spec, header, blocks, tokens, backend)   # on the device
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fieldprint.cache import PagedKVCache, PageRef
+from fieldprint.formats import get_format, pow2
+from fieldprint.leaf import LeafSpec, header_rows, leaf_bytes, page_scales
+from fieldprint.quant import code_bytes, quantize
+from fieldprint.quant_kernels import launch_quantize
+
+__all__ = [
+    "PAGE_KINDS",
+    "LeafRef",
+    "check_pages",
+    "leaf_headers",
+    "leaf_refs",
+    "page_id",
+    "page_leaf_rows",
+    "quantize_pages",
+]
+
+PAGE_KINDS = ("context", "anchor")
+KV = ("k", "v")
+# bit fields of a page id: anchor flag << 62 | owner << 40 | page index << 16 | valid tokens
+_OWNER_BITS, _INDEX_BITS, _TOKEN_BITS = 22, 24, 16
+
+
+@dataclass(frozen=True)
+class LeafRef:
+    """What leaf ``i`` of the tree commits to: the ``kind`` ("k" or "v") half of page ``page``
+    in layer ``layer``."""
+
+    page: PageRef
+    layer: int
+    kind: str
+
+
+def page_id(page: PageRef) -> int:
+    """The 64-bit page id of a leaf header: ``anchor << 62 | owner << 40 | index << 16 | tokens``
+    (owner: sequence or anchor id < 2**22; index: page of that owner < 2**24; tokens: valid
+    tokens < 2**16). It binds a leaf to its logical place, not to a physical pool page."""
+    if not (0 <= page.owner < 2**_OWNER_BITS and 0 <= page.index < 2**_INDEX_BITS
+            and 0 <= page.tokens < 2**_TOKEN_BITS):
+        raise ValueError(f"page {page} does not fit the 64-bit page id of the leaf header "
+                         f"(owner < 2**{_OWNER_BITS}, index < 2**{_INDEX_BITS}, tokens < 2**{_TOKEN_BITS})")
+    return ((page.kind == "anchor") << 62 | page.owner << (_INDEX_BITS + _TOKEN_BITS)
+            | page.index << _TOKEN_BITS | page.tokens)
+
+
+def check_pages(pages: list[PageRef], cache: PagedKVCache) -> None:
+    """Raise a ValueError naming the first page that no leaf can be made of: an unknown kind, a
+    pool page outside the cache, a token count outside [1, block_size], or ids that overflow
+    the leaf header's page id (`page_id`)."""
+    for p in pages:
+        if p.kind not in PAGE_KINDS:
+            raise ValueError(f"page {p}: kind must be one of {PAGE_KINDS}")
+        if not (isinstance(p.block, int) and 0 <= p.block < cache.num_blocks):
+            raise ValueError(f"page {p}: block outside the pool [0, {cache.num_blocks})")
+        if not (isinstance(p.tokens, int) and 1 <= p.tokens <= cache.block_size):
+            raise ValueError(f"page {p}: tokens must be in [1, block_size={cache.block_size}]")
+        page_id(p)
+
+
+def leaf_refs(pages: list[PageRef], num_layers: int) -> list[LeafRef]:
+    """The leaves of ``pages``, in leaf order."""
+    return [LeafRef(p, layer, kind) for p in pages for layer in range(num_layers) for kind in KV]
+
+
+def leaf_headers(spec: LeafSpec, pages: list[PageRef], num_layers: int) -> torch.Tensor:
+    """[P * num_layers * 2, 64] uint8 host headers of the leaves of ``pages``, in leaf order."""
+    refs = leaf_refs(pages, num_layers)
+    return header_rows(spec, [page_id(r.page) for r in refs], [r.layer for r in refs], [r.kind for r in refs])
+
+
+def quantize_pages(x: torch.Tensor, fmt: str, rounding: str, backend: str = "auto"):
+    """Quantize pages ``x [P, ...]`` independently, each with its own power-of-two scale
+    (`fieldprint.leaf.page_scales`), without a host sync.
+
+    Returns ``codes [P, C]`` uint8 (`fieldprint.quant.code_bytes`), ``helper [P, H]`` uint8 (H = 0
+    unless two_grid), ``scale [P, 1]`` float32 and ``finite [P]`` bool (the page holds no
+    NaN/Inf; its codes are then meaningless), all on x's device. backend: ``"auto"`` (CUDA ->
+    Triton, CPU -> torch), ``"torch"``, ``"triton"`` (a CPU tensor only under TRITON_INTERPRET=1).
+    The Triton path launches the quantization kernel of ``fieldprint.quant_kernels`` directly:
+    ``quantize`` reads its finite flag and validates a given scale on the host, and either would
+    stall the decode stream behind an async commit. Both paths produce the codes of
+    ``quantize(page, fmt, rounding, scale=2**k)``.
+    """
+    P = x.shape[0]
+    flat = x.reshape(P, -1)
+    if flat.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        flat = flat.float()
+    k, finite = page_scales(flat, fmt)
+    f = get_format(fmt)
+    if backend == "triton" or (backend == "auto" and x.is_cuda):
+        n = flat.numel()
+        codes = torch.empty(n, dtype=f.code_dtype, device=x.device)
+        helper = torch.empty((n + 7) // 8, dtype=torch.uint8, device=x.device) if rounding == "two_grid" else None
+        launch_quantize(flat.contiguous().reshape(-1), k, fmt, rounding, 0, 0, None, codes, helper)
+    else:
+        # the torch path refuses NaN/Inf at once: quantize finite stand-ins, `finite` says which
+        ok = finite.reshape(P, *([1] * (flat.dim() - 1)))
+        qt = quantize(torch.where(ok, flat, 0), fmt, rounding, scale=pow2(k).reshape(P, 1) if f.scaled else None,
+                      backend="torch")
+        codes, helper = qt.codes, qt.helper
+    helper = (helper.reshape(P, -1) if helper is not None
+              else torch.zeros((P, 0), dtype=torch.uint8, device=x.device))
+    return code_bytes(codes.reshape(P, -1)), helper, pow2(k).reshape(P, 1), finite
+
+
+def page_leaf_rows(cache: PagedKVCache, spec: LeafSpec, header: torch.Tensor, blocks: torch.Tensor,
+                   tokens: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Leaf rows ``[P * L * 2, spec.length]`` uint8 of the pool pages ``blocks [P]`` (int64, with
+    ``tokens [P]`` valid tokens each), read from the live cache, in leaf order, and ``finite
+    [P * L * 2]`` bool (see `quantize_pages`); header: their `leaf_headers`. All on the cache's
+    device. Byte for byte `fieldprint.merkle.page_leaf_bytes` of each half-page on its own."""
+    c = cache
+    P, L = blocks.shape[0], c.num_layers
+    # Gather a copy: [L, P, S, Hkv, D] twice -> [P, L, 2, S, Hkv, D], the order of the leaves.
+    x = torch.stack([c.k[:, blocks], c.v[:, blocks]], dim=2).transpose(0, 1)
+    valid = torch.arange(c.block_size, device=blocks.device)[None, :] < tokens[:, None]  # [P, S]
+    x = x.masked_fill(~valid[:, None, None, :, None, None], 0).reshape(P * L * 2, -1)
+    codes, helper, scale, finite = quantize_pages(x, spec.fmt, spec.rounding, backend)
+    return leaf_bytes(spec, header, codes, scale, helper), finite
