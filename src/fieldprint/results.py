@@ -13,7 +13,9 @@ declaration with a :class:`ResultsError` naming the file, the line and the colum
 * a cell that does not parse as its column's type, a NaN or infinity where a number is expected,
   an empty cell where the column is required (always, or in rows of one kind);
 * two rows with the same key (a duplicate placed first would otherwise win);
-* no rows at all, or a row the config in the manifest asks for that is not there.
+* no rows at all, or a row the config in the manifest asks for that is not there;
+* a CSV whose bytes differ from the SHA-256 its run recorded in the manifest (any later edit);
+* a manifest field that is missing or of the wrong type.
 
 Rows come back typed: ``int``, ``float``, ``bool`` or ``str`` per column, ``None`` for an empty
 optional cell. Every write is atomic (a temporary file renamed over the target).
@@ -79,7 +81,7 @@ class When:
         return re.fullmatch(self.pattern, cells.get(self.column, "")) is not None
 
     def __str__(self) -> str:
-        return f"where {self.column} is {self.pattern!r}"
+        return f"where {self.column} matches {self.pattern!r}"
 
 
 @dataclass(frozen=True)
