@@ -5,13 +5,15 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# SmolLM2-135M-Instruct's weights, fetched and checksummed by the pipeline's rule (workflow/rules/models.smk)
+MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 # Debian's TeX Live packages that the paper needs (installed when latexmk is missing).
 TEX_PACKAGES := latexmk texlive-latex-recommended texlive-latex-extra texlive-fonts-recommended \
 	texlive-science texlive-publishers
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup tex all paper test lint clean
+.PHONY: setup tex model all paper test lint clean
 
 setup: $(STAMP) tex
 
@@ -27,8 +29,14 @@ tex:
 	  $(SUDO) apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(TEX_PACKAGES) >/dev/null; }
 
+# Cached after the first run: make sees the file (the loaders verify its checksum on every use).
+model: $(MODEL)
+
+$(MODEL): | $(STAMP)
+	$(VENV)/bin/snakemake --cores 1 $@
+
 # The whole pipeline: experiments, figures, generated LaTeX, paper (see README).
-all: setup
+all: setup model
 	$(VENV)/bin/snakemake --cores all
 
 paper: setup
@@ -36,7 +44,7 @@ paper: setup
 
 # The SLURM self-test (a one-node cluster on this machine; about two minutes) runs where the
 # machine allows it (root; apt-get when SLURM is missing) and prints why it skips elsewhere.
-test: setup lint
+test: setup lint model
 	$(PY) -m pytest -q --durations=15
 	PYTHON=$(abspath $(PY)) workflow/scripts/slurm_selftest.sh
 

