@@ -26,11 +26,13 @@ VENV_BIN = Path(sys.executable).parent
 SNAKEMAKE = VENV_BIN / "snakemake"
 CONFIG = ["--config", "gpu=False", "sram_scale=smoke"]
 E1_MANIFEST = "data/reference/h200/e1_throughput.manifest.json"
+GGUF = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 HOSTILE_GPU = "NVIDIA H200 100% & R&D #1 {x}_y $z$ ~a^b \\fpdef{env.gpu}{H100}"
 
 
 def tracked_copy(dst: Path) -> None:
-    """Copy the files git knows (tracked, or untracked and not ignored): a fresh clone's tree."""
+    """Copy the files git knows (tracked, or untracked and not ignored): a fresh clone's tree;
+    the weights ``make model`` cached are linked in, as a user who ran it first has them."""
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
                             cwd=REPO_ROOT, capture_output=True, check=True).stdout.split(b"\0")
     for name in filter(None, listed):
@@ -38,6 +40,13 @@ def tracked_copy(dst: Path) -> None:
         if src.is_file():
             (dst / name.decode()).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst / name.decode())
+    weights = REPO_ROOT / GGUF
+    if weights.exists():
+        (dst / GGUF).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(weights, dst / GGUF)  # no 98 MB copy where both are on one file system
+        except OSError:
+            shutil.copy2(weights, dst / GGUF)
 
 
 def user_env(root: Path) -> dict[str, str]:

@@ -44,7 +44,7 @@ def run_env(exp):
 
 # Experiments whose paper numbers need the H200; without CUDA the paper quotes the committed
 # reference measurements for these, and the smoke runs only check that the code works.
-GPU_EXPERIMENTS = ["e1_throughput", "e3_hash", "e4_stability", "e5_accuracy", "e6_commit"]
+GPU_EXPERIMENTS = ["e1_throughput", "e3_hash", "e4_stability", "e4_recompute", "e5_accuracy", "e6_commit"]
 # Experiments whose paper numbers are measured wherever the pipeline runs, at the given scale.
 # (The SRAM study compiles for sm_90 on any machine; `--config sram_scale=smoke` shortens it.)
 LOCAL_EXPERIMENTS = {"e0_unfused": SCALE, "e2_sram": config.get("sram_scale", "paper")}
@@ -88,6 +88,10 @@ def hydra_inputs(exp, scale):
         f"configs/scale/{scale}.yaml",
         "configs/common.yaml",
     ]
+
+
+# Data an experiment reads besides its configs (the weights path is SMOLLM2_GGUF of models.smk).
+EXPERIMENT_DATA = {"e4_recompute": ["models/SmolLM2-135M-Instruct.Q4_1.gguf", "data/corpus/valid.txt"]}
 
 
 def gpu_slot(exp):

