@@ -44,5 +44,5 @@ def draw(rows: list[dict], manifest: dict, out_stem) -> None:
         ax.set_title(f"{mode.replace('_', '-')} mode")
     axes[0][0].set_ylabel(f"pages whose digest matches (%)\n{fmt} {rounding.replace('_', '-')}")
     axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
-    fig.suptitle(f"{rec[0]['model']}, honest recomputation; {source_label(manifest)}", fontsize=8)
+    fig.suptitle(f"{rec[0]['model']}, honest recomputation; {source_label(manifest)}", fontsize=8, y=1.05)
     save(fig, out_stem)
