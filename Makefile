@@ -42,8 +42,11 @@ all: setup model
 paper: setup
 	$(VENV)/bin/snakemake --cores all paper/main.pdf
 
+# The SLURM self-test (a one-node cluster on this machine; about two minutes) runs where the
+# machine allows it (root; apt-get when SLURM is missing) and prints why it skips elsewhere.
 test: setup lint model
 	$(PY) -m pytest -q --durations=15
+	PYTHON=$(abspath $(PY)) workflow/scripts/slurm_selftest.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

@@ -23,7 +23,9 @@ torch.set_num_threads(1)
 
 # Set by the tools themselves, not by tests: pytest names the running test; torch's inductor
 # writes down the cache folder it picked (the default, /tmp/torchinductor_<user>) on first use.
-TOOL_OWNED = frozenset({"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR"})
+# Intel's OpenMP runtime (imported by some libraries of the GPU image) sets KMP_* for itself.
+TOOL_OWNED = frozenset({"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR", "KMP_DUPLICATE_LIB_OK",
+                        "KMP_INIT_AT_FORK"})
 SESSION_ENV = dict(os.environ)
 
 

@@ -53,13 +53,22 @@ SHARED = [
     ("anchors half", {"anchor_lens": None}, ValueError, "given together"),
     ("anchor rows", {"anchor_block_table": i32([4])}, ValueError, "anchor_block_table must have 2 rows"),
     ("device", {"seq_lens": torch.zeros(2, dtype=torch.int32, device="meta")}, ValueError, "seq_lens is on meta"),
-    ("k_scale sign", {"k_scale": -1.0}, ValueError, "k_scale must be positive"),
+    ("k_scale sign", {"k_scale": -1.0}, ValueError, "k_scale must be a finite positive number"),
+    ("k_scale zero", {"k_scale": 0.0}, ValueError, "k_scale must be a finite positive number"),
+    ("k_scale nan", {"k_scale": float("nan")}, ValueError, "k_scale must be a finite positive number"),
+    ("v_scale inf", {"v_scale": float("inf")}, ValueError, "v_scale must be a finite positive number"),
+    ("k_scale bool", {"k_scale": True}, TypeError, "k_scale must be a finite positive number"),
     ("k_scale shape", {"k_scale": torch.ones(3)}, ValueError, "k_scale must be per-tensor"),
-    ("v_scale type", {"v_scale": "1"}, TypeError, "v_scale must be a float"),
+    ("v_scale type", {"v_scale": "1"}, TypeError, "v_scale must be a finite positive number, a 0-d tensor"),
     ("v_scale int tensor", {"v_scale": torch.ones(2, dtype=torch.int32)}, TypeError, "v_scale must be a floating"),
-    ("softmax_scale", {"softmax_scale": 0.0}, ValueError, "softmax_scale must be a positive"),
+    ("softmax_scale", {"softmax_scale": 0.0}, ValueError, "softmax_scale must be a finite positive"),
+    ("softmax_scale inf", {"softmax_scale": float("inf")}, ValueError, "softmax_scale must be a finite positive"),
     ("window", {"sliding_window": 0}, ValueError, "sliding_window must be a positive int"),
-    ("softcap", {"logit_softcap": -1.0}, ValueError, "logit_softcap must be a positive"),
+    ("window bool", {"sliding_window": True}, TypeError, "sliding_window must be a positive int (tokens) or None, "
+                                                         "got bool True"),
+    ("window float", {"sliding_window": 8.0}, TypeError, "sliding_window must be a positive int"),
+    ("softcap", {"logit_softcap": -1.0}, ValueError, "logit_softcap must be a finite positive"),
+    ("softcap bool", {"logit_softcap": True}, TypeError, "logit_softcap must be a finite positive"),
     # checks that read the index tensors
     ("qsl start", {"query_start_loc": i32(1, 2, 4)}, ValueError, "query_start_loc must start at 0"),
     ("qsl end", {"query_start_loc": i32(0, 1, 3)}, ValueError, "end at T=4"),
@@ -71,6 +80,14 @@ SHARED = [
     ("anchor len", {"anchor_lens": i32(17, 0)}, ValueError, "anchor_lens must lie in [0, 16]"),
     ("anchor negative", {"anchor_lens": i32(-1, 0)}, ValueError, "anchor_lens must lie"),
     ("anchor id", {"anchor_block_table": i32([9], [4])}, ValueError, "anchor_block_table[0, 0] = 9"),
+    # tensor scales: their values are read with the index tensors
+    ("k_scale tensor nan", {"k_scale": torch.tensor([1.0, float("nan")])}, ValueError,
+     "k_scale must be finite and positive, got k_scale[1] = nan"),
+    ("k_scale tensor inf", {"k_scale": torch.tensor([float("inf"), 1.0])}, ValueError, "got k_scale[0] = inf"),
+    ("v_scale tensor zero", {"v_scale": torch.tensor([0.5, 0.0])}, ValueError,
+     "v_scale must be finite and positive, got v_scale[1] = 0.0"),
+    ("v_scale 0-d negative", {"v_scale": torch.tensor(-0.5)}, ValueError,
+     "v_scale must be finite and positive, got v_scale = -0.5"),
 ]
 
 

@@ -15,8 +15,8 @@ from fieldprint.commit_pages import quantize_pages
 from fieldprint.merkle import DeviceMerkleTree, MerkleTree, hash_pages, page_leaf_bytes
 from fieldprint.quant import quantize
 
-interpreted = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-                                 reason="needs CUDA or TRITON_INTERPRET=1")
+# Triton on CPU caches: only under the interpreter (conftest sets it on machines without CUDA)
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 
 L, S, HKV, D = 2, 4, 2, 8
 
@@ -159,7 +159,8 @@ def test_quantize_pages_equals_quantize_page_by_page(fmt, rounding):
 @interpreted
 def test_triton_path_gives_the_same_root():
     """The GPU code path (Triton quantization with deferred finite check, Triton BLAKE3) on tiny
-    pages: on a CPU it runs under TRITON_INTERPRET=1 (set by conftest)."""
+    CPU pages under TRITON_INTERPRET=1 (set by conftest without CUDA; the GPU tests below run it
+    compiled)."""
     cache, seqs = _filled(12, lens=(5,), anchor_len=3)
     want = _commit_all(cache, seqs).root()
     got = _commit_all(cache, seqs, hash_backend="triton", quant_backend="triton")
@@ -258,8 +259,7 @@ def test_nan_page_leaves_the_committer_as_before_and_the_flag_is_per_commit(back
     for poison in (True, False):
         gen = torch.Generator().manual_seed(20)
         cache, seqs = _filled(20)
-        c = Committer(cache, mode="commit_sync", quant_backend=backend,
-                      hash_backend="triton" if backend == "triton" else "auto")
+        c = Committer(cache, mode="commit_sync", quant_backend=backend)  # the flag is the quantizer's
         c.commit([p for s in seqs for p in cache.complete_pages(s)])
         _grow(cache, seqs, 4, gen)  # seals one page of each sequence
         sealed = cache.sequences[seqs[1]].blocks[3]
@@ -378,3 +378,64 @@ def test_gpu_decode_loop_async_roots_equal_sync_roots():
     assert roots[("commit_async", "cuda")] == roots[("commit_sync", "cuda")] == roots[("commit_sync", "cpu")]
     # anchors (2 pages) at step 5, then 3 sealed pages at steps 20, 35, 50, 65; 2 layers, K and V
     assert [n for n, _ in roots[("commit_sync", "cpu")]] == [8, 20, 32, 44, 56]
+
+
+def _decode(c: Committer, cache: PagedKVCache, seqs: list[int], n: int, gen: torch.Generator) -> None:
+    for _ in range(n):
+        slots = cache.extend(seqs, [1] * len(seqs))
+        for layer in range(L):
+            cache.write(layer, slots, torch.randn(len(seqs), HKV, D, generator=gen).to(cache.device),
+                        torch.randn(len(seqs), HKV, D, generator=gen).to(cache.device))
+        c.step(slots)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_async_commit_of_a_nan_page_rolls_back():
+    """commit_async finds the NaN when it reads the commit back (root()): the committer returns
+    to its state before that commit; once the page is fixed, the next commit lands the pages it
+    held back, and the roots equal a clean run's."""
+    runs = {}
+    for poison in (True, False):
+        gen = torch.Generator().manual_seed(31)
+        cache = PagedKVCache(L, 64, S, HKV, D, dtype=torch.bfloat16, device="cuda")
+        anchor = cache.add_anchor(torch.randn(L, 6, HKV, D, generator=gen).cuda(),
+                                  torch.randn(L, 6, HKV, D, generator=gen).cuda())
+        seqs = [cache.add_sequence(anchor=anchor) for _ in range(2)]
+        c = Committer(cache, mode="commit_async", interval=4)
+        _decode(c, cache, seqs, 11, gen)  # commits at steps 4 and 8; page 2 is being written
+        mid = c.roots()
+        block = cache.sequences[seqs[0]].blocks[2]
+        good = cache.k[0, block, 0].clone()
+        if poison:
+            cache.k[0, block, 0, 0, 0] = float("nan")
+        _decode(c, cache, seqs, 1, gen)  # step 12: page 2 sealed and committed on the side stream
+        if poison:
+            with pytest.raises(ValueError, match="NaN or Inf in the K half of context page 2"):
+                c.root()
+            assert c.roots() == mid and len(c.leaves) == mid[-1][0] and c.verify().ok
+            c.fence()
+            cache.k[0, block, 0] = good
+            c.commit()
+        runs[poison] = (c.roots()[-1], len(c.leaves))
+        assert c.verify().ok and c.verify_live().ok
+    assert runs[True] == runs[False]
+
+
+def test_anchor_being_prefilled_is_committed_only_once_complete():
+    """A commit between reserve_anchor and the last write_anchor leaves the anchor out (its
+    unwritten layers would be committed as zeros); the next commit takes it."""
+    from fieldprint.cache import PagedKVCache
+    from fieldprint.commit import Committer
+
+    gen = torch.Generator().manual_seed(5)
+    cache = PagedKVCache(2, 8, 4, 1, 8, dtype=torch.float32)
+    anchor = cache.reserve_anchor(6)
+    cache.write_anchor(0, anchor, torch.randn(6, 1, 8, generator=gen), torch.randn(6, 1, 8, generator=gen))
+    committer = Committer(cache, mode="commit_sync", interval=1, fmt="e4m3", rounding="rne")
+    committer.commit([])
+    assert len(committer.leaves) == 0
+    cache.write_anchor(1, anchor, torch.randn(6, 1, 8, generator=gen), torch.randn(6, 1, 8, generator=gen))
+    committer.commit([])
+    assert {leaf.page.kind for leaf in committer.leaves} == {"anchor"} and len(committer.leaves) == 2 * 2 * 2
+    assert committer.verify().ok

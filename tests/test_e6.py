@@ -8,7 +8,7 @@ from fieldprint.experiments.e6_commit import E6Config, run
 
 
 def test_e6_runs_on_the_model_and_detects_tampering(tmp_path):
-    cfg = E6Config(out_dir=str(tmp_path), intervals=[1, 4], batch=2, context=12, anchors=5, layers=2,
+    cfg = E6Config(out_dir=str(tmp_path), intervals=[1, 4], batches=[2], context=12, anchors=5, layers=2,
                    hidden=32, heads_q=4, heads_kv=2, mlp=64, block_size=4, steps=8, warmup=1,
                    tamper_trials=10)
     rows = run(cfg)

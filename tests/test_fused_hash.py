@@ -96,6 +96,20 @@ def test_ragged_and_multi_chunk_pages(shape, fmt, rounding):
         assert torch.equal(dig[i].cpu(), d)
 
 
+def test_subnormal_and_zero_pages():
+    """Pages of bf16 subnormals take the smallest scale 2**-126, which maps them to normal e4m3 codes; zeros
+    stay code 0 (the quantizer once gave both wrong codes from k <= -121 on)."""
+    bits = torch.arange(1, 257, dtype=torch.int32).to(torch.int16)  # bf16 subnormals, then the smallest normals
+    x = bits.view(torch.bfloat16).reshape(2, 8, 1, 16).clone()
+    x[1, :4] = 0.0  # zeros among subnormals
+    ids = [5, 6]
+    codes, scales, helper, dig = _fused(x.to(_device()), "e4m3", "two_grid", page_ids=ids, layer=1, kind="k")
+    assert scales.tolist() == [2.0**-126] * 2
+    assert (codes[1, :64] == 0).all() and (codes[0] != 0).sum() > 100
+    for i, (c, _, h, d) in enumerate(_reference(x, "e4m3", "two_grid", None, ids, 1, "k")):
+        assert torch.equal(codes[i].cpu(), c) and torch.equal(helper[i].cpu(), h) and torch.equal(dig[i].cpu(), d)
+
+
 def test_key_none_and_page_header_fields_change_the_digest():
     import blake3 as ref
 

@@ -1,5 +1,7 @@
 """Merkle commitments (fieldprint.merkle): RFC 6962 shape, proofs, page leaves, bit flips."""
 
+import dataclasses
+import os
 import random
 import struct
 
@@ -67,9 +69,18 @@ def test_root_and_every_proof(n):
         assert not verify_proof(root, leaves[i], i, n, proof + [leaves[0]])  # overlong path
 
 
+def _triton_device() -> str:
+    """Where the Triton backend runs here: CUDA, or the CPU under TRITON_INTERPRET=1."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    return "cpu"
+
+
 def test_tree_with_triton_backend():
     d = _digests(5, 9)
-    tree = MerkleTree(d, backend="triton")
+    tree = MerkleTree(d.to(_triton_device()), backend="triton")
     assert bytes(tree.root.tolist()) == _mth([bytes(r.tolist()) for r in d])
 
 
@@ -114,8 +125,10 @@ def test_hash_pages_matches_package_on_both_backends():
     leaf = page_leaf_bytes(qt, page_ids=ids, layer=2, kind="k")
     want = [ref.blake3(bytes(r.tolist()), key=LEAF_KEY).digest() for r in leaf]
     for backend in ("reference", "triton"):
-        got = hash_pages(qt, page_ids=ids, layer=2, kind="k", backend=backend)
-        assert [bytes(r.tolist()) for r in got] == want, backend
+        dev = "cpu" if backend == "reference" else _triton_device()
+        on_dev = dataclasses.replace(qt, codes=qt.codes.to(dev), scale=qt.scale.to(dev), helper=qt.helper.to(dev))
+        got = hash_pages(on_dev, page_ids=ids, layer=2, kind="k", backend=backend)
+        assert [bytes(r.tolist()) for r in got.cpu()] == want, backend
 
 
 def test_every_single_bit_flip_is_detected_and_localized():

@@ -168,7 +168,8 @@ def test_interrupted_latex_build_recovers(pipeline):
     (paper / ".latex-stale" / "main.aux").write_text("\\relax\n\\bibdata{re")  # cut mid-write
     (paper / "build").mkdir(exist_ok=True)
     (paper / "build" / "main.fdb_latexmk").write_text("# Fdb version 4\n[\"pdflatex\"] 0 \"main.tex\"")
-    (paper / "sections" / "conclusion.tex").touch()
+    with open(paper / "sections" / "conclusion.tex", "a") as f:  # new content: the PDF is out of date
+        f.write("% edited\n")
     job = subprocess.Popen([str(SNAKEMAKE), "--cores", "2", *CONFIG], cwd=pipeline, env=user_env(pipeline),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300

@@ -494,3 +494,124 @@ def test_cuda_kernel_equals_cpu_path(fmt):
         assert torch.equal(quantize(xin, fmt, scale=1.0).codes.cpu(), _torch_bits(xin, fmt).cpu())
     with pytest.raises(ValueError, match="x contains NaN or Inf"):
         quantize(torch.tensor([1.0, math.nan], device="cuda"), fmt)
+
+
+# --- every finite bf16 value at the extreme scales, against a float64 reference of the spec ----
+
+_ALL_BF16 = torch.arange(2**16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+_ALL_BF16 = _ALL_BF16[torch.isfinite(_ALL_BF16)]  # 65280 values: zeros, subnormals, normals
+# k = -126 (the smallest scale), the first k that takes float32 subnormals into the e4m3 / e5m2
+# normal range (-121 / -113), and the largest scale
+EXTREME_K = (-126, -121, -113, 127)
+REF_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2, "bf16": torch.bfloat16,
+              "fp16": torch.float16}
+
+
+def _grid_values(fmt: str) -> torch.Tensor:
+    """The non-negative grid v(0) < ... < v(cmax) of fmt (float64), read from torch's own float
+    formats (int8: the integers 0..127): independent of the quantizer's constants."""
+    f = FORMATS[fmt]
+    c = torch.arange(f.cmax + 1)
+    if fmt == "int8":
+        return c.double()
+    bits = c.to(torch.uint8) if f.width == 1 else c.to(torch.int16)
+    return bits.view(REF_DTYPES[fmt]).double()
+
+
+def _reference_codes(x: torch.Tensor, fmt: str, rounding: str, k: int, seed: int | None):
+    """The spec of fieldprint.quant written in float64: y = x / 2**k, |y| clamped to fmax, its
+    cell [v(c), v(c+1)) and position t, the rounding rule, then sign and code bits. Returns
+    (codes int64, helper bits int64)."""
+    f = FORMATS[fmt]
+    grid = _grid_values(fmt)
+    y = x.double() * 2.0**-k  # exact: a bf16 value times a power of two
+    mag = y.abs().clamp(max=grid[-1])
+    c = torch.searchsorted(grid, mag, right=True) - 1  # v(c) <= |y| < v(c + 1)
+    top = c == f.cmax
+    lo = grid[c]
+    spacing = torch.where(top, grid[-1] - grid[-2], grid[(c + 1).clamp(max=f.cmax)] - lo)
+    t = (mag - lo) / spacing  # exact: spacing is a power of two
+    up_rne = (t > 0.5) | ((t == 0.5) & (c % 2 == 1))
+    hb = torch.zeros_like(c)
+    if rounding == "rne":
+        n = c + up_rne
+    elif rounding == "trunc":
+        n = c
+    elif rounding == "stochastic":
+        r = counter_bits_torch(torch.arange(x.numel()), *seed_keys(seed))
+        n = c + (r < torch.ceil(t * 2.0**32).long())
+    else:
+        hb = ((t >= 0.25) & (t < 0.75) & ~top).long()
+        n = torch.where(hb == 1, c, c + up_rne)
+    n = n.clamp(max=f.cmax)
+    neg = y < 0
+    if f.twos:
+        code = torch.where(neg, torch.where(hb == 1, -(n + 1), -n), n) & 0xFF
+    else:
+        code = n | ((neg & ((n > 0) | (hb == 1))).long() << f.sign_shift)
+    return code, hb
+
+
+def _codes_of(qt) -> torch.Tensor:
+    return qt.codes.reshape(-1).to(torch.int64) & (0xFF if qt.codes.dtype == torch.uint8 else 0xFFFF)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_every_bf16_value_at_the_extreme_scales_matches_the_float64_spec(fmt):
+    """Zero gets code 0 and bf16 subnormals (float32 subnormals) their true codes at every
+    extreme k, for every rounding, on the torch path; zero at every k of the range."""
+    f = FORMATS[fmt]
+    for k in EXTREME_K if f.scaled else (0,):
+        for rounding in ROUNDINGS:
+            seed = 2**40 + 3 if rounding == "stochastic" else None
+            qt = quantize(_ALL_BF16, fmt, rounding, seed=seed, scale=2.0**k, backend="torch")
+            code, hb = _reference_codes(_ALL_BF16, fmt, rounding, k, seed)
+            got = _codes_of(qt)
+            bad = torch.nonzero(got != code).flatten()
+            assert bad.numel() == 0, (k, rounding, _ALL_BF16[bad[:4]].tolist(), got[bad[:4]].tolist())
+            if rounding == "two_grid":
+                assert torch.equal(quantize(_ALL_BF16, fmt, rounding, scale=2.0**k).helper,
+                                   qt.helper)
+                assert torch.equal(torch.tensor([int(b) for b in qt.helper.tolist() for b in
+                                                 format(b, "08b")[::-1]])[:hb.numel()], hb)
+    if f.scaled:  # zero and the float32 subnormal extremes at every scale of the range
+        ks = torch.arange(-126, 128)
+        x = torch.tensor([0.0, -0.0, 2.0**-149, -(2.0**-126 - 2.0**-149), 2.0**-133]).repeat(ks.numel(), 1)
+        scale = torch.exp2(ks.double()).float()[:, None]
+        got = _codes_of(quantize(x, fmt, "rne", scale=scale, backend="torch")).reshape(x.shape)
+        for i, k in enumerate(ks.tolist()):
+            assert got[i].tolist() == _reference_codes(x[i], fmt, "rne", k, None)[0].tolist(), k
+        assert got[:, :2].eq(0).all()
+
+
+@interpreted
+@pytest.mark.parametrize("fmt,k", [("e4m3", -126), ("e4m3", -121), ("e5m2", -113), ("int8", -126)])
+def test_every_bf16_value_at_an_extreme_scale_triton_equals_torch(fmt, k):
+    """The Triton twin (interpreter) on the same sweep gives the torch path's bits (which the
+    test above holds to the float64 spec)."""
+    roundings = ROUNDINGS if (fmt, k) == ("e4m3", -126) else ["rne", "two_grid"]
+    for rounding in roundings:
+        seed = 2**40 + 3 if rounding == "stochastic" else None
+        a = quantize(_ALL_BF16, fmt, rounding, seed=seed, scale=2.0**k, backend="torch")
+        b = quantize(_ALL_BF16, fmt, rounding, seed=seed, scale=2.0**k, backend="triton")
+        assert torch.equal(a.codes, b.codes), rounding
+        assert (a.helper is None) == (b.helper is None)
+        if a.helper is not None:
+            assert torch.equal(a.helper, b.helper)
+        assert torch.equal(_codes_of(b), _reference_codes(_ALL_BF16, fmt, rounding, k, seed)[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_cuda_kernel_every_bf16_value_at_the_extreme_scales(fmt):
+    """The compiled kernel on the sweep of every finite bf16 value gives the float64 spec's codes."""
+    x = _ALL_BF16.cuda()
+    for k in EXTREME_K if FORMATS[fmt].scaled else (0,):
+        for rounding in ROUNDINGS:
+            seed = 2**40 + 3 if rounding == "stochastic" else None
+            qt = quantize(x, fmt, rounding, seed=seed, scale=2.0**k)
+            want = _reference_codes(_ALL_BF16, fmt, rounding, k, seed)[0]
+            assert torch.equal(_codes_of(qt).cpu(), want), (k, rounding)
+            if rounding == "two_grid":
+                assert torch.equal(qt.helper.cpu(), quantize(_ALL_BF16, fmt, rounding, scale=2.0**k).helper)

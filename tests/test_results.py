@@ -121,7 +121,7 @@ def test_empty_number_of_a_run_implementation(tmp_path):
     rows[i][header.index("tbps")] = ""
     write_table(csv_path, header, rows)
     msg = error_of("e1_throughput", csv_path)
-    assert f"line {i + 2}, column 'tbps': empty" in msg and "where skipped is ''" in msg
+    assert f"line {i + 2}, column 'tbps': empty" in msg and "where skipped matches ''" in msg
 
 
 def test_duplicate_row_with_wrong_numbers_placed_first(tmp_path):
@@ -383,3 +383,11 @@ def test_hostile_gpu_name_builds(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:]
     assert values["env.gpu"] == latex_escape(HOSTILE)
     assert (tmp_path / "doc.pdf").stat().st_size > 0
+
+
+def test_rows_a_run_cannot_write_are_kept(tmp_path):
+    cfg = e0_unfused.E0Config(out_dir=str(tmp_path), contexts=[32], rep_ms=1, device="cpu")
+    with pytest.raises(ResultsError, match="'ms': 'nan' is not a finite number.*rejected.json"):
+        run_and_save("e0_unfused", cfg, lambda c: [{**r, "ms": float("nan")} for r in e0_unfused.run(c)])
+    kept = json.loads((tmp_path / "e0_unfused.rejected.json").read_text())
+    assert len(kept) == 3 and not (tmp_path / "e0_unfused.csv").exists()

@@ -283,6 +283,10 @@ class PagedKVCache:
         self.v[layer].view(shape).index_copy_(0, slots, v.to(self.dtype))
         a.written.add(layer)
 
+    def anchor_complete(self, anchor: int) -> bool:
+        """Every layer of the anchor is written (sequences may share it; a commit may hash it)."""
+        return len(self._anchor(anchor).written) == self.num_layers
+
     def anchor_prefill_args(self, anchor: int) -> KernelArgs:
         """Kernel arguments of the anchor's own prefill: its tokens as one sequence without
         anchors, every token a query (causal over the anchor)."""
@@ -304,7 +308,7 @@ class PagedKVCache:
         """A new empty sequence, optionally attending to shared anchor ``anchor``; returns its id."""
         if anchor is not None:
             a = self._anchor(anchor)
-            if len(a.written) != self.num_layers:
+            if not self.anchor_complete(anchor):
                 missing = sorted(set(range(self.num_layers)) - a.written)
                 raise ValueError(f"anchor {anchor} has no K/V yet for layers {missing} (write_anchor)")
             a.refcount += 1

@@ -15,6 +15,7 @@ digests of the new pages) crosses PCIe, into pinned host memory with ``non_block
     committer.root()                   # bytes(32): the latest committed root (waits if pending)
     committer.verify()                 # re-hash the stored pages, check root, localize tampering
     committer.verify(root=r)           # the same for any root r of committer.roots()
+    committer.verify_live()            # the same for the live cache's pages, re-quantized
 
 Modes (:data:`MODES`):
 
@@ -209,7 +210,9 @@ class Committer:
                                                                                   for p in pages)):
             raise TypeError("pages must be a list of PageRef (from PagedKVCache.complete_pages)")
         self._harvest(wait=False)  # a failed commit in flight raises here, before this one starts
-        new_anchors = [a for a in sorted(self.cache.anchors) if a not in self._anchors_done]
+        # an anchor whose prefill is still writing its layers is committed once it is complete
+        new_anchors = [a for a in sorted(self.cache.anchors)
+                       if a not in self._anchors_done and self.cache.anchor_complete(a)]
         taken: tuple[PageRef, ...] = ()
         if pages is None:
             taken = tuple(self.cache.take_sealed())
@@ -287,6 +290,25 @@ class Committer:
         """Re-hash the stored page leaves that ``root`` covers (default: the latest root; any root
         of :meth:`roots`) and check them against it; localize mismatches with Merkle proofs over
         the host's leaf digests."""
+        return self._store.verify(*self._covered(root))
+
+    def verify_live(self, root: bytes | None = None) -> VerifyResult:
+        """As :meth:`verify`, for the pages the live cache holds now: each committed leaf's page is
+        re-read through the cache's current block tables, re-quantized with the committed scale
+        and helper bits, rebuilt as a leaf and hashed (`fieldprint.commit_store.LeafStore.verify_live`,
+        which states what this binds). Pages of freed sequences count as mismatches."""
+        return self._store.verify_live(self.cache, *self._covered(root))
+
+    def row_fields(self, leaf: int) -> dict[str, torch.Tensor]:
+        """Views into the stored row of leaf ``leaf`` (uint8): header, codes, scale (float32
+        bytes), helper (empty unless two_grid), padding (zeros up to a multiple of 64 bytes)."""
+        return self._store.row_fields(leaf)
+
+    # ------------------------------------------------------------------ the commit stream
+
+    def _covered(self, root: bytes | None) -> tuple[bytes, int]:
+        """(root, leaves it covers) for ``root`` (default: the latest), once the commit stream
+        is done with them."""
         if not self.fetch_leaves:
             raise ValueError("verify() needs the leaf digests on the host: use fetch_leaves=True")
         if root is not None and (not isinstance(root, bytes | bytearray) or len(root) != 32):
@@ -297,14 +319,7 @@ class Committer:
             raise ValueError("root is not one of this committer's committed roots (see roots())")
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return self._store.verify(trusted, covered[-1])
-
-    def row_fields(self, leaf: int) -> dict[str, torch.Tensor]:
-        """Views into the stored row of leaf ``leaf`` (uint8): header, codes, scale (float32
-        bytes), helper (empty unless two_grid), padding (zeros up to a multiple of 64 bytes)."""
-        return self._store.row_fields(leaf)
-
-    # ------------------------------------------------------------------ the commit stream
+        return trusted, covered[-1]
 
     def _live(self, pages: tuple[PageRef, ...]) -> tuple[PageRef, ...]:
         """The pages that still hold what they held when sealed: their sequence lives, the page

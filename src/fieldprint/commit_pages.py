@@ -10,6 +10,7 @@ physical pool pages they use.
     refs = leaf_refs(pages, num_layers)                         # what each leaf commits to
     header = leaf_headers(spec, pages, num_layers)              # [N, 64] uint8 (host)
     rows, finite = page_leaf_rows(cache, spec, header, blocks, tokens, backend)   # on the device
+    blocks = live_blocks(cache, pages)                          # where each page lives now
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ __all__ = [
     "PAGE_KINDS",
     "LeafRef",
     "check_pages",
+    "gather_pages",
     "leaf_headers",
     "leaf_refs",
+    "live_blocks",
     "page_id",
     "page_leaf_rows",
     "quantize_pages",
@@ -123,17 +126,40 @@ def quantize_pages(x: torch.Tensor, fmt: str, rounding: str, backend: str = "aut
     return code_bytes(codes.reshape(P, -1)), helper, pow2(k).reshape(P, 1), finite
 
 
+def gather_pages(cache: PagedKVCache, blocks: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """A copy of the pool pages ``blocks [P]`` (int64, ``tokens [P]`` valid tokens each, the
+    slots after them zeroed) as ``[P * L * 2, S * Hkv * D]``, one row per leaf in leaf order."""
+    c = cache
+    P, L = blocks.shape[0], c.num_layers
+    # [L, P, S, Hkv, D] twice -> [P, L, 2, S, Hkv, D], the order of the leaves
+    x = torch.stack([c.k[:, blocks], c.v[:, blocks]], dim=2).transpose(0, 1)
+    valid = torch.arange(c.block_size, device=blocks.device)[None, :] < tokens[:, None]  # [P, S]
+    return x.masked_fill(~valid[:, None, None, :, None, None], 0).reshape(P * L * 2, -1)
+
+
+def live_blocks(cache: PagedKVCache, pages: list[PageRef]) -> list[int | None]:
+    """The pool page that holds each logical page now, looked up through the cache's current
+    block tables (what the attention kernel reads), or None where the cache no longer holds
+    it (sequence freed, truncated before it, or anchor gone)."""
+    out = []
+    for p in pages:
+        if p.kind == "anchor":
+            owner = cache.anchors.get(p.owner)
+            length = None if owner is None else owner.length
+        else:
+            owner = cache.sequences.get(p.owner)
+            length = None if owner is None else owner.length
+        ok = owner is not None and p.index < len(owner.blocks) and p.index * cache.block_size + p.tokens <= length
+        out.append(owner.blocks[p.index] if ok else None)
+    return out
+
+
 def page_leaf_rows(cache: PagedKVCache, spec: LeafSpec, header: torch.Tensor, blocks: torch.Tensor,
                    tokens: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Leaf rows ``[P * L * 2, spec.length]`` uint8 of the pool pages ``blocks [P]`` (int64, with
     ``tokens [P]`` valid tokens each), read from the live cache, in leaf order, and ``finite
     [P * L * 2]`` bool (see `quantize_pages`); header: their `leaf_headers`. All on the cache's
     device. Byte for byte `fieldprint.merkle.page_leaf_bytes` of each half-page on its own."""
-    c = cache
-    P, L = blocks.shape[0], c.num_layers
-    # Gather a copy: [L, P, S, Hkv, D] twice -> [P, L, 2, S, Hkv, D], the order of the leaves.
-    x = torch.stack([c.k[:, blocks], c.v[:, blocks]], dim=2).transpose(0, 1)
-    valid = torch.arange(c.block_size, device=blocks.device)[None, :] < tokens[:, None]  # [P, S]
-    x = x.masked_fill(~valid[:, None, None, :, None, None], 0).reshape(P * L * 2, -1)
+    x = gather_pages(cache, blocks, tokens)
     codes, helper, scale, finite = quantize_pages(x, spec.fmt, spec.rounding, backend)
     return leaf_bytes(spec, header, codes, scale, helper), finite

@@ -155,11 +155,13 @@ class PagedStep:
 
     ``write(layer, k, v)`` stores the new tokens' ``k, v: [T, Hkv, D]`` of one layer (a bound
     :meth:`PagedKVCache.write` with the step's slots, or :meth:`PagedKVCache.write_anchor`).
+    ``kernel_options``: extra keyword arguments of the fused kernel (e.g. ``kv_split_tokens``).
     """
 
     def __init__(self, cache: PagedKVCache, args: KernelArgs,
                  write: Callable[[int, torch.Tensor, torch.Tensor], None], *,
-                 backend: str = "reference", store: Store | None = None, validate: bool = True) -> None:
+                 backend: str = "reference", store: Store | None = None, validate: bool = True,
+                 kernel_options: dict | None = None) -> None:
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {backend!r}")
         self.cache, self.args, self.write, self.store = cache, args, write, store
@@ -167,7 +169,9 @@ class PagedStep:
         # The value checks (token ids, the kernel's index tables) read tensors on the host (a
         # sync, and an error inside CUDA-graph capture); a decode loop whose inputs the cache and
         # the model built may turn them off.
-        self.kwargs = {"validate": validate} if backend == "kernel" else {}
+        if kernel_options and backend != "kernel":
+            raise ValueError(f"kernel_options are for attention='kernel', not {backend!r}")
+        self.kwargs = {"validate": validate, **(kernel_options or {})} if backend == "kernel" else {}
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, Hq, D], k, v: [T, Hkv, D] of the new tokens -> attention output [T, Hq, D]."""
@@ -337,7 +341,8 @@ def _attention_fn(backend: str):
 
 @torch.no_grad()
 def prefill_anchor(model: Transformer, cache: PagedKVCache, tokens: torch.Tensor, *,
-                   attention: str = "reference", store: Store | None = None) -> int:
+                   attention: str = "reference", store: Store | None = None,
+                   kernel_options: dict | None = None) -> int:
     """Run the anchor prologue ``tokens [A] int64`` (causal over itself, positions ``0..A-1``) and
     write its K/V into fresh pinned pages of ``cache``; returns the anchor id for
     :meth:`PagedKVCache.add_sequence`."""
@@ -345,7 +350,7 @@ def prefill_anchor(model: Transformer, cache: PagedKVCache, tokens: torch.Tensor
     anchor = cache.reserve_anchor(tokens.numel())
     step = PagedStep(cache, cache.anchor_prefill_args(anchor),
                      lambda layer, k, v: cache.write_anchor(layer, anchor, k, v),
-                     backend=attention, store=store)
+                     backend=attention, store=store, kernel_options=kernel_options)
     model.forward_paged(tokens, torch.arange(tokens.numel(), device=tokens.device), step)
     return anchor
 
@@ -353,7 +358,8 @@ def prefill_anchor(model: Transformer, cache: PagedKVCache, tokens: torch.Tensor
 @torch.no_grad()
 def forward_sequences(model: Transformer, cache: PagedKVCache, seqs: list[int], tokens: torch.Tensor,
                       counts: list[int], *, attention: str = "reference", store: Store | None = None,
-                      validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                      validate: bool = True, kernel_options: dict | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Append ``counts[i]`` new tokens to sequence ``seqs[i]`` and run them through the model.
 
     tokens: [sum(counts)] int64, packed sequence by sequence (a decode step: one per sequence).
@@ -367,7 +373,7 @@ def forward_sequences(model: Transformer, cache: PagedKVCache, seqs: list[int], 
                              dtype=torch.int64).to(tokens.device)
     step = PagedStep(cache, cache.kernel_args(seqs, counts),
                      lambda layer, k, v: cache.write(layer, slots, k, v),
-                     backend=attention, store=store, validate=validate)
+                     backend=attention, store=store, validate=validate, kernel_options=kernel_options)
     return model.forward_paged(tokens, positions, step), slots
 
 

@@ -249,6 +249,17 @@ def counter_bits_torch(idx: torch.Tensor, key0: int, key1: int) -> torch.Tensor:
     return _mix32_torch(_mix32_torch(lo ^ key0) ^ hi ^ key1)
 
 
+def _floor_log2_torch(v: torch.Tensor) -> torch.Tensor:
+    """Torch twin of `quant_kernels._floor_log2`: floor(log2(v)) of int64 v in [1, 2**24), 0 for
+    v = 0, by a binary search over the bit positions."""
+    p = torch.zeros_like(v)
+    for s in (16, 8, 4, 2, 1):
+        big = v >= (1 << s)
+        v = torch.where(big, v >> s, v)
+        p = p + big.to(v.dtype) * s
+    return p
+
+
 def _codes_torch(
     x32: torch.Tensor,
     k: torch.Tensor,
@@ -263,10 +274,11 @@ def _codes_torch(
     a = u & 0x7FFFFFFF
     neg = (u < 0) & (a != 0)
     ef = a >> 23
-    m24 = torch.where(ef == 0, a, (a & 0x7FFFFF) | 0x800000)
-    ek = ef.clamp(min=1) - 127 - k.to(torch.int64)
+    lz = 23 - _floor_log2_torch(a)  # float32 subnormals: shift the leading one up to bit 23
+    m24 = torch.where(ef == 0, a << lz, (a & 0x7FFFFF) | 0x800000)
+    ek = torch.where(ef == 0, 1 - lz, ef) - 127 - k.to(torch.int64)
     d = f.emin - ek
-    base = (-d).clamp(min=0) << f.mbits
+    base = torch.where(a == 0, 0, (-d).clamp(min=0) << f.mbits)  # zero has no leading one
     sh_full = ((23 - f.mbits) + d.clamp(min=0)).clamp(max=56)
     sh = sh_full.clamp(max=30)  # as in the kernel: exact, see quant_code
     q = m24 >> sh

@@ -11,6 +11,7 @@ Reusable pieces for other kernels (the fused quantize-and-hash kernel):
 * ``quant_code(x, k, r, hb_in, MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, VERIFY)``:
   one block of float32 values -> (int32 codes, int32 helper bits). The format constants come from
   ``fieldprint.formats.format_constants(fmt)``, ``ROUNDING`` from ``fieldprint.formats.ROUNDING_IDS``.
+* ``to_float32(x)``: fp16/bf16/fp32 block -> float32, exactly (bf16 subnormals included).
 * ``counter_bits(idx, key0, key1)``: the 32 random bits of element ``idx`` (int64 flat index)
   for stochastic rounding; ``fieldprint.quant.seed_keys(seed)`` gives ``(key0, key1)``.
 * ``pack_helper_bits(hb, BLOCK)``: ``BLOCK`` helper bits -> ``BLOCK // 8`` bytes (little-endian
@@ -55,6 +56,28 @@ def counter_bits(idx, key0, key1):
 
 
 @triton.jit
+def to_float32(x):
+    """A block of fp16/bf16/fp32 values as float32, exactly. bf16 is widened by moving its bits
+    (a bf16 subnormal is a float32 subnormal), so no float conversion touches it: the Triton
+    interpreter's bf16 -> float32 conversion garbles subnormals."""
+    if x.dtype == tl.bfloat16:
+        return (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _floor_log2(v):
+    """floor(log2(v)) of an int32 block v in [1, 2**24) (0 for v = 0): a binary search over the
+    bit positions, integer arithmetic only."""
+    p = v * 0
+    for s in tl.static_range(4, -1, -1):
+        big = v >= (1 << (1 << s))
+        v = tl.where(big, v >> (1 << s), v)
+        p += big.to(tl.int32) << s
+    return p
+
+
+@triton.jit
 def quant_code(
     x,
     k,
@@ -76,21 +99,25 @@ def quant_code(
     Returns (code, hb): int32 raw code bits (fp8/int8: 0..255, bf16/fp16: 0..65535) and the
     int32 helper bit of each element (0 unless ROUNDING == 3). All arithmetic is 32-bit.
 
-    With |x / 2**k| = M * 2**(Ek - 23) (M the 24-bit significand, Ek its unbiased exponent minus
-    k), the cell of |x| on the grid is the truncated magnitude code
-    ``c = ((max(Ek, EMIN) - EMIN) << MBITS) + (M >> sh)`` with ``sh = 23 - MBITS +
-    max(EMIN - Ek, 0)``, and ``rem / 2**sh`` (rem = the bits shifted out) is the exact position of
-    |x| inside the cell [v(c), v(c+1)). Saturation: codes are clamped to CMAX (two_grid: a
+    With |x / 2**k| = M * 2**(Ek - 23) (M the 24-bit significand, its leading one at bit 23 also
+    for float32 subnormals, Ek its unbiased exponent minus k), the cell of |x| on the grid is the
+    truncated magnitude code ``c = ((max(Ek, EMIN) - EMIN) << MBITS) + (M >> sh)`` (0 for x = 0)
+    with ``sh = 23 - MBITS + max(EMIN - Ek, 0)``, and ``rem / 2**sh`` (rem = the bits shifted out)
+    is the exact position of |x| inside the cell [v(c), v(c+1)). Saturation: codes are clamped to CMAX (two_grid: a
     saturated value takes grid A). ``fieldprint.quant._codes_torch`` is the torch twin.
     """
     u = x.to(tl.int32, bitcast=True)
     a = u & 0x7FFFFFFF
     neg = (u < 0) & (a != 0)
     ef = a >> 23
-    m24 = tl.where(ef == 0, a, (a & 0x7FFFFF) | 0x800000)
-    ek = tl.maximum(ef, 1) - 127 - k
+    # a float32 subnormal a * 2**-149 (ef == 0) is normalized: its leading one moves up to bit
+    # 23, as in a normal significand, so that a scale 2**k with k <= -121 (which takes it into
+    # the target's normal range) sees its true exponent; zero has no leading one at all
+    lz = 23 - _floor_log2(a)
+    m24 = tl.where(ef == 0, a << lz, (a & 0x7FFFFF) | 0x800000)
+    ek = tl.where(ef == 0, 1 - lz, ef) - 127 - k
     d = EMIN - ek
-    base = tl.maximum(-d, 0) << MBITS
+    base = tl.where(a == 0, 0, tl.maximum(-d, 0) << MBITS)
     sh_full = tl.minimum((23 - MBITS) + tl.maximum(d, 0), 56)
     # 32-bit arithmetic: from sh = 30 on every 24-bit significand gives q = 0 and rem = m24,
     # below half and quarter, so clamping the shift to 30 changes no rne/trunc/two_grid code
@@ -169,7 +196,7 @@ def _quantize_kernel(
     start = tl.program_id(0).to(tl.int64) * BLOCK
     loc = tl.arange(0, BLOCK)
     mask = loc < tl.minimum(n - start, BLOCK).to(tl.int32)
-    x = tl.load(x_ptr + start + loc, mask=mask, other=0.0).to(tl.float32)
+    x = to_float32(tl.load(x_ptr + start + loc, mask=mask, other=0.0))
     # masked lanes read +0.0; NaN/Inf are the magnitudes >= 0x7F800000
     if tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=0) >= 0x7F800000:
         tl.atomic_max(flag_ptr, 1)

@@ -13,7 +13,9 @@ declaration with a :class:`ResultsError` naming the file, the line and the colum
 * a cell that does not parse as its column's type, a NaN or infinity where a number is expected,
   an empty cell where the column is required (always, or in rows of one kind);
 * two rows with the same key (a duplicate placed first would otherwise win);
-* no rows at all, or a row the config in the manifest asks for that is not there.
+* no rows at all, or a row the config in the manifest asks for that is not there;
+* a CSV whose bytes differ from the SHA-256 its run recorded in the manifest (any later edit);
+* a manifest field that is missing or of the wrong type.
 
 Rows come back typed: ``int``, ``float``, ``bool`` or ``str`` per column, ``None`` for an empty
 optional cell. Every write is atomic (a temporary file renamed over the target).
@@ -79,7 +81,7 @@ class When:
         return re.fullmatch(self.pattern, cells.get(self.column, "")) is not None
 
     def __str__(self) -> str:
-        return f"where {self.column} is {self.pattern!r}"
+        return f"where {self.column} matches {self.pattern!r}"
 
 
 @dataclass(frozen=True)
@@ -430,6 +432,20 @@ def _expect_e4(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _expect_e4r(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
+    cfg = manifest["config"]
+    on_gpu = manifest["gpu"] is not None and cfg["device"] != "cpu"
+    out = []
+    for mode in cfg["modes"]:
+        # the cpu scenario needs a GPU prover and the default mode (see the experiment)
+        scenarios = [s for s in cfg["scenarios"] if s != "cpu" or (on_gpu and mode == "default")]
+        out += [{"measure": "recompute", "mode": mode, "scenario": s, "fmt": f.split(":")[0],
+                 "rounding": f.split(":")[1]} for s in scenarios for f in cfg["formats"]]
+        if on_gpu:
+            out += [{"measure": "cost", "mode": mode, "what": w} for w in ("prefill", "decode")]
+    return out
+
+
 def _expect_e5_accuracy(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
     cfg = manifest["config"]
     def runs(formats: Iterable[str]):
@@ -456,9 +472,11 @@ def _expect_e6(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
     commit_modes = ("commit_sync", "commit_async")
     timing = [(m, 1) for m in cfg["modes"] if m not in commit_modes]
     timing += [(m, i) for m in cfg["modes"] if m in commit_modes for i in cfg["intervals"]]
-    out = [{"kind": "timing", "mode": m, "interval": i} for m, i in timing]
+    # the first reference ran one batch size ("batch"), later runs a list ("batches")
+    batches = cfg["batches"] if "batches" in cfg else [cfg["batch"]]
+    out = [{"kind": "timing", "mode": m, "interval": i, "batch": b} for b in batches for m, i in timing]
     if cfg["tamper_trials"]:
-        out.append({"kind": "tamper"})
+        out.append({"kind": "tamper", "batch": batches[0]})
     return out
 
 
@@ -472,6 +490,7 @@ def _columns(spec: str, required: bool | When = True, absent_ok: bool = False) -
 _E1_TIMED = When("skipped", "")  # every implementation that ran
 _E3_MEASURED = When("status", "ok(: .*)?")
 _E4_OK = When("status", "ok")
+_E4R_RECOMPUTE, _E4R_COST = When("measure", "recompute"), When("measure", "cost")
 _E6_TIMING, _E6_TAMPER = When("kind", "timing"), When("kind", "tamper")
 _E5_LM, _E5_ATTN = When("kind", "lm"), When("kind", "attention")
 _E2_VARIANT, _E2_FLAT, _E2_HBM = When("kind", "variant"), When("kind", "flat"), When("kind", "hbm")
@@ -521,6 +540,13 @@ SCHEMAS: dict[str, Schema] = {s.name: s for s in (
                    "frac_over_bound:float", _E4_OK)
         + _columns("device:str status:str")),
         key=("variant", "out_dtype", "fmt", "rounding", "page_elems"), expected=_expect_e4),
+    Schema("e4_recompute", tuple(
+        _columns("measure:str model:str mode:str")
+        + _columns("scenario:str fmt:str rounding:str layer:int kind:str pages:int bitwise:int matched:int "
+                   "max_over_bound:float verifier_device:str", _E4R_RECOMPUTE)
+        + _columns("what:str batch:int tokens:int reps:int ms:float ms_q1:float ms_q3:float", _E4R_COST)
+        + _columns("device:str")),
+        key=("measure", "mode", "scenario", "fmt", "rounding", "layer", "kind", "what"), expected=_expect_e4r),
     Schema("e5_train", tuple(_columns(
         "step:int tokens:int seconds:float lr:float train_loss:float val_loss:float val_bpb:float "
         "final:bool")),
@@ -542,7 +568,11 @@ SCHEMAS: dict[str, Schema] = {s.name: s for s in (
         + _columns("graphs:bool sync:bool", False, absent_ok=True)
         + _columns("device:str ms_per_step:float ms_min:float tokens_per_s:float overhead:float "
                    "commits:int d2h_bytes_per_step:float", _E6_TIMING)
+        # spread and per-commit costs came with the graph-captured baseline (not in the first reference)
+        + _columns("ms_q1:float ms_q3:float ms_max:float overhead_q1:float overhead_q3:float", False,
+                   absent_ok=True)
+        + _columns("commit_host_ms:float launches_per_commit:int", False, absent_ok=True)
         + _columns("target:str field:str flips:int detected:int localized:int leaves:int "
                    "false_positive:int", _E6_TAMPER)),
-        key=("kind", "mode", "interval", "target", "field"), expected=_expect_e6),
+        key=("kind", "mode", "interval", "batch", "target", "field"), expected=_expect_e6),
 )}

@@ -13,6 +13,9 @@ rule corpus:
         "data/corpus/MANIFEST.json",
     params:
         python=PYTHON,
+    resources:
+        mem_mb=2000,
+        runtime=10,
     log:
         f"{RESULTS}/logs/corpus.log",
     conda:
@@ -33,7 +36,11 @@ rule experiment:
         out_dir=lambda wc: f"{RESULTS}/{wc.scale}/{wc.exp}",
     threads: lambda wc: timed_threads(wc.exp)
     resources:
-        gpu=lambda wc: gpu_slot(wc.exp),
+        # gpu: the job uses the GPU (the default profile caps gpu at 1; the SLURM plugin asks for
+        # --gpus=1). E0 and E2 run on the CPU and ask for none. mem_mb: host memory (MB).
+        gpu=lambda wc: int(HAS_CUDA and wc.exp in GPU_EXPERIMENTS),
+        mem_mb=lambda wc: 4000 if wc.scale == "smoke" else (32000 if HAS_CUDA and wc.exp in GPU_EXPERIMENTS else 8000),
+        runtime=lambda wc: 120 if wc.scale == "paper" else 30,
     log:
         f"{RESULTS}/logs/{{exp}}.{{scale}}.log",
     conda:
@@ -58,7 +65,9 @@ rule train:
         out_dir=lambda wc: f"{RESULTS}/{wc.scale}/e5_train",
     threads: timed_threads("e5_train")
     resources:
-        gpu=lambda wc: gpu_slot("e5_train"),
+        gpu=int(HAS_CUDA),
+        mem_mb=lambda wc: 32000 if HAS_CUDA and wc.scale == "paper" else 4000,
+        runtime=lambda wc: 60 if wc.scale == "paper" else 30,
     log:
         f"{RESULTS}/logs/e5_train.{{scale}}.log",
     conda:
@@ -81,7 +90,9 @@ rule accuracy:
         env=run_env("e5"),
         out_dir=lambda wc: f"{RESULTS}/{wc.scale}/e5_accuracy",
     resources:
-        gpu=lambda wc: gpu_slot("e5_accuracy"),
+        gpu=int(HAS_CUDA),
+        mem_mb=lambda wc: 32000 if HAS_CUDA and wc.scale == "paper" else 4000,
+        runtime=lambda wc: 120 if wc.scale == "paper" else 30,
     log:
         f"{RESULTS}/logs/e5_accuracy.{{scale}}.log",
     conda:

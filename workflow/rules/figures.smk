@@ -12,6 +12,9 @@ rule figure:
         exp="|".join(PAPER_EXPERIMENTS),
     params:
         python=PYTHON,
+    resources:
+        mem_mb=2000,
+        runtime=15,
     log:
         f"{RESULTS}/logs/figure.{{exp}}.log",
     conda:
@@ -31,6 +34,9 @@ rule smoke_figure:
         exp="|".join(PAPER_EXPERIMENTS),
     params:
         python=PYTHON,
+    resources:
+        mem_mb=2000,
+        runtime=15,
     log:
         f"{RESULTS}/logs/smoke_figure.{{exp}}.log",
     conda:

@@ -11,6 +11,9 @@ rule macros:
         exp="|".join(PAPER_EXPERIMENTS),
     params:
         python=PYTHON,
+    resources:
+        mem_mb=2000,
+        runtime=15,
     log:
         f"{RESULTS}/logs/macros.{{exp}}.log",
     conda:
@@ -27,6 +30,9 @@ rule environment_macros:
         "paper/generated/env.tex",
     params:
         python=PYTHON,
+    resources:
+        mem_mb=2000,
+        runtime=15,
     log:
         f"{RESULTS}/logs/env_macros.log",
     conda:
@@ -43,6 +49,9 @@ rule all_macros:
         "paper/generated/all.tex",
     params:
         python=PYTHON,
+    resources:
+        mem_mb=2000,
+        runtime=15,
     log:
         f"{RESULTS}/logs/all_macros.log",
     conda:
@@ -59,6 +68,9 @@ rule claims:
     params:
         python=PYTHON,
         pairs=" ".join(f"{exp}={paper_source(exp)}" for exp in PAPER_EXPERIMENTS),
+    resources:
+        mem_mb=2000,
+        runtime=15,
     log:
         f"{RESULTS}/logs/claims.log",
     conda:
@@ -77,6 +89,9 @@ rule reproduction:
         python=PYTHON,
         reference=lambda w, input: os.path.dirname(input.reference[0]),
         pairs=" ".join(f"{exp}={result(exp, 'paper')}" for exp in GPU_EXPERIMENTS),
+    resources:
+        mem_mb=2000,
+        runtime=15,
     log:
         f"{RESULTS}/logs/reproduction.log",
     conda:
@@ -95,6 +110,9 @@ rule paper:
         expand("figures/{exp}.pdf", exp=PAPER_EXPERIMENTS),
     output:
         PAPER_PDF,
+    resources:
+        mem_mb=2000,
+        runtime=15,
     log:
         f"{RESULTS}/logs/paper.log",
     conda:

@@ -3,12 +3,14 @@
 Checks come in two tiers. :func:`check_shapes` looks only at metadata (shapes, dtypes, devices,
 strides) and never synchronizes with the GPU, so it also runs under CUDA-graph capture.
 :func:`check_values` reads the index tensors (block ids inside the pool, lengths inside their
-tables, ``seq_lens >= q_len``); that costs a host synchronization and is skipped by
-``validate=False``. Every failure is a ``ValueError`` or ``TypeError`` naming the argument.
+tables, ``seq_lens >= q_len``, tensor ``k_scale`` / ``v_scale`` finite and positive); that costs
+a host synchronization and is skipped by ``validate=False``. Every failure is a ``ValueError`` or
+``TypeError`` naming the argument.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -55,19 +57,40 @@ def _int32(name: str, x, ndim: int, shape0: int | None = None) -> torch.Tensor:
     return x
 
 
+def _positive_number(name: str, x, what: str) -> None:
+    """``x`` must be a finite Python number > 0. A bool is refused (``True`` would silently mean 1)."""
+    if isinstance(x, bool) or not isinstance(x, float | int):
+        raise TypeError(f"{name} must be {what}, got {type(x).__name__} {x!r}")
+    if not (math.isfinite(x) and x > 0):
+        raise ValueError(f"{name} must be {what}, got {x!r}")
+
+
 def _scale(name: str, s, device: torch.device, Hkv: int) -> None:
-    if s is None or isinstance(s, float | int):
-        if s is not None and not s > 0:
-            raise ValueError(f"{name} must be positive, got {s}")
+    """Metadata of k_scale / v_scale; a tensor's values are checked by :func:`check_values`."""
+    if s is None:
         return
     if not isinstance(s, torch.Tensor):
-        raise TypeError(f"{name} must be a float, a 0-d tensor or a [Hkv] tensor, got {type(s).__name__}")
+        _positive_number(name, s, "a finite positive number, a 0-d tensor or a [Hkv] tensor")
+        return
     if s.numel() not in (1, Hkv) or s.dim() > 1:
         raise ValueError(f"{name} must be per-tensor (1 element) or per-KV-head [{Hkv}], got shape {tuple(s.shape)}")
     if s.device != device:
         raise ValueError(f"{name} is on {s.device} but the KV cache is on {device}")
     if not s.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {s.dtype}")
+
+
+def _scale_values(name: str, s) -> None:
+    """A tensor scale must be finite and > 0 in every element (NaN, inf, 0 or a negative scale
+    would turn the whole output into NaN, inf or zeros without an error)."""
+    if not isinstance(s, torch.Tensor):
+        return  # Python numbers were checked with the metadata
+    flat = s.reshape(-1)
+    bad = ~(torch.isfinite(flat) & (flat > 0))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        where = f"{name}[{i}]" if s.dim() else name
+        raise ValueError(f"{name} must be finite and positive, got {where} = {float(flat[i])}")
 
 
 def check_shapes(
@@ -121,12 +144,16 @@ def check_shapes(
             raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
     _scale("k_scale", k_scale, k_cache.device, Hkv)
     _scale("v_scale", v_scale, k_cache.device, Hkv)
-    if softmax_scale is not None and not (isinstance(softmax_scale, float | int) and softmax_scale > 0):
-        raise ValueError(f"softmax_scale must be a positive number, got {softmax_scale!r}")
-    if sliding_window is not None and not (isinstance(sliding_window, int) and sliding_window > 0):
-        raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
-    if logit_softcap is not None and not (isinstance(logit_softcap, float | int) and logit_softcap > 0):
-        raise ValueError(f"logit_softcap must be a positive number or None, got {logit_softcap!r}")
+    if softmax_scale is not None:
+        _positive_number("softmax_scale", softmax_scale, "a finite positive number or None")
+    if sliding_window is not None:
+        if isinstance(sliding_window, bool) or not isinstance(sliding_window, int):
+            raise TypeError(f"sliding_window must be a positive int (tokens) or None, got "
+                            f"{type(sliding_window).__name__} {sliding_window!r}")
+        if sliding_window <= 0:
+            raise ValueError(f"sliding_window must be a positive int (tokens) or None, got {sliding_window!r}")
+    if logit_softcap is not None:
+        _positive_number("logit_softcap", logit_softcap, "a finite positive number or None")
     return AttentionShapes(T, B, Hq, Hkv, D, num_blocks, block_size, block_table.shape[1], max_anchor_blocks)
 
 
@@ -144,9 +171,10 @@ def _blocks_in_pool(name: str, table: torch.Tensor, lens: torch.Tensor, shapes: 
 
 def check_values(
     shapes: AttentionShapes, block_table, seq_lens, query_start_loc,
-    anchor_block_table=None, anchor_lens=None,
+    anchor_block_table=None, anchor_lens=None, *, k_scale=None, v_scale=None,
 ) -> None:
-    """Checks that read index tensors (one host synchronization)."""
+    """Checks that read the index tensors and tensor scales (host synchronizations); run after
+    :func:`check_shapes` on the same arguments."""
     qsl = query_start_loc
     if int(qsl[0]) != 0 or int(qsl[-1]) != shapes.T:
         raise ValueError(f"query_start_loc must start at 0 and end at T={shapes.T}, got {qsl.tolist()}")
@@ -166,3 +194,5 @@ def check_values(
         if bool(((anchor_lens < 0) | (anchor_lens > capacity)).any()):
             raise ValueError(f"anchor_lens must lie in [0, {capacity}], got {anchor_lens.tolist()}")
         _blocks_in_pool("anchor_block_table", anchor_block_table, anchor_lens, shapes)
+    _scale_values("k_scale", k_scale)
+    _scale_values("v_scale", v_scale)

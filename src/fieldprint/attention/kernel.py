@@ -570,7 +570,8 @@ def paged_anchor_attention(
     _check_kernel_inputs(q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
                          anchor_block_table, anchor_lens, kv_split_tokens)
     if validate:
-        check_values(shapes, block_table, seq_lens, query_start_loc, anchor_block_table, anchor_lens)
+        check_values(shapes, block_table, seq_lens, query_start_loc, anchor_block_table, anchor_lens,
+                     k_scale=k_scale, v_scale=v_scale)
         if _dot_fp16(q.dtype, k_cache.dtype) and q.dtype == torch.bfloat16 and q.numel():
             if float(q.abs().amax()) > 65504.0:
                 raise ValueError("q: with a float8_e4m3fn KV cache the dots run in fp16, so |q| must "

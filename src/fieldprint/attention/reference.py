@@ -24,7 +24,8 @@ def _check(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_b
            anchor_lens, **kwargs) -> AttentionShapes:
     shapes = check_shapes(q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
                           anchor_block_table, anchor_lens, **kwargs)
-    check_values(shapes, block_table, seq_lens, query_start_loc, anchor_block_table, anchor_lens)
+    check_values(shapes, block_table, seq_lens, query_start_loc, anchor_block_table, anchor_lens,
+                 k_scale=kwargs.get("k_scale"), v_scale=kwargs.get("v_scale"))
     return shapes
 
 

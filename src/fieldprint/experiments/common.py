@@ -16,6 +16,7 @@ through :mod:`fieldprint.results`. Timing helpers are in :mod:`fieldprint.timing
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import subprocess
@@ -25,7 +26,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fieldprint.results import manifest_path, schema_of, write_manifest, write_rows
+from fieldprint.results import (
+    ResultsError,
+    atomic_write_text,
+    manifest_path,
+    schema_of,
+    write_manifest,
+    write_rows,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -134,11 +142,17 @@ def output_paths(cfg: ExperimentConfig, name: str) -> tuple[Path, Path]:
 
 def run_and_save(name: str, cfg: ExperimentConfig, run: Callable[[Any], list[dict]]) -> list[dict]:
     """Run an experiment and write its CSV (checked against its declared columns) and manifest
-    (last, as the done-marker)."""
+    (last, as the done-marker). Rows that do not match the declaration are kept for inspection
+    in ``<name>.rejected.json`` (a long GPU run is not lost), and the error is raised."""
     started = time.time()
     rows = run(cfg)
     csv_path, mpath = output_paths(cfg, name)
-    digest = write_rows(csv_path, rows, schema_of(name))
+    try:
+        digest = write_rows(csv_path, rows, schema_of(name))
+    except ResultsError as err:
+        rejected = csv_path.with_name(f"{name}.rejected.json")
+        atomic_write_text(rejected, json.dumps(rows, indent=1, default=repr) + "\n")
+        raise ResultsError(f"{err} (the rows are in {rejected})") from None
     write_manifest(mpath, {**run_manifest(cfg, started), "rows": len(rows), "csv_sha256": digest})
     return rows
 

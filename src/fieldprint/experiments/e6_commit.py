@@ -8,12 +8,19 @@ with ``attention=reference``). The weights are random: the work and the bytes mo
 a real model of this shape, the tokens are meaningless. The anchor and every sequence's context
 are prefilled through the model (random tokens) before the timed loops.
 
-For every verification mode (``fieldprint.commit.MODES``) and commit interval the loop is timed
-from a synchronized start to a synchronized end (the last asynchronous commit included), repeated
-``reps`` times in interleaved order; each row reports the median. ``overhead`` is
-``ms_per_step / ms_per_step(none) - 1`` from the same run. Before each timed loop the cache is cut
-back to the prefilled context, and in the commit modes the prefilled pages and anchors are
-committed untimed, so the tree the loop extends has the size of a real one.
+For every batch size (``batches``), verification mode (``fieldprint.commit.MODES``) and commit
+interval the loop of ``steps`` decode steps is timed from a synchronized start to a synchronized end
+(the last asynchronous commit included), with the garbage collector off, repeated ``reps`` times in
+interleaved order after one untimed pass of every configuration (compiles, graph captures); each
+row reports the median, quartiles, min and max over the repetitions. ``overhead`` is
+``ms_per_step / ms_per_step(none) - 1`` from the same run (``overhead_q1``/``_q3`` from the
+quartiles). With ``graphs`` the decode steps replay CUDA graphs (:class:`GraphDecoder`), the
+baseline a serving engine has; ``sync`` adds the per-step host synchronization of sampling. Per
+commit: ``commit_host_ms``, the median host time of the ``Committer.step`` calls that committed,
+and ``launches_per_commit``, the kernel launches of one boundary commit (profiled, untimed).
+Before each timed loop the cache is cut back to the prefilled context, and in the commit modes the
+prefilled pages and anchors are committed untimed, so the tree the loop extends has the size of a
+real one.
 The per-step modes and ``none`` do not depend on the interval: their rows carry ``interval=1``.
 Sequence b starts with ``context - b % block_size`` tokens, so pages seal at different steps.
 
@@ -26,6 +33,7 @@ committed one; ``localized``: the Merkle proofs fail for exactly the tampered le
 
 from __future__ import annotations
 
+import gc
 import random
 import statistics
 import time
@@ -47,7 +55,7 @@ TAMPER_FIELDS = ("header", "codes", "scale", "helper", "padding")
 class E6Config(ExperimentConfig):
     modes: list[str] = field(default_factory=lambda: list(MODES))
     intervals: list[int] = field(default_factory=lambda: [1, 4, 16])
-    batch: int = 2
+    batches: list[int] = field(default_factory=lambda: [2])
     context: int = 48
     anchors: int = 8
     layers: int = 2
@@ -74,7 +82,8 @@ class E6Config(ExperimentConfig):
         check("none" in self.modes, "modes must include 'none' (the baseline of the overhead)")
         check(len(self.intervals) > 0 and all(i > 0 for i in self.intervals), "intervals must be positive")
         check(all(self.steps % i == 0 for i in self.intervals), "steps must be a multiple of every interval")
-        for name in ("batch", "context", "layers", "hidden", "heads_q", "heads_kv", "mlp", "vocab",
+        check(len(self.batches) > 0 and all(b > 0 for b in self.batches), "batches must list positive sizes")
+        for name in ("context", "layers", "hidden", "heads_q", "heads_kv", "mlp", "vocab",
                      "block_size", "steps", "reps"):
             check(getattr(self, name) > 0, f"{name} must be positive")
         check(self.anchors >= 0 and self.warmup >= 0 and self.tamper_trials >= 0,
@@ -107,29 +116,49 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _d2h_bytes_per_step(cfg: E6Config, mode: str, commits: int, leaves: int) -> float:
+def _d2h_bytes_per_step(cfg: E6Config, batch: int, mode: str, commits: int, leaves: int) -> float:
     """Bytes each mode moves device-to-host per timed decode step (commit modes: one root per
     commit and one digest per new leaf, as counted in the run)."""
     if mode in COMMIT_MODES:
         return 32 * (commits + leaves) / cfg.steps
-    kv = cfg.layers * cfg.batch * cfg.heads_kv * cfg.head_dim * 2 * torch.finfo(DTYPES[cfg.dtype]).bits // 8
+    kv = cfg.layers * batch * cfg.heads_kv * cfg.head_dim * 2 * torch.finfo(DTYPES[cfg.dtype]).bits // 8
     return {"none": 0.0, "per_step_copy_cpu": float(kv), "per_step_gpu": 32.0 * cfg.layers}[mode]
+
+
+def _launches(fn) -> int | str:
+    """CUDA kernel launches (graph launches included) that ``fn()`` issues; "" on a CPU."""
+    if not torch.cuda.is_available():
+        return ""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
+                                            torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.count for e in prof.key_averages()
+               if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC",
+                            "cudaGraphLaunch"))
 
 
 def run(cfg: E6Config) -> list[dict]:
     device = resolve_device(cfg.device)
-    gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # the model's random weights
-    dt = DTYPES[cfg.dtype]
+    model = Transformer(cfg.model_config()).to(device=device, dtype=DTYPES[cfg.dtype]).eval()
+    rows: list[dict] = []
+    for batch in cfg.batches:
+        rows += _run_batch(cfg, model, batch, device)
+    return rows
+
+
+def _run_batch(cfg: E6Config, model: Transformer, batch: int, device: str) -> list[dict]:
+    """Every mode and interval at one batch size, interleaved ``reps`` times; then the tamper trials."""
+    gen = torch.Generator().manual_seed(cfg.seed + batch)
     S = cfg.block_size
-    model = Transformer(cfg.model_config()).to(device=device, dtype=dt).eval()
     max_len = cfg.context + cfg.warmup + cfg.steps
-    cache = model.new_cache(cfg.batch * (-(-max_len // S)) + (-(-cfg.anchors // S)) + cfg.batch, S)
+    cache = model.new_cache(batch * (-(-max_len // S)) + (-(-cfg.anchors // S)) + batch + 1, S)
     anchor = None
     if cfg.anchors:
         anchor = prefill_anchor(model, cache, torch.randint(cfg.vocab, (cfg.anchors,), generator=gen).to(device),
                                 attention=cfg.attention)
-    seqs = [cache.add_sequence(anchor=anchor) for _ in range(cfg.batch)]
+    seqs = [cache.add_sequence(anchor=anchor) for _ in range(batch)]
     # Staggered lengths (context - b mod S), as in a real batch: pages of different sequences
     # seal at different steps, so short intervals commit a few pages often.
     lengths = {s: cfg.context - b % S for b, s in enumerate(seqs)}
@@ -137,9 +166,9 @@ def run(cfg: E6Config) -> list[dict]:
         forward_sequences(model, cache, [s], torch.randint(cfg.vocab, (lengths[s],), generator=gen).to(device),
                           [lengths[s]], attention=cfg.attention)
     cache.take_sealed()
-    tokens0 = torch.randint(cfg.vocab, (cfg.batch,), generator=gen).to(device)
+    tokens0 = torch.randint(cfg.vocab, (batch,), generator=gen).to(device)
     validated = False
-    graph = GraphDecoder(model, cache, max_batch=cfg.batch, max_blocks=-(-max_len // S), buckets=[cfg.batch],
+    graph = GraphDecoder(model, cache, max_batch=batch, max_blocks=-(-max_len // S), buckets=[batch],
                          max_anchor_blocks=max(1, -(-cfg.anchors // S)), sync=cfg.sync) if cfg.graphs else None
 
     def decode(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,12 +189,12 @@ def run(cfg: E6Config) -> list[dict]:
     configs = [(m, 1) for m in cfg.modes if m not in COMMIT_MODES]
     configs += [(m, i) for m in cfg.modes if m in COMMIT_MODES for i in cfg.intervals]
     times: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
+    host_ms: dict[tuple[str, int], list[float]] = {c: [] for c in configs}  # host time of each commit
     commits: dict[tuple[str, int], int] = {}
     leaves: dict[tuple[str, int], int] = {}
-
     side = torch.cuda.Stream() if device == "cuda" else None  # shared: its memory pool is reused
 
-    def timed(mode: str, interval: int) -> Committer:
+    def timed(mode: str, interval: int, steps: int = cfg.steps) -> Committer:
         for s in seqs:
             cache.truncate(s, lengths[s])
         cache.take_sealed()
@@ -182,45 +211,83 @@ def run(cfg: E6Config) -> list[dict]:
             committer.root()
         base_leaves, base_commits = len(committer.leaves), committer.commits
         _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(cfg.steps):
-            x, slots = decode(x)
-            committer.step(slots)
-        if mode in COMMIT_MODES:
-            committer.root()  # the last commit's root is on the host: its work is inside the time
-        _sync(device)
-        times[(mode, interval)].append((time.perf_counter() - t0) * 1e3 / cfg.steps)
+        gc.collect()
+        gc.disable()  # no collector pause inside the timed loop
+        try:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                x, slots = decode(x)
+                before, t1 = committer.commits, time.perf_counter()
+                committer.step(slots)
+                if committer.commits != before:
+                    host_ms[(mode, interval)].append((time.perf_counter() - t1) * 1e3)
+            if mode in COMMIT_MODES:
+                committer.root()  # the last commit's root is on the host: its work is inside the time
+            _sync(device)
+            times[(mode, interval)].append((time.perf_counter() - t0) * 1e3 / steps)
+        finally:
+            gc.enable()
         commits[(mode, interval)] = committer.commits - base_commits
         leaves[(mode, interval)] = len(committer.leaves) - base_leaves
         committer.fence()
         return committer
 
-    timed("none", 1)  # one untimed pass first: lazy imports, allocator and kernel warm-up
-    times[("none", 1)].clear()
+    # one short untimed pass of every configuration first: lazy imports, allocator, kernel
+    # compiles (every mode's Triton specializations), graph capture
+    for mode, interval in configs:
+        timed(mode, interval, steps=max(interval, cfg.warmup))
+    for series in (*times.values(), *host_ms.values()):
+        series.clear()
     for _ in range(cfg.reps):
         for mode, interval in configs:
             timed(mode, interval)
+    def launches_per_commit(mode: str, interval: int) -> int | str:
+        """Kernel launches of one boundary commit after ``interval`` decode steps (untimed)."""
+        for s in seqs:
+            cache.truncate(s, lengths[s])
+        cache.take_sealed()
+        committer = Committer(cache, mode=mode, interval=interval, fmt=cfg.fmt, rounding=cfg.rounding,
+                              stream=side if mode == "commit_async" else None)
+        committer.commit([p for s in seqs for p in cache.complete_pages(s)])
+        committer.root()
+        x = tokens0
+        for _ in range(interval - 1):
+            x, slots = decode(x)
+            committer.step(slots)
+        x, slots = decode(x)
+        count = _launches(lambda: (committer.step(slots), committer.root()))
+        committer.fence()
+        return count
+
+    launches = {c: launches_per_commit(*c) for c in configs if c[0] in COMMIT_MODES}
 
     base = statistics.median(times[("none", 1)])
     rows: list[dict] = []
     for mode, interval in configs:
-        ms = statistics.median(times[(mode, interval)])
+        t = sorted(times[(mode, interval)])
+        q1, ms, q3 = statistics.quantiles(t, n=4, method="inclusive") if len(t) > 1 else (t[0],) * 3
+        h = host_ms[(mode, interval)]
         rows.append({
-            "kind": "timing", "mode": mode, "interval": interval, "batch": cfg.batch,
+            "kind": "timing", "mode": mode, "interval": interval, "batch": batch,
             "context": cfg.context, "anchors": cfg.anchors, "layers": cfg.layers, "steps": cfg.steps,
             "reps": cfg.reps, "dtype": cfg.dtype, "attention": cfg.attention, "graphs": cfg.graphs,
             "sync": cfg.sync, "device": device,
-            "ms_per_step": round(ms, 5), "ms_min": round(min(times[(mode, interval)]), 5),
-            "tokens_per_s": round(cfg.batch * 1e3 / ms, 2), "overhead": round(ms / base - 1, 5),
+            "ms_per_step": round(ms, 5), "ms_min": round(t[0], 5), "ms_q1": round(q1, 5), "ms_q3": round(q3, 5),
+            "ms_max": round(t[-1], 5),
+            "tokens_per_s": round(batch * 1e3 / ms, 2), "overhead": round(ms / base - 1, 5),
+            "overhead_q1": round(q1 / base - 1, 5), "overhead_q3": round(q3 / base - 1, 5),
             "commits": commits[(mode, interval)],
+            "commit_host_ms": round(statistics.median(h), 5) if h else "",
+            "launches_per_commit": launches.get((mode, interval), ""),
             "d2h_bytes_per_step": round(
-                _d2h_bytes_per_step(cfg, mode, commits[(mode, interval)], leaves[(mode, interval)]), 2),
+                _d2h_bytes_per_step(cfg, batch, mode, commits[(mode, interval)], leaves[(mode, interval)]), 2),
         })
-    rows += _tamper(cfg, cache, seqs, random.Random(cfg.seed))
+    if batch == cfg.batches[0]:  # the tamper trials once, at the first batch size
+        rows += _tamper(cfg, cache, seqs, batch, random.Random(cfg.seed))
     return rows
 
 
-def _tamper(cfg: E6Config, cache: PagedKVCache, seqs: list[int], rng: random.Random) -> list[dict]:
+def _tamper(cfg: E6Config, cache: PagedKVCache, seqs: list[int], batch: int, rng: random.Random) -> list[dict]:
     """Flip one random bit of a stored leaf per trial; verify; restore (see the module doc)."""
     if cfg.tamper_trials == 0:
         return []
@@ -251,7 +318,7 @@ def _tamper(cfg: E6Config, cache: PagedKVCache, seqs: list[int], rng: random.Ran
             "flips": len(outcomes), "detected": sum(d for d, _ in outcomes),
             "localized": sum(loc for _, loc in outcomes), "leaves": len(committer.leaves),
             "false_positive": int(not clean.ok) + int(not after.ok),
-            "batch": cfg.batch, "context": cfg.context, "layers": cfg.layers,
+            "batch": batch, "context": cfg.context, "layers": cfg.layers,
         })
     return rows
 

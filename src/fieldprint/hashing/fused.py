@@ -50,7 +50,7 @@ from fieldprint.hashing import _key_args, _key_bytes, reduce_parents
 from fieldprint.leaf import LeafSpec, check_page_ids, header_offset, page_scales
 from fieldprint.merkle import LEAF_KEY
 from fieldprint.quant import check_seed, seed_keys
-from fieldprint.quant_kernels import counter_bits, quant_code
+from fieldprint.quant_kernels import counter_bits, quant_code, to_float32
 
 __all__ = ["FUSED_FORMATS", "quantize_hash_pages"]
 
@@ -66,7 +66,7 @@ def _codes_of(xrow, elem, mask, k, key0, key1,
               SIGN_SHIFT: tl.constexpr, TWOS: tl.constexpr, ROUNDING: tl.constexpr):
     """Codes and helper bits (int32, elem's shape) of elements ``elem`` ([BLOCK, n] int32
     positions inside the page) of each lane's page row ``xrow`` ([BLOCK] pointers)."""
-    x = tl.load(xrow[:, None] + elem, mask=mask, other=0.0).to(tl.float32)
+    x = to_float32(tl.load(xrow[:, None] + elem, mask=mask, other=0.0))
     if ROUNDING == 2:
         r = counter_bits(elem.to(tl.int64), key0, key1)
     else:

@@ -5,8 +5,11 @@ Each experiment has a module ``fieldprint.report.<experiment>`` with two functio
     macros(rows, manifest) -> dict[str, str]   # key -> text, quoted in LaTeX as \\fp{key}
     claims(rows, manifest) -> list[Claim]      # each paper claim and whether the rows support it
 
-``python -m fieldprint.report`` turns them into ``paper/generated/<experiment>.tex`` and the
-claims report; the paper never types a measured number.
+``rows`` are the typed, checked rows of :func:`fieldprint.results.load_results` (``int``,
+``float``, ``bool``, ``str``, ``None`` for an empty optional cell) and ``manifest`` its checked
+manifest. ``python -m fieldprint.report`` turns them into ``paper/generated/<experiment>.tex``
+and the claims report; the paper never types a measured number. A string from a results file or
+a manifest enters a macro only through :func:`latex_escape`.
 """
 
 from __future__ import annotations
