@@ -140,7 +140,7 @@ def test_bad_arguments_are_clear_errors():
     encoder.is_causal = False
     with pytest.raises(ValueError, match="not causal"):
         attend(encoder, q, k, v, mask, scaling=0.2)
-    with pytest.raises(ValueError, match=r"attention_mask must have shape \[1, 1 or heads, 4, >= 4\]"):
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \[1, 1 or heads, 4, 4\]"):
         attend(torch.nn.Module(), q, k, v, mask[:, :, :3], scaling=0.2)
 
 
@@ -235,7 +235,7 @@ def test_own_model_equals_transformers_fp32(gguf_path, hf_fp32, windows, two_thr
 @pytest.mark.smollm2
 def test_fieldprint_backend_teacher_forced(hf_fp16, windows, two_threads, monkeypatch):
     """Same model, same dtype (fp16), eager attention vs the kernel: top-1 agreement >= 99% over
-    256 positions and the largest logit difference under 0.5 (measured 0.16 on logits of
+    256 positions and the largest logit difference under 0.5 (measured 0.21 on logits of
     magnitude ~40). The prefill runs one 128-token tile per sequence (block_m=512: 128 tokens x
     4 padded GQA rows), which the CPU interpreter runs ~3x faster than the default 32-token tiles
     (those are covered by the generation test's prefill and the kernel's own tests).
@@ -258,7 +258,7 @@ def test_fieldprint_backend_greedy_generation(hf_fp16, tokenizer, two_threads, m
     """Greedy generation through ``generate`` and transformers' cache, two prompts of different
     lengths in one left-padded batch: the same 16 new tokens as eager, and every decode step of
     every layer went through the kernel (one query per row)."""
-    tokenizer.padding_side = "left"
+    monkeypatch.setattr(tokenizer, "padding_side", "left")  # what generate needs for decoder-only models
     batch = tokenizer(list(PROMPTS), return_tensors="pt", padding=True)
     assert not batch.attention_mask.all()  # the batch is padded
     calls = []

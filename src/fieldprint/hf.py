@@ -69,9 +69,8 @@ def _allowed(attention_mask: torch.Tensor | None, B: int, Q: int, S: int, device
                              "sees is ambiguous; pass a mask")
         return torch.ones(Q, S, dtype=torch.bool, device=device).tril(S - Q).expand(B, Q, S)
     m = attention_mask
-    if m.dim() != 4 or m.shape[0] != B or m.shape[2] != Q or m.shape[3] < S:
-        raise ValueError(f"attention_mask must have shape [{B}, 1 or heads, {Q}, >= {S}], got {tuple(m.shape)}")
-    m = m[..., :S]  # as eager does: a static cache's mask can be longer than the keys handed over
+    if m.dim() != 4 or m.shape[0] != B or m.shape[2] != Q or m.shape[3] != S:
+        raise ValueError(f"attention_mask must have shape [{B}, 1 or heads, {Q}, {S}], got {tuple(m.shape)}")
     if m.dtype != torch.bool:
         allowed = m == 0
         if not (allowed | (m == float("-inf")) | (m == torch.finfo(m.dtype).min)).all():

