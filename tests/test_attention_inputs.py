@@ -1,5 +1,5 @@
 """Every bad input to the attention entry points is a clear ValueError / TypeError naming the
-argument, raised before any kernel runs (DESIGN.md §7). The fused kernel and the reference share
+argument, raised before any kernel runs (docs/DESIGN.md). The fused kernel and the reference share
 the checks of fieldprint.attention.inputs; the kernel adds its own (device, q/KV dtype pairing,
 strides, head dim, page size, split length, config)."""
 

@@ -1,4 +1,5 @@
-"""Attention over a paged KV cache with pinned anchor blocks (DESIGN.md §3).
+"""Attention over a paged KV cache with pinned anchor blocks (docs/DESIGN.md,
+"Kernel arguments").
 
 ``paged_anchor_attention`` is the fused Triton kernel; ``reference_attention`` the plain PyTorch
 definition it is tested against.

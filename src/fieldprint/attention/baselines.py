@@ -1,4 +1,5 @@
-"""Every E1 baseline on the same inputs as :func:`paged_anchor_attention` (DESIGN.md §3, §4).
+"""Every E1 baseline on the same inputs as :func:`paged_anchor_attention` (docs/DESIGN.md,
+"Kernel arguments").
 
 Each baseline is a plain function with the kernel's arguments that returns ``out [T, Hq, D]``,
 and an entry ``name -> (setup, run)`` in :data:`REGISTRY`: ``setup(case)`` does the work an

@@ -1,4 +1,5 @@
-"""Argument checks shared by every attention entry point (DESIGN.md §3 and §7).
+"""Argument checks shared by every attention entry point (docs/DESIGN.md,
+"Kernel arguments"; bad input is an error naming the argument).
 
 Checks come in two tiers. :func:`check_shapes` looks only at metadata (shapes, dtypes, devices,
 strides) and never synchronizes with the GPU, so it also runs under CUDA-graph capture.

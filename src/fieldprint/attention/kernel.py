@@ -1,4 +1,5 @@
-"""Fused paged attention with pinned anchor blocks: the Triton kernel (DESIGN.md §3).
+"""Fused paged attention with pinned anchor blocks: the Triton kernel (docs/DESIGN.md,
+"Kernel arguments")
 
 One online softmax per query row walks the sequence's anchor pages (``anchor_block_table``,
 ``anchor_lens`` tokens, all visible) and then its context pages (``block_table``, causal, optionally
@@ -548,7 +549,7 @@ def paged_anchor_attention(
     return_lse=False, sliding_window=None, logit_softcap=None, validate=True,
     kv_split_tokens=KV_SPLIT_TOKENS, config=None,
 ):
-    """Fused paged attention over ``[anchor tokens; context tokens]`` (DESIGN.md §3), same
+    """Fused paged attention over ``[anchor tokens; context tokens]`` (docs/DESIGN.md, "Kernel arguments"), same
     semantics and arguments as :func:`fieldprint.attention.reference_attention`.
 
     q: [T, Hq, D] fp16/bf16; k_cache, v_cache: [num_blocks, block_size, Hkv, D] of q's dtype or

@@ -10,7 +10,7 @@ import torch
 
 @dataclass
 class PagedCase:
-    """Arguments of one attention call (DESIGN.md §3)."""
+    """Arguments of one attention call (docs/DESIGN.md, "Kernel arguments")."""
 
     q: torch.Tensor  # [T, Hq, D]
     k_cache: torch.Tensor  # [num_blocks, block_size, Hkv, D]

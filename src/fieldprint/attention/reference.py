@@ -1,6 +1,6 @@
 """Plain PyTorch attention over a paged KV cache with anchors: the reference and the unfused forms.
 
-* :func:`reference_attention` is the definition (DESIGN.md §3): one sequence at a time, every
+* :func:`reference_attention` is the definition (docs/DESIGN.md, "Kernel arguments"): one sequence at a time, every
   score materialized, any float dtype (float64 for tests).
 * :func:`naive_attention` is the batched materialized baseline: gather pages, concatenate anchors,
   write the full ``[B, Hq, Tq, Ka + L]`` score matrix to memory, softmax, multiply.

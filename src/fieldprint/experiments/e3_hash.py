@@ -1,4 +1,4 @@
-"""E3: what quantize + hash costs on the GPU, against hashing on the CPU (DESIGN.md §4, claim 3).
+"""E3: what quantize + hash costs on the GPU, against hashing on the CPU (the paper's claim 3).
 
 Every row is one implementation at one input size; throughput counts the *input* bytes (the bf16
 tensor for quantize + hash), except ``d2d_copy``, which counts bytes read + written so that it

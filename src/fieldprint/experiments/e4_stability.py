@@ -1,4 +1,4 @@
-"""E4: do page digests survive honest recomputation? (DESIGN.md §4, claim 4).
+"""E4: do page digests survive honest recomputation? (the paper's claim 4).
 
 A K-like tensor ``K = X @ W`` ([tokens, Hkv * D], X: [tokens, d_model], W: [d_model, Hkv * D],
 both bf16-valued) is computed once as the *baseline* (the prover: an fp32 GEMM, TF32 off) and once

@@ -1,4 +1,4 @@
-"""E1 numbers for the paper and the DESIGN.md §6 kernel targets judged from the rows."""
+"""E1 numbers for the paper and the kernel targets (claims) judged from the rows."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def claims(rows, manifest) -> list[Claim]:
             g = _ratio(_row(rows, "fused", batch=B, context=L, anchors=A),
                        _row(rows, "gather_sdpa", batch=B, context=L, anchors=A))
             if g is not None:
-                # The target (DESIGN.md §6) is set with anchors, where gather+SDPA must also
+                # The target is set with anchors, where gather+SDPA must also
                 # concatenate; without anchors there is nothing to concatenate: reported, not judged.
                 (gains if A else no_anchor).append(g)
     out.append(Claim("e1.gather_10x", "With anchors, the fused kernel is >= 10x gather+concat+SDPA at every "

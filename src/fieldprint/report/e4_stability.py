@@ -28,7 +28,7 @@ def _key(*parts: str) -> str:
 
 def headline(rows) -> dict | None:
     """The GEMM recomputation that perturbs the stored bf16 values most (highest raw difference
-    rate), and its e4m3 rows: the DESIGN's measured example."""
+    rate), and its e4m3 rows: the paper's measured example."""
     cands = [r for r in _ok(rows) if r["variant"] not in GEMM_EXCLUDED
              and r["out_dtype"] == "bfloat16" and r["fmt"] == "e4m3" and r["rounding"] == "rne"]
     if not cands:
