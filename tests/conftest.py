@@ -23,9 +23,11 @@ torch.set_num_threads(1)
 
 # Set by the tools themselves, not by tests: pytest names the running test; torch's inductor
 # writes down the cache folder it picked (the default, /tmp/torchinductor_<user>) on first use.
-# Intel's OpenMP runtime (imported by some libraries of the GPU image) sets KMP_* for itself.
+# Intel's OpenMP runtime (imported by some libraries of the GPU image) sets KMP_* for itself, and
+# torch.compile's inductor points Triton at its cache and ptxas on its first compile (seen on the
+# H200: test_torch_compile).
 TOOL_OWNED = frozenset({"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR", "KMP_DUPLICATE_LIB_OK",
-                        "KMP_INIT_AT_FORK"})
+                        "KMP_INIT_AT_FORK", "TRITON_CACHE_DIR", "TRITON_PTXAS_PATH"})
 SESSION_ENV = dict(os.environ)
 
 
