@@ -90,9 +90,17 @@ def macros(rows, manifest) -> dict[str, str]:
     out["e4.two_grid.rows_inside"] = str(len(inside))
     out["e4.two_grid.min_match_inside"] = _pct(min((r["match_rate"] for r in inside),
                                                    default=float("nan")))
-    gemm_tg = [r for r in inside if r["variant"] not in GEMM_EXCLUDED]
+    # over every GEMM row, not only those inside the bound: the largest perturbation, and the
+    # share of all elements that lie inside the bound
+    gemm_tg = [r for r in tg if r["variant"] not in GEMM_EXCLUDED]
     out["e4.two_grid.max_ratio_gemm"] = (
-        f"{max(r['max_rel_perturbation'] for r in gemm_tg):.2g}" if gemm_tg else "n/a")
+        f"{max(r['max_rel_perturbation'] for r in gemm_tg):.3g}" if gemm_tg else "n/a")
+    out["e4.two_grid.rows_gemm"] = str(len(gemm_tg))
+    out["e4.two_grid.rows_outside_gemm"] = str(sum(r["max_rel_perturbation"] >= 1 for r in gemm_tg))
+    elements = sum(r["elements"] for r in gemm_tg)
+    inside_elements = sum(r["elements"] * (1 - r["frac_over_bound"]) for r in gemm_tg)
+    out["e4.two_grid.pct_elements_inside_gemm"] = (
+        f"{100 * inside_elements / elements:.4f}" if elements else "n/a")
     return out
 
 
