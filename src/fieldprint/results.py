@@ -480,6 +480,18 @@ def _expect_e6(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _expect_e6_live(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
+    cfg = manifest["config"]
+    out = []
+    for item in cfg["formats"]:
+        fmt, rounding = item.split(":")
+        out += [{"kind": "flip", "fmt": fmt, "rounding": rounding, "target": t, "bit": b}
+                for t in ("anchor", "context") for b in range(16)]
+        out += [{"kind": k, "fmt": fmt, "rounding": rounding, "target": t}
+                for k, t in (("swap", "anchor"), ("remap", "context"), ("honest", "all"))]
+    return out
+
+
 def _columns(spec: str, required: bool | When = True, absent_ok: bool = False) -> list[Column]:
     """``"a:int b:float c:str"`` -> Columns with one requirement."""
     types = {"int": int, "float": float, "bool": bool, "str": str}
@@ -492,6 +504,7 @@ _E3_MEASURED = When("status", "ok(: .*)?")
 _E4_OK = When("status", "ok")
 _E4R_RECOMPUTE, _E4R_COST = When("measure", "recompute"), When("measure", "cost")
 _E6_TIMING, _E6_TAMPER = When("kind", "timing"), When("kind", "tamper")
+_E6L_FLIP, _E6L_TAMPER = When("kind", "flip"), When("kind", "flip|swap|remap")
 _E5_LM, _E5_ATTN = When("kind", "lm"), When("kind", "attention")
 _E2_VARIANT, _E2_FLAT, _E2_HBM = When("kind", "variant"), When("kind", "flat"), When("kind", "hbm")
 _E2_KERNEL = When("kind", "variant|flat")
@@ -575,4 +588,10 @@ SCHEMAS: dict[str, Schema] = {s.name: s for s in (
         + _columns("target:str field:str flips:int detected:int localized:int leaves:int "
                    "false_positive:int", _E6_TAMPER)),
         key=("kind", "mode", "interval", "batch", "target", "field"), expected=_expect_e6),
+    Schema("e6_live", tuple(
+        _columns("kind:str fmt:str rounding:str target:str") + _columns("bit:int part:str", _E6L_FLIP)
+        # honest rows: trials = verifications of the untouched cache, detected = false alarms
+        + _columns("trials:int detected:int") + _columns("localized:int", _E6L_TAMPER)
+        + _columns("leaves:int device:str")),
+        key=("kind", "fmt", "rounding", "target", "bit"), expected=_expect_e6_live, exact=True),
 )}

@@ -3,7 +3,7 @@
 
 wildcard_constraints:
     scale="smoke|paper",
-    exp="e0_unfused|e1_throughput|e2_sram|e3_hash|e4_stability|e4_recompute|e6_commit",
+    exp="e0_unfused|e1_throughput|e2_sram|e3_hash|e4_stability|e4_recompute|e6_commit|e6_live",
 
 
 rule corpus:
