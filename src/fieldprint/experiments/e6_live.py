@@ -14,12 +14,13 @@ page (the anchor's pages and the sequences' sealed pages); then:
   and restore the bit. ``detected``: the result is not ok; ``localized``: the reported tampered
   leaves are exactly the flipped one. A flip below the format's tolerance (a low mantissa bit
   of a small element) is by construction not detected: the commitment binds the quantized page.
-* ``swap``: per anchor page, its entry in the cache's anchor table is pointed at a random
-  sequence's page; ``remap``: per trial, one block-table entry of a random sequence (and the
-  kernel's int32 mirror of it) is pointed at another sequence's page. ``localized``: the
+* ``swap``: per trial, the entry of one anchor page (in turn) in the cache's anchor table is
+  pointed at a random sequence's page; ``remap``: per trial, one block-table entry of a random
+  sequence (and the kernel's int32 mirror of it) is pointed at another sequence's page. ``localized``: the
   reported leaves are exactly the remapped page's (every layer, K and V).
 * ``honest``: ``verify_live`` on the untouched cache after the commit and after every bit
-  position's trials (the bits restored): ``trials`` checks, ``detected`` of them false alarms.
+  position's trials (the bits restored); the row's ``trials`` counts these checks and ``detected``
+  the false alarms.
 
 The hash and quantization run on the Committer's ``auto`` backends (CUDA: Triton; CPU: the
 ``blake3`` package and torch), so a CPU run needs no Triton interpreter. The outcome depends on
@@ -60,7 +61,7 @@ class E6LiveConfig(ExperimentConfig):
     sequences: int = 2
     context: int = 32
     spread: float = 3.0  # per-head and per-channel scales are 2**U(-spread, spread)
-    trials: int = 8  # per (target, format, bit), and remaps per format
+    trials: int = 8  # per (target, format, bit), and swaps and remaps per format
 
     def validate(self) -> None:
         super().validate()
@@ -127,7 +128,8 @@ def run(cfg: E6LiveConfig) -> list[dict]:
                 honest.append(committer.verify_live())
                 rows.append({**base, "kind": "flip", "target": target, "bit": bit, "part": bit_part(bit),
                              "trials": cfg.trials, "detected": detected, "localized": localized})
-        rows.append({**base, "kind": "swap", "target": "anchor", **_swap_anchor(cache, committer, anchor, seqs, rng)})
+        rows.append({**base, "kind": "swap", "target": "anchor",
+                     **_swap_anchor(cache, committer, anchor, seqs, cfg.trials, rng)})
         rows.append({**base, "kind": "remap", "target": "context",
                      **_remap(cache, committer, seqs, cfg.trials, rng)})
         rows.append({**base, "kind": "honest", "target": "all", "trials": len(honest),
@@ -164,12 +166,14 @@ def _page_leaves(committer: Committer, kind: str, owner: int, index: int) -> lis
             if (leaf.page.kind, leaf.page.owner, leaf.page.index) == (kind, owner, index)]
 
 
-def _swap_anchor(cache: PagedKVCache, committer: Committer, anchor: int, seqs: list[int],
+def _swap_anchor(cache: PagedKVCache, committer: Committer, anchor: int, seqs: list[int], trials: int,
                  rng: random.Random) -> dict:
-    """Point each anchor page's table entry at a random sequence's page, verify, restore."""
+    """Point an anchor page's table entry (each page in turn) at a random sequence's page, verify,
+    restore; ``trials`` times."""
     blocks = cache.anchors[anchor].blocks
     detected = localized = 0
-    for index in range(len(blocks)):
+    for trial in range(trials):
+        index = trial % len(blocks)
         seq = cache.sequences[rng.choice(seqs)]
         old, blocks[index] = blocks[index], rng.choice(seq.blocks)
         try:
@@ -178,7 +182,7 @@ def _swap_anchor(cache: PagedKVCache, committer: Committer, anchor: int, seqs: l
             blocks[index] = old
         detected += not res.ok
         localized += res.tampered == _page_leaves(committer, "anchor", anchor, index)
-    return {"trials": len(blocks), "detected": detected, "localized": localized}
+    return {"trials": trials, "detected": detected, "localized": localized}
 
 
 def _remap(cache: PagedKVCache, committer: Committer, seqs: list[int], trials: int, rng: random.Random) -> dict:
@@ -188,7 +192,7 @@ def _remap(cache: PagedKVCache, committer: Committer, seqs: list[int], trials: i
     for _ in range(trials):
         victim, other = rng.sample(seqs, 2)
         seq = cache.sequences[victim]
-        index = rng.randrange(len(_committed_pages(committer, victim)))
+        index = rng.choice(sorted(_committed_pages(committer, victim)))
         old, new = seq.blocks[index], rng.choice(cache.sequences[other].blocks)
         seq.blocks[index] = new
         seq.table[index] = new
