@@ -40,6 +40,16 @@ def test_static_steps_equal_dynamic_steps():
         assert torch.equal(got_slots, want_slots), step
         assert torch.equal(got, want.argmax(-1)), step
         tokens, tokens2 = want.argmax(-1), got.clone()
+    # cut every sequence back by more than a page (the decoder's rows must see the pages it
+    # lost), then decode again, now with one sequence fewer (padding in a bucket that ran full)
+    for c in (dyn_cache, fix_cache):
+        for s in (seqs if c is dyn_cache else seqs2):
+            c.truncate(s, c.seq_len(s) - 17 if c.seq_len(s) > 17 else 1)
+    for step in range(2):
+        want, want_slots = forward_sequences(model, dyn_cache, seqs[:2], tokens[:2], [1] * 2, attention="kernel")
+        got, got_slots = decoder.step(seqs2[:2], tokens2[:2])
+        assert torch.equal(got_slots, want_slots) and torch.equal(got, want.argmax(-1)), step
+        tokens, tokens2 = torch.cat([want.argmax(-1), tokens[2:]]), torch.cat([got, tokens2[2:]])
     for s in seqs:  # every page the sequences own holds the same K/V (the kernel is batch invariant)
         blocks = dyn_cache.sequences[s].blocks
         assert blocks == fix_cache.sequences[s].blocks

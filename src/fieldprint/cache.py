@@ -148,6 +148,9 @@ class Sequence:
     # Host int32 mirror of ``blocks`` (capacity doubling), so kernel_args copies rows instead of
     # converting Python lists every decode step.
     table: torch.Tensor = field(default_factory=lambda: torch.zeros(16, dtype=torch.int32))
+    # Bumped whenever pages are taken away (truncate): a mirror of ``blocks`` that only watched
+    # its length could miss pages replaced at the same count.
+    epoch: int = 0
 
     def set_blocks(self, blocks: list[int]) -> None:
         if len(blocks) > self.table.numel():
@@ -335,6 +338,7 @@ class PagedKVCache:
         keep = -(-length // self.block_size)
         self.allocator.free(s.blocks[keep:])
         self._repoison(s.blocks[keep:])
+        s.epoch += 1
         self._writable = None
         s.set_blocks(s.blocks[:keep])
         s.length = length

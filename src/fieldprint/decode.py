@@ -9,8 +9,8 @@ static buffers of a batch-size *bucket* (the smallest of ``buckets`` >= B), so t
 be captured once per bucket and replayed. Per step the host only
 
 1. grows the sequences (:meth:`PagedKVCache.extend` into the bucket's static slot buffer),
-2. packs positions, ``seq_lens``, ``query_start_loc``, ``anchor_lens`` and both block tables into
-   one pinned int32 buffer and copies it to the device in one transfer,
+2. updates positions, ``seq_lens`` and the block tables of rows whose sequence changed pages in a
+   host int32 buffer, and copies it to the device in one transfer (pinned, double-buffered),
 3. replays the bucket's graph (or, with ``graphs=False``, runs the same code eagerly: the CPU
    path of the tests).
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from fieldprint.cache import KernelArgs, PagedKVCache
@@ -33,7 +34,12 @@ from fieldprint.model import PagedStep, Transformer
 @dataclass
 class _Bucket:
     """Static buffers of one batch size ``b``; ``meta`` [4b + 1 + b*W + b*AW] int32 holds
-    positions, seq_lens, query_start_loc, anchor_lens, block table [b, W], anchor table [b, AW]."""
+    positions, seq_lens, query_start_loc, anchor_lens, block table [b, W], anchor table [b, AW].
+
+    ``host`` is the same layout on the host, updated in place each step (a table row is
+    rewritten only when its sequence changed pages); ``staging`` are the pinned copies the
+    transfer reads, two on a GPU so that the host fills one while the other's copy may still be
+    in flight (``copied`` records when each transfer is done)."""
 
     size: int
     tokens: torch.Tensor  # [b] int64
@@ -41,6 +47,11 @@ class _Bucket:
     meta: torch.Tensor  # int32, layout above
     args: KernelArgs  # views into meta
     positions: torch.Tensor  # [b] int32 view into meta
+    host: np.ndarray  # int32, meta's layout
+    staging: list[torch.Tensor]
+    copied: list[torch.cuda.Event | None]
+    rows: list[tuple[int, int, int] | None]  # per row: (sequence, its epoch, pages written)
+    turn: int = 0
     next_tokens: torch.Tensor | None = None  # [b] int64, written by the step
     graph: torch.cuda.CUDAGraph | None = None
 
@@ -85,7 +96,8 @@ class GraphDecoder:
         bucket = self.buckets[fits[0]]
         self._check_fits(seqs)
         self.cache.extend(seqs, [1] * B, out=bucket.slots)
-        bucket.meta.copy_(self._host_meta(seqs, bucket.size), non_blocking=True)
+        self._update_host(bucket, seqs)
+        self._transfer(bucket)
         bucket.tokens[:B].copy_(tokens)
         if not self.graphs:
             self._forward(bucket)
@@ -101,13 +113,22 @@ class GraphDecoder:
 
     def _bucket(self, b: int) -> _Bucket:
         dev, W, AW = self.cache.device, self.width, self.anchor_width
-        meta = torch.zeros(4 * b + 1 + b * W + b * AW, dtype=torch.int32, device=dev)
+        n = 4 * b + 1 + b * W + b * AW
+        meta = torch.zeros(n, dtype=torch.int32, device=dev)
         pos, lens, qsl, alens, rest = meta.split([b, b, b + 1, b, b * (W + AW)])
         table, atable = rest.split([b * W, b * AW])
         args = KernelArgs(block_table=table.view(b, W), seq_lens=lens, query_start_loc=qsl,
                           anchor_block_table=atable.view(b, AW), anchor_lens=alens)
+        host = np.zeros(n, dtype=np.int32)
+        # every row starts padded: one token in the scratch page, no anchor
+        host[b:2 * b] = 1
+        host[2 * b:3 * b + 1] = np.arange(b + 1)  # query_start_loc: one query per row, always
+        host[4 * b + 1:4 * b + 1 + b * W] = self.cache.scratch_slot() // self.cache.block_size
+        cuda = dev.type == "cuda"
+        staging = [torch.zeros(n, dtype=torch.int32, pin_memory=cuda) for _ in range(2 if cuda else 1)]
         return _Bucket(b, torch.zeros(b, dtype=torch.int64, device=dev),
-                       torch.zeros(b, dtype=torch.int64, device=dev), meta, args, pos)
+                       torch.zeros(b, dtype=torch.int64, device=dev), meta, args, pos,
+                       host, staging, [None] * len(staging), [None] * b)
 
     def _check_fits(self, seqs: list[int]) -> None:
         """Every table of the step fits the static widths (checked before anything changes)."""
@@ -122,27 +143,52 @@ class GraphDecoder:
             if seq.anchor is not None and len(self.cache.anchors[seq.anchor].blocks) > self.anchor_width:
                 raise ValueError(f"anchor {seq.anchor} has more pages than max_anchor_blocks={self.anchor_width}")
 
-    def _host_meta(self, seqs: list[int], b: int) -> torch.Tensor:
-        """The step's tables (after extend) in ``meta``'s layout for bucket size ``b``, as a host
-        int32 tensor; padded rows hold one token in the scratch page and no anchor."""
-        cache = self.cache
-        pos = torch.zeros(b, dtype=torch.int32)
-        lens = torch.ones(b, dtype=torch.int32)
-        alens = torch.zeros(b, dtype=torch.int32)
-        table = torch.full((b, self.width), cache.scratch_slot() // cache.block_size, dtype=torch.int32)
-        atable = torch.zeros((b, self.anchor_width), dtype=torch.int32)
-        for i, sid in enumerate(seqs):
-            seq = cache.sequences[sid]
+    def _update_host(self, bucket: _Bucket, seqs: list[int]) -> None:
+        """The step's tables (after extend) into ``bucket.host``: positions and lengths of every
+        row; a row's block and anchor tables only when its sequence changed (another sequence in
+        the row, pages added, or pages taken away); padded rows hold one token in the scratch
+        page and no anchor."""
+        b, W, AW, cache = bucket.size, self.width, self.anchor_width, self.cache
+        h = bucket.host
+        pos, lens, alens = h[0:b], h[b:2 * b], h[3 * b + 1:4 * b + 1]
+        table = h[4 * b + 1:4 * b + 1 + b * W].reshape(b, W)
+        atable = h[4 * b + 1 + b * W:].reshape(b, AW)
+        scratch = cache.scratch_slot() // cache.block_size
+        for i in range(b):
+            seq = cache.sequences[seqs[i]] if i < len(seqs) else None
+            if seq is None:  # a padded row
+                if bucket.rows[i] is not None:
+                    pos[i], lens[i], alens[i] = 0, 1, 0
+                    table[i] = scratch
+                    bucket.rows[i] = None
+                continue
             lens[i] = seq.length
-            pos[i] = cache.position(sid) - 1  # the token just appended
-            table[i, :len(seq.blocks)] = seq.table[:len(seq.blocks)]
-            if seq.anchor is not None:
-                anchor = cache.anchors[seq.anchor]
-                atable[i, :len(anchor.blocks)] = torch.tensor(anchor.blocks, dtype=torch.int32)
-                alens[i] = anchor.length
-        host = torch.cat([pos, lens, torch.arange(b + 1, dtype=torch.int32), alens, table.flatten(),
-                          atable.flatten()])
-        return host.pin_memory() if cache.device.type == "cuda" else host
+            pos[i] = cache.position(seq.id) - 1  # the token just appended
+            known = bucket.rows[i]
+            if known is None or known[:2] != (seq.id, seq.epoch):  # another sequence: whole row
+                table[i] = scratch
+                table[i, :len(seq.blocks)] = seq.blocks
+                anchor = cache.anchors[seq.anchor] if seq.anchor is not None else None
+                atable[i] = 0
+                if anchor is not None:
+                    atable[i, :len(anchor.blocks)] = anchor.blocks
+                alens[i] = anchor.length if anchor is not None else 0
+            elif known[2] != len(seq.blocks):  # pages added since the last step
+                table[i, known[2]:len(seq.blocks)] = seq.blocks[known[2]:]
+            bucket.rows[i] = (seq.id, seq.epoch, len(seq.blocks))
+
+    def _transfer(self, bucket: _Bucket) -> None:
+        """One host-to-device copy of ``bucket.host`` into ``bucket.meta`` (through a pinned
+        staging buffer whose previous transfer has finished)."""
+        k = bucket.turn
+        bucket.turn = (k + 1) % len(bucket.staging)
+        if bucket.copied[k] is not None:
+            bucket.copied[k].synchronize()  # its last transfer must have read it
+        bucket.staging[k].numpy()[:] = bucket.host
+        bucket.meta.copy_(bucket.staging[k], non_blocking=True)
+        if bucket.meta.is_cuda:
+            bucket.copied[k] = torch.cuda.Event()
+            bucket.copied[k].record()
 
     def _forward(self, bucket: _Bucket) -> None:
         step = PagedStep(self.cache, bucket.args,
