@@ -286,7 +286,7 @@ def test_e4_claims_flag_a_two_grid_failure_inside_the_bound():
 
     def row(variant, rounding, match, p, ratio, raw=1e-3):
         return {"variant": variant, "out_dtype": "bfloat16", "fmt": "e4m3", "rounding": rounding,
-                "page_elems": 16384, "pages": 200, "match_rate": match,
+                "page_elems": 16384, "pages": 200, "elements": 200 * 16384, "match_rate": match,
                 "p_flip": p, "theory_match": theory_match(p, 16384),
                 "raw_diff_rate": raw, "raw_page_match": 0.0,
                 "max_rel_perturbation": ratio, "frac_over_bound": 0.0, "status": "ok"}
