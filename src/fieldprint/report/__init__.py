@@ -44,6 +44,12 @@ def latex_escape(text: object) -> str:
     return str(text).translate(_LATEX_SPECIALS)
 
 
+def ratio_text(x: float) -> str:
+    """A ratio for the text: 3 significant digits, or a whole number with LaTeX-grouped thousands
+    from 100 on (1{,}580 rather than 1.58e+03)."""
+    return f"{x:,.0f}".replace(",", "{,}") if x >= 100 else f"{x:.3g}"
+
+
 def render_macros(values: dict[str, str]) -> str:
     """``\\fpdef{key}{text}`` lines; the paper's preamble defines ``\\fp{key}`` to look them up
     and fail the build when a key is missing."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from fieldprint.report import Claim, latex_escape
+from fieldprint.report import Claim, latex_escape, ratio_text
 
 # the scenarios that keep the kernel's arithmetic: the batch-invariant mode should reproduce them
 SAME_STACK = ("same_stack", "batch_order", "chunk", "prefix_hit")
@@ -55,7 +55,7 @@ def macros(rows: list[dict], manifest: dict) -> dict[str, str]:
             k = f"e4r.{mode}.{scenario}.{fmt}.{rounding}"
             out[f"{k}.match_pct"] = _pct(matched, pages)
             out[f"{k}.bitwise_pct"] = _pct(bitwise, pages)
-            out[f"{k}.max_over_bound"] = f"{over:,.0f}".replace(",", "{,}") if over >= 100 else f"{over:.3g}"
+            out[f"{k}.max_over_bound"] = ratio_text(over)
             first = first_mismatch_layer(rows, mode, scenario, fmt, rounding)
             out[f"{k}.first_layer"] = "none" if first is None else str(first)
         out[f"e4r.pages.{fmt}.{rounding}"] = str(sum(r["pages"] for r in rec if (r["fmt"], r["rounding"]) ==

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from fieldprint.report import Claim, latex_escape
+from fieldprint.report import Claim, latex_escape, ratio_text
 
 GEMM_EXCLUDED = ("rehash", "attention")
 
@@ -94,7 +94,7 @@ def macros(rows, manifest) -> dict[str, str]:
     # share of all elements that lie inside the bound
     gemm_tg = [r for r in tg if r["variant"] not in GEMM_EXCLUDED]
     out["e4.two_grid.max_ratio_gemm"] = (
-        _ratio(max(r['max_rel_perturbation'] for r in gemm_tg)) if gemm_tg else "n/a")
+        ratio_text(max(r['max_rel_perturbation'] for r in gemm_tg)) if gemm_tg else "n/a")
     out["e4.two_grid.rows_gemm"] = str(len(gemm_tg))
     out["e4.two_grid.rows_outside_gemm"] = str(sum(r["max_rel_perturbation"] >= 1 for r in gemm_tg))
     elements = sum(r["elements"] for r in gemm_tg)
@@ -118,11 +118,6 @@ def theory_agreement(rows, min_pages: int = 16) -> tuple[int, int, dict | None]:
         if z > worst_z:
             worst, worst_z = r, z
     return good, len(cmp), worst
-
-
-def _ratio(x: float) -> str:
-    """A perturbation in units of the bound: 3 digits, thousands grouped for LaTeX."""
-    return f"{x:,.0f}".replace(",", "{,}") if x >= 100 else f"{x:.3g}"
 
 
 def claims(rows, manifest) -> list[Claim]:
