@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Prepare .whl/: the Python packages the GPU machine lacks (hydra-core, snakemake, blake3 and their
-# dependencies), as wheels for its Python 3.12 / x86-64, minus what its image already has.
+# dependencies, gguf for the SmolLM2 file), as wheels for its Python 3.12 / x86-64, minus what its image already has.
 # Run here (with network); then workflow/scripts/gpu_run.sh runs on the GPU machine with .whl carried.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 rm -rf .whl && mkdir -p .whl
 # 1. Resolve and build every dependency here: pure-Python ones (some only exist as sdists, e.g.
 #    antlr4-python3-runtime 4.9.3 that hydra-core pins) come out as py3-none-any wheels.
-python3 -m pip wheel --quiet -w .whl hydra-core==1.3.8 omegaconf==2.3.1 blake3==1.0.11 snakemake==9.27.1
+python3 -m pip wheel --quiet -w .whl hydra-core==1.3.8 omegaconf==2.3.1 blake3==1.0.11 gguf==0.19.0 snakemake==9.27.1
 # 2. Swap the compiled wheels built for this Python for the GPU machine's CPython 3.12 builds.
 for whl in .whl/*-cp3*.whl; do
   [ -e "$whl" ] || continue
@@ -19,7 +19,7 @@ for whl in .whl/*-cp3*.whl; do
 done
 # 3. Packages the GPU image already holds (device/KINDS.md): keep its versions, carry none of them.
 IMAGE_HAS="numpy PyYAML Jinja2 MarkupSafe packaging psutil requests urllib3 idna certifi charset_normalizer
-  tabulate wrapt attrs Pygments typing_extensions filelock setuptools six python_dateutil"
+  tabulate wrapt attrs Pygments typing_extensions filelock setuptools six python_dateutil tqdm"
 for have in $IMAGE_HAS; do
   rm -f .whl/"$have"-*.whl .whl/"${have,,}"-*.whl
 done

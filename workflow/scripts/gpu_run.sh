@@ -9,9 +9,11 @@
 # are packed into $OUT/results.tar.gz (when $OUT is set) so that they come back in one file.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-if [ ! -e /tmp/site/.installed ]; then
+# A warm machine keeps /tmp/site between calls: reinstall only when the carried wheel set changed.
+stamp=$(ls .whl | sha256sum | cut -c1-16)
+if [ "$(cat /tmp/site/.installed 2>/dev/null)" != "$stamp" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && touch /tmp/site/.installed || { echo "wheel install failed"; exit 1; }
+    && echo "$stamp" > /tmp/site/.installed || { echo "wheel install failed"; exit 1; }
 fi
 export PYTHONPATH=/tmp/site:$PWD/src PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
 # The rules call `python`; the GPU image has only python3.
