@@ -181,12 +181,10 @@ def test_header_words_are_the_leaf_modules_and_checked(monkeypatch):
     from fieldprint.leaf import LeafSpec
 
     spec = LeafSpec("int8", "stochastic", elems=32, seed=SEED)
-    words = fused._header_words(spec, 9, "v", torch.device("cpu"))
-    assert words.dtype == torch.int32 and words.shape == (16,)
-    got = b"".join((w & 0xFFFFFFFF).to_bytes(4, "little") for w in words.tolist())
-    assert got == spec.header(0, 9, "v")
-    fused._header_words.cache_clear()
+    words = fused.header_words(spec, [9, 2], ["v", "k"])
+    assert words.dtype == torch.int32 and words.shape == (2, 16)
+    for row, (layer, kind) in zip(words.tolist(), [(9, "v"), (2, "k")], strict=True):
+        assert b"".join((w & 0xFFFFFFFF).to_bytes(4, "little") for w in row) == spec.header(0, layer, kind)
     monkeypatch.setattr(fused, "_PAGE_ID_WORD", 4)
     with pytest.raises(RuntimeError, match="page-id words"):
-        fused._header_words(spec, 9, "v", torch.device("cpu"))
-    fused._header_words.cache_clear()
+        fused.header_words(spec, [9], ["v"])

@@ -72,11 +72,13 @@ import torch
 
 from fieldprint.cache import PagedKVCache, PageRef
 from fieldprint.commit_baselines import PerStepCopyCPU, PerStepGPU
+from fieldprint.commit_fused import FusedCommitPath
 from fieldprint.commit_pages import LeafRef, check_pages, leaf_headers, leaf_refs, page_id, page_leaf_rows
 from fieldprint.commit_store import LeafStore, VerifyResult
 from fieldprint.formats import FORMATS, ROUNDING_IDS
 from fieldprint.hashing import BACKENDS as HASH_BACKENDS
 from fieldprint.hashing import blake3_many
+from fieldprint.hashing.fused import FUSED_FORMATS, POOL_DTYPES
 from fieldprint.leaf import LeafSpec
 from fieldprint.merkle import LEAF_KEY, DeviceMerkleTree
 from fieldprint.quant import BACKENDS as QUANT_BACKENDS
@@ -101,16 +103,65 @@ class _Before:
 
 
 @dataclass(frozen=True)
-class _Pending:
-    """A landed commit whose root is not on the host yet."""
+class _Unfused:
+    """The work of a commit on the kernel-by-kernel path."""
 
     done: torch.cuda.Event | None  # after its copies to pinned memory (None: already done)
     slot: int  # its root's row of the pinned ring
-    leaves: int  # leaves covered by its root
     finite: torch.Tensor  # [n] bool on the device: which of its leaves held no NaN/Inf
+    digests: torch.Tensor  # [n, 32] uint8 on the device: its leaf digests
+
+
+@dataclass
+class _Batch:
+    """One fixed-shape batch of the fused path (`fieldprint.commit_fused`) and, once folded, its
+    results copied out of its pinned ring slot."""
+
+    slot: int
+    leaves: int
+    done: torch.cuda.Event | None  # after its copies to pinned memory (None: already done)
+    root: bytes | None = None
+    digests: torch.Tensor | None = None  # [leaves, 32] uint8, host
+    finite: torch.Tensor | None = None  # [leaves] int8, host
+
+
+@dataclass(frozen=True)
+class _Fused:
+    """The work of a commit on the fused path: its batches, in order."""
+
+    done: torch.cuda.Event | None  # its last batch's
+    batches: list[_Batch]
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A landed commit whose root is not on the host yet."""
+
+    work: _Unfused | _Fused
+    leaves: int  # leaves covered by its root
     refs: list[LeafRef]  # its leaves
     taken: tuple[PageRef, ...]  # pages it took from the cache's sealed list
     before: _Before
+
+
+def _event(device: torch.device) -> torch.cuda.Event | None:
+    """An event recorded now on the current stream (None on a CPU: the work is already done)."""
+    if device.type != "cuda":
+        return None
+    done = torch.cuda.Event()
+    done.record()
+    return done
+
+
+def _fold(path: FusedCommitPath, batch: _Batch) -> None:
+    """Copy ``batch``'s results out of its pinned slot (waiting for the batch), once."""
+    if batch.root is not None:
+        return
+    if batch.done is not None:
+        batch.done.synchronize()
+    batch.root = bytes(path.root_host[batch.slot].tolist())
+    batch.digests = path.digests_host[batch.slot, :batch.leaves].clone()
+    batch.finite = path.finite_host[batch.slot, :batch.leaves].clone()
 
 
 class Committer:
@@ -121,13 +172,22 @@ class Committer:
     the host (needed by :meth:`verify`); hash_backend: ``fieldprint.hashing.BACKENDS`` ("auto":
     CUDA -> Triton, CPU -> the blake3 package); quant_backend: ``fieldprint.quant.BACKENDS``
     ("auto": CUDA -> Triton, CPU -> torch); stream: the side stream of ``commit_async`` (default:
-    a new one).
+    a new one); max_pages: pages per fixed-shape batch of the fused path; graphs: replay the fused
+    path's batches from CUDA graphs (CUDA only).
+
+    Path: when both backends are Triton (CUDA with "auto", or "triton" under the interpreter),
+    the format has 1-byte codes and the cache holds fp16/bf16/fp32, a commit is the fused
+    fixed-shape path (`fieldprint.commit_fused`: one leaf kernel reading the pools, one Merkle
+    frontier launch, CUDA graphs); otherwise the kernel-by-kernel path (`page_leaf_rows`,
+    `blake3_many`, `DeviceMerkleTree`), e.g. with the torch quantizer and the blake3 package on
+    a CPU. Both commit to the same roots (`fused` says which one runs).
     """
 
     def __init__(
         self, cache: PagedKVCache, mode: str = "commit_async", interval: int = 16, fmt: str = "e4m3",
         rounding: str = "two_grid", fetch_leaves: bool = True, hash_backend: str = "auto",
-        quant_backend: str = "auto", stream: torch.cuda.Stream | None = None,
+        quant_backend: str = "auto", stream: torch.cuda.Stream | None = None, max_pages: int = 64,
+        graphs: bool = True,
     ) -> None:
         if not isinstance(cache, PagedKVCache):
             raise TypeError(f"cache must be a PagedKVCache, got {type(cache).__name__}")
@@ -150,6 +210,8 @@ class Committer:
         if cache.block_size >= 2**16:
             raise ValueError(f"the cache's block_size must be below 2**16 (a page's valid tokens fit the "
                              f"leaf header's page id), got {cache.block_size}")
+        if isinstance(max_pages, bool) or not isinstance(max_pages, int) or max_pages < 1:
+            raise ValueError(f"max_pages must be a positive int, got {max_pages!r}")
         cuda = cache.device.type == "cuda"
         if stream is not None and not (cuda and mode == "commit_async"):
             raise ValueError("stream applies only to mode='commit_async' on a CUDA cache")
@@ -175,6 +237,15 @@ class Committer:
         self._pending: list[_Pending] = []
         self._root_host = torch.zeros((_ROOT_RING, 32), dtype=torch.uint8, pin_memory=cuda)
         self._last_done: torch.cuda.Event | None = None
+        triton_hash = hash_backend == "triton" or (hash_backend == "auto" and cuda)
+        triton_quant = quant_backend == "triton" or (quant_backend == "auto" and cuda)
+        self.fused = (mode in COMMIT_MODES and triton_hash and triton_quant and fmt in FUSED_FORMATS
+                      and cache.dtype in POOL_DTYPES)
+        capacity = max(8 * max_pages * 2 * cache.num_layers, 4096)  # leaf rows before the store first grows
+        self._fused = (FusedCommitPath(cache, spec, max_pages, _ROOT_RING, capacity, self._side, graphs)
+                       if self.fused else None)
+        self._fused_batches = 0  # batches launched on the fused path: the next one's ring slot
+        self._slot_owner: dict[int, _Batch] = {}  # fused ring slot -> the batch whose results it holds
 
     @property
     def leaves(self) -> list[LeafRef]:
@@ -222,11 +293,7 @@ class Committer:
         if not todo:
             return
         check_pages(todo, self.cache)  # bad pages and header overflows: refused before anything changes
-        L = self.cache.num_layers
-        refs = leaf_refs(todo, L)
-        header = leaf_headers(self._store.spec, todo, L)
-        blocks = torch.tensor([p.block for p in todo], dtype=torch.int64)
-        tokens = torch.tensor([p.tokens for p in todo], dtype=torch.int64)
+        refs = leaf_refs(todo, self.cache.num_layers)
         n_after = len(self._store) + len(refs)
         if self.fetch_leaves and n_after > self._store.capacity:
             self._harvest(wait=True)  # no digest copy into the host buffer may be in flight
@@ -234,9 +301,6 @@ class Committer:
         while len(self._pending) >= _ROOT_RING:
             self._harvest_one()
         before = _Before(len(self._store), self.commits, self._tree, self._anchors_done, self._backlog)
-        if self.device.type == "cuda":
-            header, blocks, tokens = header.pin_memory(), blocks.pin_memory(), tokens.pin_memory()
-        slot = self.commits % _ROOT_RING
         stream_ctx = contextlib.nullcontext()
         if self._side is not None:
             written = torch.cuda.Event()
@@ -244,28 +308,56 @@ class Committer:
             self._side.wait_event(written)
             stream_ctx = torch.cuda.stream(self._side)
         with stream_ctx:
-            dev = self.device
-            rows, finite = page_leaf_rows(self.cache, self._store.spec, header.to(dev, non_blocking=True),
-                                          blocks.to(dev, non_blocking=True), tokens.to(dev, non_blocking=True),
-                                          self.quant_backend)
-            digests = blake3_many(rows, key=LEAF_KEY, backend=self.hash_backend)
-            tree = self._tree.append(digests)
-            self._root_host[slot].copy_(tree.root, non_blocking=True)
+            if self._fused is not None:
+                rows, work = self._launch_fused(todo)
+            else:
+                rows, work = self._launch_unfused(todo)
             # landing: from here on nothing can fail but the finite check at harvest
-            self._store.append(refs, rows, digests)
-            done = None
-            if self.device.type == "cuda":
-                done = torch.cuda.Event()
-                done.record()
-        self._tree = tree
+            self._store.append(refs, rows, None if self._fused is not None else work.digests)
         self._anchors_done = self._anchors_done | set(new_anchors)
         if pages is None:
             self._backlog = ()
-        self._pending.append(_Pending(done, slot, n_after, finite, refs, taken, before))
-        self._last_done = done
+        self._pending.append(_Pending(work, n_after, refs, taken, before))
+        self._last_done = work.done
         self.commits += 1
         if self._side is None:
             self._harvest(wait=True)  # commit_sync (and every CPU run): the root is on the host now
+
+    def _launch_unfused(self, todo: list[PageRef]) -> tuple[torch.Tensor, _Unfused]:
+        """The commit's work on the current stream, kernel by kernel (`fieldprint.commit_pages`,
+        `blake3_many`, `DeviceMerkleTree`): leaf rows [n, row bytes] and the work record."""
+        L, dev = self.cache.num_layers, self.device
+        header = leaf_headers(self._store.spec, todo, L)
+        blocks = torch.tensor([p.block for p in todo], dtype=torch.int64)
+        tokens = torch.tensor([p.tokens for p in todo], dtype=torch.int64)
+        if dev.type == "cuda":
+            header, blocks, tokens = header.pin_memory(), blocks.pin_memory(), tokens.pin_memory()
+        rows, finite = page_leaf_rows(self.cache, self._store.spec, header.to(dev, non_blocking=True),
+                                      blocks.to(dev, non_blocking=True), tokens.to(dev, non_blocking=True),
+                                      self.quant_backend)
+        digests = blake3_many(rows, key=LEAF_KEY, backend=self.hash_backend)
+        self._tree = self._tree.append(digests)
+        slot = self.commits % _ROOT_RING
+        self._root_host[slot].copy_(self._tree.root, non_blocking=True)
+        return rows, _Unfused(_event(dev), slot, finite, digests)
+
+    def _launch_fused(self, todo: list[PageRef]) -> tuple[torch.Tensor, _Fused]:
+        """The commit's work as fixed-shape batches of at most ``max_pages`` pages
+        (`fieldprint.commit_fused`), each replayed from a CUDA graph on CUDA: leaf rows and the
+        work record."""
+        path, step = self._fused, self._fused.plan.max_pages
+        start, rows, batches = path.leaves, [], []
+        for i in range(0, len(todo), step):
+            part = todo[i:i + step]
+            slot = self._fused_batches % path.ring
+            self._free_slot(slot)
+            rows.append(path.launch(slot, [p.block for p in part], [p.tokens for p in part],
+                                    [page_id(p) for p in part]))
+            batch = _Batch(slot, len(part) * path.plan.leaves_per_page, _event(self.device))
+            self._slot_owner[slot] = batch
+            batches.append(batch)
+            self._fused_batches += 1
+        return path.bufs.rows[start:path.leaves], _Fused(batches[-1].done, batches)
 
     def root(self) -> bytes:
         """The latest committed root (32 bytes); waits for a commit still in flight."""
@@ -333,14 +425,21 @@ class Committer:
         return tuple(out)
 
     def _harvest(self, wait: bool) -> None:
-        while self._pending and (wait or self._pending[0].done is None or self._pending[0].done.query()):
+        while self._pending and (wait or self._pending[0].work.done is None or self._pending[0].work.done.query()):
             self._harvest_one()
 
     def _harvest_one(self) -> None:
         p = self._pending[0]
-        if p.done is not None:
-            p.done.synchronize()
-        bad = torch.nonzero(~p.finite.cpu()).flatten().tolist()
+        if isinstance(p.work, _Fused):
+            for b in p.work.batches:
+                _fold(self._fused, b)
+                self._slot_owner.pop(b.slot, None)
+            finite = torch.cat([b.finite for b in p.work.batches])
+        else:
+            if p.work.done is not None:
+                p.work.done.synchronize()
+            finite = p.work.finite.cpu()
+        bad = torch.nonzero(finite == 0).flatten().tolist()
         if bad:
             self._roll_back()
             leaf = p.refs[bad[0]]
@@ -349,18 +448,33 @@ class Committer:
                 f"owner {leaf.page.owner} (pool page {leaf.page.block}), layer {leaf.layer}: nothing committed, "
                 "the committer is back to its state before that commit")
         self._pending.pop(0)
-        self._roots.append((p.leaves, bytes(self._root_host[p.slot].tolist())))
+        if isinstance(p.work, _Fused):
+            if self.fetch_leaves:
+                self._store.write_digests(p.before.leaves, torch.cat([b.digests for b in p.work.batches]))
+            root = p.work.batches[-1].root
+        else:
+            root = bytes(self._root_host[p.work.slot].tolist())
+        self._roots.append((p.leaves, root))
+
+    def _free_slot(self, slot: int) -> None:
+        """Make ring ``slot`` of the fused path free: fold the batch that holds it (waiting for it)."""
+        held = self._slot_owner.pop(slot, None)
+        if held is not None:
+            _fold(self._fused, held)
 
     def _roll_back(self) -> None:
         """Undo the oldest pending commit and every later one: the committer's state before it,
         with the sealed pages those commits took from the cache kept for the next commit."""
         for p in self._pending:
-            if p.done is not None:
-                p.done.synchronize()  # no copy into a host buffer may still land
+            if p.work.done is not None:
+                p.work.done.synchronize()  # no copy into a host buffer may still land
         first = self._pending[0].before
         taken = tuple(page for p in self._pending[1:] for page in p.taken)
         self._pending.clear()
+        self._slot_owner.clear()
         self._store.truncate(first.leaves, first.commits)
         self._tree, self.commits = first.tree, first.commits
+        if self._fused is not None:
+            self._fused.reset(first.leaves)
         self._anchors_done = first.anchors_done
         self._backlog = self._live(first.backlog + taken)

@@ -87,14 +87,20 @@ class LeafStore:
         new[: self._digests.shape[0]] = self._digests
         self._digests = new
 
-    def append(self, refs: list[LeafRef], rows: torch.Tensor, digests: torch.Tensor) -> None:
+    def append(self, refs: list[LeafRef], rows: torch.Tensor, digests: torch.Tensor | None) -> None:
         """Add one commit: ``refs`` and ``rows [len(refs), spec.length]`` on the device, and copy
-        ``digests [len(refs), 32]`` to the host without blocking (call `reserve` first)."""
+        ``digests [len(refs), 32]`` (device) to the host without blocking (call `reserve` first);
+        None: the caller writes them later (`write_digests`)."""
         first = len(self.leaves)
-        if self.host_digests:
+        if self.host_digests and digests is not None:
             self._digests[first:first + len(refs)].copy_(digests, non_blocking=True)
         self.leaves += refs
         self.rows.append(rows)
+
+    def write_digests(self, first: int, digests: torch.Tensor) -> None:
+        """Host digests ``[n, 32]`` uint8 of leaves ``first .. first + n`` (already appended)."""
+        if self.host_digests:
+            self._digests[first:first + digests.shape[0]] = digests
 
     def truncate(self, num_leaves: int, num_commits: int) -> None:
         """Drop every leaf past ``num_leaves`` and every commit past ``num_commits`` (a rollback)."""

@@ -46,6 +46,7 @@ __all__ = [
     "get_format",
     "pow2",
     "scale_exponent",
+    "scale_rule_constants",
 ]
 
 # rounding name -> the id in a page leaf header and the ROUNDING constexpr of quant_code
@@ -113,6 +114,14 @@ def format_constants(fmt: str) -> dict[str, int]:
     return dict(MBITS=f.mbits, EMIN=f.emin, CMAX=f.cmax, SIGN_SHIFT=f.sign_shift, TWOS=int(f.twos))
 
 
+def scale_rule_constants(fmt: str) -> tuple[int, int]:
+    """``(sig, exp)`` with ``fmax = sig * 2**exp`` and a 24-bit significand ``sig``, like every
+    normal float32 amax: the constants of the scale rule's integer comparison (`scale_exponent`
+    and its Triton twin `fieldprint.hashing.fused.scale_exponent_bits`)."""
+    fm, fe = math.frexp(get_format(fmt).fmax)
+    return int(fm * 2**24), fe - 24
+
+
 def scale_exponent(amax: torch.Tensor, fmt: str) -> torch.Tensor:
     """The scale exponent k of groups whose largest magnitudes are ``amax`` (the module's rule).
 
@@ -121,12 +130,9 @@ def scale_exponent(amax: torch.Tensor, fmt: str) -> torch.Tensor:
     reject non-finite input themselves). Returns int32 of amax's shape on amax's device; all
     zeros for the unscaled formats (bf16, fp16).
     """
-    f = get_format(fmt)
-    if not f.scaled:
+    if not get_format(fmt).scaled:
         return torch.zeros(amax.shape, dtype=torch.int32, device=amax.device)
-    # fmax = sig * 2**exp with a 24-bit significand, like every normal float32 amax below
-    fm, fe = math.frexp(f.fmax)
-    sig, exp = int(fm * 2**24), fe - 24
+    sig, exp = scale_rule_constants(fmt)
     a = amax.to(torch.float32).view(torch.int32) & 0x7FFFFFFF
     ef = a >> 23
     # a normal amax is (a & 0x7FFFFF | 0x800000) * 2**(ef - 150): compare significands in one binade
