@@ -63,6 +63,8 @@ def frontier_append_kernel(digests_ptr, n_new_ptr, count_ptr, rejected_ptr, node
     n_req = tl.load(n_new_ptr).to(tl.int64)
     ok = (count >= 0) & (count <= capacity) & (n_req >= 0) & (n_req <= M) & (n_req <= capacity - count)
     n = tl.where(ok, n_req, 0)
+    # a refused append changes nothing: no partial append to undo (the read-modify-write is safe:
+    # Triton issues a scalar store from one thread, and no other thread stores rejected)
     tl.store(rejected_ptr, tl.load(rejected_ptr) + tl.where(ok, 0, 1))
     total = count + n
     node_bytes = nodes_ptr.to(tl.pointer_type(tl.uint8), bitcast=True)
