@@ -173,7 +173,9 @@ class Committer:
     CUDA -> Triton, CPU -> the blake3 package); quant_backend: ``fieldprint.quant.BACKENDS``
     ("auto": CUDA -> Triton, CPU -> torch); stream: the side stream of ``commit_async`` (default:
     a new one); max_pages: pages per fixed-shape batch of the fused path; graphs: replay the fused
-    path's batches from CUDA graphs (CUDA only).
+    path's batches from CUDA graphs (CUDA only); capacity: leaves the fused path's row store and
+    tree hold before they first grow (growing waits for the commit stream and captures the graphs
+    again: size it for a run whose timing matters).
 
     Path: when both backends are Triton (CUDA with "auto", or "triton" under the interpreter),
     the format has 1-byte codes and the cache holds fp16/bf16/fp32, a commit is the fused
@@ -187,7 +189,7 @@ class Committer:
         self, cache: PagedKVCache, mode: str = "commit_async", interval: int = 16, fmt: str = "e4m3",
         rounding: str = "two_grid", fetch_leaves: bool = True, hash_backend: str = "auto",
         quant_backend: str = "auto", stream: torch.cuda.Stream | None = None, max_pages: int = 64,
-        graphs: bool = True,
+        graphs: bool = True, capacity: int | None = None,
     ) -> None:
         if not isinstance(cache, PagedKVCache):
             raise TypeError(f"cache must be a PagedKVCache, got {type(cache).__name__}")
@@ -210,8 +212,9 @@ class Committer:
         if cache.block_size >= 2**16:
             raise ValueError(f"the cache's block_size must be below 2**16 (a page's valid tokens fit the "
                              f"leaf header's page id), got {cache.block_size}")
-        if isinstance(max_pages, bool) or not isinstance(max_pages, int) or max_pages < 1:
-            raise ValueError(f"max_pages must be a positive int, got {max_pages!r}")
+        for name, value in (("max_pages", max_pages), ("capacity", 1 if capacity is None else capacity)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         cuda = cache.device.type == "cuda"
         if stream is not None and not (cuda and mode == "commit_async"):
             raise ValueError("stream applies only to mode='commit_async' on a CUDA cache")
@@ -241,7 +244,8 @@ class Committer:
         triton_quant = quant_backend == "triton" or (quant_backend == "auto" and cuda)
         self.fused = (mode in COMMIT_MODES and triton_hash and triton_quant and fmt in FUSED_FORMATS
                       and cache.dtype in POOL_DTYPES)
-        capacity = max(8 * max_pages * 2 * cache.num_layers, 4096)  # leaf rows before the store first grows
+        if capacity is None:
+            capacity = max(8 * max_pages * 2 * cache.num_layers, 4096)
         self._fused = (FusedCommitPath(cache, spec, max_pages, _ROOT_RING, capacity, self._side, graphs)
                        if self.fused else None)
         self._fused_batches = 0  # batches launched on the fused path: the next one's ring slot

@@ -137,7 +137,7 @@ class FusedCommitPath:
         self.bufs.rows[:self.leaves] = old_rows[:self.leaves]
         self.frontier = MerkleFrontier(capacity, self.cache.device)
         if self.leaves:
-            self.frontier.append(old_tree.leaf_digests(self.leaves), torch.tensor(
+            self.frontier.append(old_tree.level(0)[:self.leaves].contiguous(), torch.tensor(
                 [self.leaves], dtype=torch.int32, device=self.cache.device), self._root)
         self._replays = [None] * self.ring
 

@@ -585,6 +585,7 @@ SCHEMAS: dict[str, Schema] = {s.name: s for s in (
         + _columns("ms_q1:float ms_q3:float ms_max:float overhead_q1:float overhead_q3:float", False,
                    absent_ok=True)
         + _columns("commit_host_ms:float launches_per_commit:int", False, absent_ok=True)
+        + _columns("commit_gpu_ms:float path:str", False, absent_ok=True)  # came with the fused commit
         + _columns("target:str field:str flips:int detected:int localized:int leaves:int "
                    "false_positive:int", _E6_TAMPER)),
         key=("kind", "mode", "interval", "batch", "target", "field"), expected=_expect_e6),

@@ -49,6 +49,7 @@ from fieldprint.model import ModelConfig, Transformer, forward_sequences, prefil
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TAMPER_FIELDS = ("header", "codes", "scale", "helper", "padding")
+COST_COMMITS = 6  # boundary commits per configuration behind launches_per_commit and commit_gpu_ms
 
 
 @dataclass
@@ -193,6 +194,9 @@ def _run_batch(cfg: E6Config, model: Transformer, batch: int, device: str) -> li
     commits: dict[tuple[str, int], int] = {}
     leaves: dict[tuple[str, int], int] = {}
     side = torch.cuda.Stream() if device == "cuda" else None  # shared: its memory pool is reused
+    # every leaf a run commits (the prefix, anchors, every page the longest loop seals), so the
+    # fused path's store never grows inside a timed loop
+    capacity = 2 * cfg.layers * (batch * -(-max_len // S) + -(-cfg.anchors // S))
 
     def fresh_committer(mode: str, interval: int) -> Committer:
         """The cache cut back to the prefilled context and a committer over it; in the commit
@@ -201,7 +205,8 @@ def _run_batch(cfg: E6Config, model: Transformer, batch: int, device: str) -> li
             cache.truncate(s, lengths[s])
         cache.take_sealed()
         committer = Committer(cache, mode=mode, interval=interval, fmt=cfg.fmt, rounding=cfg.rounding,
-                              stream=side if mode == "commit_async" else None)
+                              stream=side if mode == "commit_async" else None,
+                              max_pages=batch * (-(-interval // S) + 1), capacity=capacity)
         if mode in COMMIT_MODES:
             committer.commit([p for s in seqs for p in cache.complete_pages(s)])
             committer.root()
@@ -247,19 +252,35 @@ def _run_batch(cfg: E6Config, model: Transformer, batch: int, device: str) -> li
     for _ in range(cfg.reps):
         for mode, interval in configs:
             timed(mode, interval)
-    def launches_per_commit(mode: str, interval: int) -> int | str:
-        """Kernel launches of one boundary commit after ``interval`` decode steps (untimed)."""
+    def commit_costs(mode: str, interval: int) -> tuple[int | str, float | str, str]:
+        """(kernel launches of one boundary commit, median GPU ms of the commit's work on its
+        stream over ``COST_COMMITS`` boundaries, the commit path), untimed: each commit runs alone after a
+        synchronization, between two events on the commit's stream."""
         committer = fresh_committer(mode, interval)
-        x = tokens0
-        for _ in range(interval - 1):
-            x, slots = decode(x)
-            committer.step(slots)
-        x, slots = decode(x)
-        count = _launches(lambda: (committer.step(slots), committer.root()))
+        stream = side if mode == "commit_async" else (torch.cuda.current_stream() if device == "cuda" else None)
+        x, count, gpu_ms = tokens0, "", []
+        for i in range(COST_COMMITS):
+            for _ in range(interval):
+                x, slots = decode(x)
+                if committer.steps % interval != interval - 1:
+                    committer.step(slots)
+            if i == 0:
+                count = _launches(lambda s=slots: (committer.step(s), committer.root()))
+            elif stream is not None:
+                _sync(device)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(stream)
+                committer.step(slots)
+                end.record(stream)
+                committer.root()
+                _sync(device)
+                gpu_ms.append(start.elapsed_time(end))
+            else:
+                committer.step(slots)
         committer.fence()
-        return count
+        return count, round(statistics.median(gpu_ms), 5) if gpu_ms else "", "fused" if committer.fused else "unfused"
 
-    launches = {c: launches_per_commit(*c) for c in configs if c[0] in COMMIT_MODES}
+    costs = {c: commit_costs(*c) for c in configs if c[0] in COMMIT_MODES}
 
     base = statistics.median(times[("none", 1)])
     rows: list[dict] = []
@@ -278,7 +299,9 @@ def _run_batch(cfg: E6Config, model: Transformer, batch: int, device: str) -> li
             "overhead_q1": round(q1 / base - 1, 5), "overhead_q3": round(q3 / base - 1, 5),
             "commits": commits[(mode, interval)],
             "commit_host_ms": round(statistics.median(h), 5) if h else "",
-            "launches_per_commit": launches.get((mode, interval), ""),
+            "launches_per_commit": costs.get((mode, interval), ("", "", ""))[0],
+            "commit_gpu_ms": costs.get((mode, interval), ("", "", ""))[1],
+            "path": costs.get((mode, interval), ("", "", ""))[2],
             "d2h_bytes_per_step": round(
                 _d2h_bytes_per_step(cfg, batch, mode, commits[(mode, interval)], leaves[(mode, interval)]), 2),
         })

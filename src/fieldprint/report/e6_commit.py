@@ -103,6 +103,8 @@ def macros(rows: list[dict], manifest: dict) -> dict[str, str]:
                 out[f"{k}.ms_per_commit"] = f"{(r['ms_per_step'] - tb[('none', 1)]['ms_per_step']) * interval:.2f}"
             if r.get("launches_per_commit") is not None:
                 out[f"{k}.launches"] = str(r["launches_per_commit"])
+            if r.get("commit_gpu_ms") is not None:
+                out[f"{k}.commit_gpu_ms"] = f"{r['commit_gpu_ms']:.3f}"
     t = _tamper(rows)
     if t["flips"]:
         out.update({

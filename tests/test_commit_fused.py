@@ -1,0 +1,138 @@
+"""The committer's fused fixed-shape path (fieldprint.commit_fused) against its kernel-by-kernel
+path: the same roots, leaves and rows for ragged anchors, batches split over the pinned ring,
+a store that grows, rollbacks; verification and tamper localization on the fused store."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+from fieldprint.cache import PagedKVCache
+from fieldprint.commit import Committer
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                                reason="needs TRITON_INTERPRET=1 or a GPU")
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+FUSED = dict(hash_backend="triton", quant_backend="triton")
+REFERENCE = dict(hash_backend="reference", quant_backend="torch")
+
+
+def _cache(seed: int, S: int, hkv: int, d: int, lens, anchor_len: int, layers: int = 2,
+           dtype=torch.bfloat16) -> tuple[PagedKVCache, list[int]]:
+    """Sequences of ``lens`` seeded random tokens sharing one anchor of ``anchor_len`` tokens,
+    in pool pages handed out in a scrambled order; later growth by `_grow`."""
+    gen = torch.Generator().manual_seed(seed)
+    cache = PagedKVCache(layers, 96, S, hkv, d, dtype=dtype, device=DEV, seed=seed)
+
+    def kv(n):
+        scale = torch.exp2(torch.randint(-8, 9, (layers, n, hkv, 1), generator=gen).float())
+        return [(torch.randn(layers, n, hkv, d, generator=gen) * scale).to(DEV) for _ in "kv"]
+
+    anchor = cache.add_anchor(*kv(anchor_len))
+    seqs = [cache.add_sequence(anchor=anchor) for _ in lens]
+    for s, n in zip(seqs, lens, strict=True):
+        cache.append(s, *kv(n))
+    cache.take_sealed()
+    return cache, seqs
+
+
+def _grow(cache: PagedKVCache, seqs: list[int], gen: torch.Generator) -> torch.Tensor:
+    slots = cache.extend(seqs, [1] * len(seqs))
+    for layer in range(cache.num_layers):
+        k, v = (torch.randn(len(seqs), cache.num_kv_heads, cache.head_dim, generator=gen).to(DEV) for _ in "kv")
+        cache.write(layer, slots, k, v)
+    return slots
+
+
+def _run(backends: dict, seed: int, interval: int, steps: int, **kw) -> Committer:
+    """A prefix commit, then ``steps`` decode steps with a commit every ``interval``."""
+    cache, seqs = _cache(seed, **kw)
+    c = Committer(cache, mode="commit_async", interval=interval, fmt="e4m3", rounding="two_grid",
+                  max_pages=2, capacity=8, **backends)
+    c.commit([p for s in seqs for p in cache.complete_pages(s)])
+    gen = torch.Generator().manual_seed(seed + 1)
+    for _ in range(steps):
+        c.step(_grow(cache, seqs, gen))
+    c.commit()
+    return c
+
+
+@pytest.mark.parametrize("kw,steps", [
+    # a prefix commit of 21 pages in batches of 2 (more batches than ring slots), a store of 8
+    # rows that grows, a ragged anchor (its last page 3 of 4 tokens)
+    (dict(S=4, hkv=2, d=8, lens=(33, 40), anchor_len=7), 7),
+    # leaves of 2 BLAKE3 chunks (896 elements: 1076 bytes), a ragged anchor
+    (dict(S=4, hkv=1, d=224, lens=(5, 3), anchor_len=3), 3),
+])
+def test_fused_path_commits_what_the_reference_path_commits(kw, steps):
+    """Commits every 3 steps: every root, leaf and stored row as the reference path."""
+    fused = _run(FUSED, 3, interval=3, steps=steps, **kw)
+    ref = _run(REFERENCE, 3, interval=3, steps=steps, **kw)
+    assert fused.fused and not ref.fused
+    assert fused._fused.capacity > 8  # it grew
+    assert fused.roots() == ref.roots() and len(fused.roots()) == 2 + steps // 3
+    assert fused.leaves == ref.leaves
+    for a, b in zip(fused.store, ref.store, strict=True):
+        assert torch.equal(a.cpu(), b.cpu())
+    for c in (fused, ref):
+        assert c.verify().ok and c.verify_live().ok
+        assert c.verify(root=c.roots()[0][1]).ok
+
+
+def test_tampered_fused_rows_are_localized_and_live_pages_checked():
+    c = _run(FUSED, 5, interval=2, steps=4, S=4, hkv=2, d=8, lens=(9, 6), anchor_len=3)
+    rng = random.Random(5)
+    for trial, name in enumerate(("header", "codes", "scale", "helper", "padding")):
+        leaf = rng.randrange(len(c.leaves))
+        buf = c.row_fields(leaf)[name]
+        byte, bit = rng.randrange(buf.numel()), 1 << rng.randrange(8)
+        buf[byte] ^= bit
+        res = c.verify()
+        assert not res.ok and res.tampered == [leaf], (trial, name)
+        buf[byte] ^= bit
+    assert c.verify().ok
+    page = c.leaves[-1].page
+    c.cache.k[c.leaves[-1].layer, page.block] += 1.0
+    assert c.verify_live().tampered[:1] == [len(c.leaves) - 2]  # the K half of the last page's last layer
+
+
+def test_nan_page_in_a_later_batch_rolls_the_whole_commit_back():
+    """A NaN in the third batch of a commit: nothing lands (leaves, rows, tree); once the page is
+    fixed the next commit gives the roots of a run that never saw the NaN."""
+    kw = dict(S=4, hkv=2, d=8, lens=(21, 18), anchor_len=5)
+    runs = {}
+    for poison in (True, False):
+        cache, seqs = _cache(9, **kw)
+        c = Committer(cache, mode="commit_sync", fmt="e4m3", rounding="rne", max_pages=2, **FUSED)
+        pages = [p for s in seqs for p in cache.complete_pages(s)]
+        c.commit(pages[:3])
+        if poison:
+            before = (list(c.leaves), c.roots(), c._fused.leaves)
+            bad = pages[8]
+            good = cache.v[1, bad.block].clone()
+            cache.v[1, bad.block, 1, 0, 2] = float("nan")
+            with pytest.raises(ValueError, match=f"NaN or Inf in the V half of context page {bad.index} "):
+                c.commit(pages[3:])
+            assert (list(c.leaves), c.roots(), c._fused.leaves) == before
+            assert c._fused.frontier.num_leaves == before[2]
+            cache.v[1, bad.block] = good
+        c.commit(pages[3:])
+        assert c.verify().ok
+        runs[poison] = c.roots()
+    assert runs[True] == runs[False] and len(runs[True]) == 2
+
+
+def test_fp8_pool_and_two_byte_formats_take_the_reference_path():
+    cache = PagedKVCache(1, 4, 4, 2, 8, dtype=torch.float8_e4m3fn, device=DEV)
+    assert not Committer(cache, mode="commit_sync", **FUSED).fused
+    cache = PagedKVCache(1, 4, 4, 2, 8, dtype=torch.bfloat16, device=DEV)
+    assert not Committer(cache, mode="commit_sync", fmt="bf16", rounding="rne", **FUSED).fused
+    assert Committer(cache, mode="commit_sync", fmt="int8", rounding="trunc", **FUSED).fused
+    with pytest.raises(ValueError, match="max_pages"):
+        Committer(cache, max_pages=0)
+    with pytest.raises(ValueError, match="capacity"):
+        Committer(cache, capacity=0)
