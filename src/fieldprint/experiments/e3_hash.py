@@ -1,19 +1,29 @@
 """E3: what quantize + hash costs on the GPU, against hashing on the CPU (the paper's claim 3).
 
 Every row is one implementation at one input size; throughput counts the *input* bytes (the bf16
-tensor for quantize + hash), except ``d2d_copy``, which counts bytes read + written so that it
-reads as the HBM ceiling a hash that reads each byte once can approach.
+tensor for the quantizer and for quantize + hash), except ``d2d_copy``, which counts bytes read +
+written so that it reads as the HBM ceiling a hash that reads each byte once can approach.
 
 impls (``impl`` column):
-  blake3_gpu           one BLAKE3 digest of the whole buffer (fieldprint.hashing.blake3)
-  blake3_many_gpu      one digest per page of ``page_elems`` bf16 elements (blake3_many)
-  quant_gpu            quantize the bf16 buffer (fieldprint.quant.quantize), no hash
-  quant_blake3_gpu     quantize, then one digest per page of codes (+ helper bits)
-  d2d_copy             device-to-device copy of the buffer (memory ceiling)
-  blake3_cpu_1t / _all the `blake3` package on one thread / ``max_threads=AUTO``
-  sha256_cpu_1t        hashlib SHA-256, one core
-  d2h_pinned_blake3    copy to pinned host memory, then blake3 on all threads
-  d2h_pageable_blake3  the same through pageable host memory
+  blake3_gpu              one BLAKE3 digest of the whole buffer (fieldprint.hashing.blake3)
+  blake3_many_gpu         one digest per page of ``page_elems`` bf16 elements (blake3_many)
+  quant_gpu               the quantizer kernel alone: one `quant_kernels.launch_quantize` with the
+                          buffer's per-tensor scale exponent computed and the codes (and helper
+                          bits) allocated before timing; no host check, no sync, no hash
+  quant_blake3_gpu        the three-pass path: `fieldprint.quant.quantize` (with its host checks),
+                          page rows of the codes (+ helper bits), then one digest per page
+  fused_quant_blake3_gpu  the committer's fused launch (`hashing.fused.launch_leaves`): each page's
+                          scale, codes, leaf row and leaf digest in one kernel, every buffer built
+                          before timing (the descriptors name the input's pages as pool pages)
+  d2d_copy                device-to-device copy of the buffer (memory ceiling)
+  blake3_cpu_1t / _all    the `blake3` package on one thread / ``max_threads=AUTO``
+  sha256_cpu_1t           hashlib SHA-256, one core
+  d2h_pinned_blake3       copy to pinned host memory, then blake3 on all threads
+  d2h_pageable_blake3     the same through pageable host memory
+
+Before timing, ``quant_gpu`` and ``fused_quant_blake3_gpu`` check one call against an independent
+reference (the torch quantizer; the torch quantizer + `merkle.hash_pages` with the reference
+BLAKE3), so a timed kernel that computes the wrong bytes becomes an error row, not a speed.
 
 On a CPU-only machine the ``*_gpu`` impls run the Triton kernels under the interpreter at the
 tiny size ``interp_kib`` when ``TRITON_INTERPRET=1`` is set (correctness of the path, not speed),
@@ -31,16 +41,24 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import blake3
 import numpy
 import torch
 
+from fieldprint import hashing
 from fieldprint.experiments.common import ExperimentConfig, check, hydra_main, resolve_device
-from fieldprint.experiments.e4_stability import page_rows, pow2_scale
+from fieldprint.experiments.e4_stability import page_rows
+from fieldprint.formats import get_format, pow2, scale_exponent
+from fieldprint.hashing.fused import FUSED_FORMATS, LeafPlan, launch_leaves
+from fieldprint.leaf import LeafSpec
+from fieldprint.merkle import hash_pages
+from fieldprint.quant import quantize, seed_keys
+from fieldprint.quant_kernels import launch_quantize
 from fieldprint.timing import bench
 
 GPU_IMPLS = ("blake3_gpu", "blake3_many_gpu", "quant_gpu", "quant_blake3_gpu", "fused_quant_blake3_gpu",
              "d2d_copy")
-# Quantize + hash impls (fused: quantize in the hash kernel, one page leaf per 16K-element page).
+# Impls that quantize: one row per quant case (the fused one: the 1-byte formats only).
 QUANT_IMPLS = ("quant_gpu", "quant_blake3_gpu", "fused_quant_blake3_gpu")
 CPU_IMPLS = ("blake3_cpu_1t", "blake3_cpu_all", "sha256_cpu_1t")
 D2H_IMPLS = ("d2h_pinned_blake3", "d2h_pageable_blake3")
@@ -48,6 +66,7 @@ IMPLS = GPU_IMPLS + CPU_IMPLS + D2H_IMPLS
 FORMATS = ("e4m3", "e5m2", "int8", "bf16", "fp16")
 ROUNDINGS = ("rne", "trunc", "stochastic", "two_grid")
 KIB = 1024
+CHECK_ELEMS = 16384  # elements of the quantizer's pre-timing check against the torch quantizer
 
 
 def parse_case(case: str) -> tuple[str, str]:
@@ -131,50 +150,99 @@ def cpu_threads() -> int:
 # ---------------------------------------------------------------- the implementations
 
 
+def tensor_exponent(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The per-tensor scale exponent of x for ``fmt``: int32 [1] (0 for bf16/fp16), the rule of
+    `fieldprint.formats.scale_exponent`, found without a float32 copy of x (which would double
+    the memory of an 8 GB input)."""
+    amax = torch.maximum(x.max(), -x.min()).float().reshape(1)
+    return scale_exponent(amax, fmt)
+
+
 def tensor_scale(x: torch.Tensor, fmt: str) -> torch.Tensor | None:
-    """The per-tensor power-of-two scale of x for ``fmt`` (None for bf16/fp16), computed
-    without a float32 copy of x (which would double the memory of an 8 GB input)."""
-    amax = torch.maximum(x.max(), -x.min()).float()
-    return pow2_scale(amax, fmt)
+    """The per-tensor power-of-two scale of x for ``fmt`` ([] float32), None for bf16/fp16."""
+    return pow2(tensor_exponent(x, fmt)).reshape(()) if get_format(fmt).scaled else None
+
+
+def quant_kernel_fn(fmt: str, rounding: str, seed: int | None, bufs: list[torch.Tensor]):
+    """fn(x) for x in bufs (each [n] bf16, the same n): the quantizer kernel alone, one
+    `launch_quantize` per call. Every buffer's exponent ([1] int32) and the outputs (codes [n],
+    helper bits [n / 8] for two_grid) are made here, once; a call neither checks nor syncs, and
+    allocates only what `launch_quantize` itself does (its [1] flag and [1] placeholder). One
+    call is checked against the torch quantizer first."""
+    n, dev = bufs[0].numel(), bufs[0].device
+    exps = {id(x): tensor_exponent(x, fmt) for x in bufs}
+    codes = torch.empty(n, dtype=get_format(fmt).code_dtype, device=dev)
+    helper = torch.empty((n + 7) // 8, dtype=torch.uint8, device=dev) if rounding == "two_grid" else None
+    key0, key1 = seed_keys(seed) if seed is not None else (0, 0)
+
+    def fn(x):
+        return launch_quantize(x, exps[id(x)], fmt, rounding, key0, key1, None, codes, helper)
+
+    x = bufs[0]
+    if int(fn(x).item()):
+        raise RuntimeError(f"quant_gpu check ({fmt}/{rounding}): the kernel flags finite input as NaN/Inf")
+    m = min(n, CHECK_ELEMS)  # counter bits follow the flat index: a prefix quantizes alike alone
+    ref = quantize(x[:m].cpu(), fmt, rounding, seed=seed, scale=tensor_scale(x, fmt), backend="torch")
+    if not torch.equal(codes[:m].cpu(), ref.codes) or (
+            helper is not None and not torch.equal(helper[:m // 8].cpu(), ref.helper)):
+        raise RuntimeError(f"quant_gpu check ({fmt}/{rounding}): launch_quantize's codes differ from "
+                           "the torch quantizer's")
+    return fn
+
+
+def fused_leaf_fn(fmt: str, rounding: str, page_elems: int, seed: int | None, bufs: list[torch.Tensor]):
+    """fn(x) for x in bufs (each [n] bf16, the same n, P = n / page_elems pages): the committer's
+    fused launch, `launch_leaves`, reading x as a K pool of one layer and P pages, one page
+    described per pool page (page id = pool page, every token row valid). The plan, its leaf rows
+    [P, leaf bytes], the descriptors [P, 3], the page count and the base row are made here, once,
+    and shared by the buffers (they have one shape): a call neither allocates nor syncs. The
+    first and last page's digests of one call are checked against the torch quantizer + the
+    reference BLAKE3 first."""
+    n_pages, dev = bufs[0].numel() // page_elems, bufs[0].device
+    plan = LeafPlan(LeafSpec(fmt, rounding, elems=page_elems, seed=seed), layers=1, kinds=1,
+                    max_pages=n_pages, tokens_per_page=1, layer_ids=(0,), kind_ids=("k",))
+    leaf_bufs = plan.buffers(dev, capacity=n_pages)
+    pool_page = torch.arange(n_pages, dtype=torch.int64, device=dev)
+    desc = torch.stack([pool_page, torch.ones_like(pool_page), pool_page], dim=1).contiguous()
+    count = torch.tensor([n_pages], dtype=torch.int32, device=dev)
+    base = torch.zeros(1, dtype=torch.int32, device=dev)
+
+    def fn(x):
+        launch_leaves(plan, leaf_bufs, x.view(1, n_pages, page_elems), None, desc, count, base, seed)
+
+    x = bufs[0]
+    fn(x)
+    if not bool(leaf_bufs.finite[:n_pages].all()):
+        raise RuntimeError(f"fused check ({fmt}/{rounding}): the kernel flags finite pages as NaN/Inf")
+    for p in sorted({0, n_pages - 1}):
+        qt = quantize(x[p * page_elems:(p + 1) * page_elems].cpu().view(1, page_elems), fmt, rounding,
+                      seed=seed, backend="torch")
+        ref = hash_pages(qt, page_ids=[p], layer=0, kind="k", backend="reference")[0]
+        if not torch.equal(leaf_bufs.digests[p].cpu(), ref):
+            raise RuntimeError(f"fused check ({fmt}/{rounding}): page {p}'s leaf digest differs from "
+                               "quantize + merkle.hash_pages")
+    return fn
 
 
 def gpu_fn(impl: str, fmt: str, rounding: str, page_elems: int, seed: int,
            bufs: list[torch.Tensor]):
-    """fn(x) for one GPU impl and x in bufs (each [n] bf16). Quantization uses each buffer's
-    per-tensor scale, computed here before timing (a commit reuses its calibrated scale), so
-    the timed work is the quantize kernel itself. Hashing and quantization always take the
-    project's Triton kernels (on a CPU tensor: the interpreter)."""
-    from fieldprint.hashing import blake3, blake3_many
-    from fieldprint.quant import quantize
-
+    """fn(x) for one GPU impl and x in bufs (each [n] bf16). The per-tensor scales of the
+    quantizer and of the three-pass path, and every output buffer of the quantizer and of the
+    fused launch (which finds each page's scale itself), are made here, before timing. Hashing
+    and quantization always take the project's Triton kernels (on a CPU tensor: the interpreter)."""
     s = seed if rounding == "stochastic" else None
-    scales = {id(x): tensor_scale(x, fmt) for x in bufs} if impl.startswith("quant") else {}
-
-    def quant(x):
-        return quantize(x, fmt, rounding, seed=s, scale=scales[id(x)], backend="triton")
-
-    def raw(x):
-        return x.view(torch.uint8)
-
     if impl == "blake3_gpu":
-        return lambda x: blake3(raw(x), backend="triton")
+        return lambda x: hashing.blake3(x.view(torch.uint8), backend="triton")
     if impl == "blake3_many_gpu":
-        return lambda x: blake3_many(raw(x).view(-1, 2 * page_elems), backend="triton")
+        return lambda x: hashing.blake3_many(x.view(torch.uint8).view(-1, 2 * page_elems), backend="triton")
     if impl == "quant_gpu":
-        return quant
+        return quant_kernel_fn(fmt, rounding, s, bufs)
     if impl == "quant_blake3_gpu":
-        return lambda x: blake3_many(page_rows(quant(x), page_elems), backend="triton")
+        scales = {id(x): tensor_scale(x, fmt) for x in bufs}
+        return lambda x: hashing.blake3_many(page_rows(quantize(x, fmt, rounding, seed=s, scale=scales[id(x)],
+                                                        backend="triton"), page_elems), backend="triton")
     if impl == "fused_quant_blake3_gpu":
-        # Whole page leaves (header, codes, per-page scale, helper) hashed as they are built; the
-        # per-page amax pass is part of the timed call, unlike the precomputed scale above.
-        from fieldprint.hashing.fused import quantize_hash_pages
-
-        def fused(x):
-            pages = x.view(-1, page_elems)
-            ids = torch.arange(pages.shape[0], device=x.device)
-            return quantize_hash_pages(pages, fmt, rounding, page_ids=ids, layer=0, kind="k", seed=s)
-
-        return fused
+        return fused_leaf_fn(fmt, rounding, page_elems, s, bufs)
     if impl == "d2d_copy":
         dst: list[torch.Tensor] = []  # allocated on the first call, reused after
 
@@ -193,8 +261,6 @@ def gpu_fn(impl: str, fmt: str, rounding: str, page_elems: int, seed: int,
 
 def cpu_hash(impl: str) -> tuple[Callable[[memoryview], bytes], int]:
     """(hash function of a host buffer, threads it uses)."""
-    import blake3
-
     if impl == "sha256_cpu_1t":
         return (lambda buf: hashlib.sha256(buf).digest()), 1
     if impl == "blake3_cpu_1t":
@@ -238,8 +304,6 @@ def _row(impl, nbytes, ms, *, device, backend, fmt="", rounding="", threads="", 
 
 def _cases(impl: str, cfg: E3Config) -> list[tuple[str, str]]:
     if impl == "fused_quant_blake3_gpu":
-        from fieldprint.hashing.fused import FUSED_FORMATS
-
         return [c for c in map(parse_case, cfg.quant_cases) if c[0] in FUSED_FORMATS]
     if impl in QUANT_IMPLS:
         return [parse_case(c) for c in cfg.quant_cases]
