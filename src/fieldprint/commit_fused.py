@@ -113,17 +113,16 @@ class FusedCommitPath:
         self.finite_host[slot].copy_(self.bufs.finite, non_blocking=True)
 
     def _capture(self, slot: int) -> torch.cuda.CUDAGraph:
-        """Slot ``slot``'s batch as a CUDA graph on the commit stream. The kernels are compiled
-        first by an empty batch (zero pages: nothing is written)."""
-        stream = self.stream or torch.cuda.current_stream(self.cache.device)
+        """Slot ``slot``'s batch as a CUDA graph (captured on torch's capture stream, replayed on
+        the commit stream). The kernels are compiled first by an empty batch (zero pages: nothing
+        is written)."""
         saved = self.counts_host[slot].clone()
         self.counts_host[slot] = 0
-        with torch.cuda.stream(stream):
-            self._batch(slot)
-        stream.synchronize()
+        self._batch(slot)
+        torch.cuda.synchronize(self.cache.device)
         self.counts_host[slot] = saved
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
+        with torch.cuda.graph(graph):
             self._batch(slot)
         return graph
 
