@@ -15,7 +15,9 @@ NaN; later releases saturate).
 * ``bf16``, ``fp16``: IEEE bit patterns stored as int16 (scale is always 1).
 
 Codes are computed by integer arithmetic on the float32 bit pattern (`quant_kernels.quant_code`
-on CUDA, `_codes_torch` on the CPU: the same bits), never by a torch cast. Input is first taken
+on CUDA, `_codes_torch` on the CPU: the same bits), never by a torch cast; on sm_89+ GPUs the
+prover's e4m3/e5m2 rne/trunc/two_grid codes come from the hardware fp8 conversion instead
+(`quant_kernels.quant_code_fast`, the same bits: tests/test_quant_fast.py). Input is first taken
 to float32 (exact for fp16/bf16/fp32; float64 rounds to nearest even once, so a float64 value is
 quantized as its float32 rounding). In-range RNE codes equal torch's cast bit for bit.
 
