@@ -415,9 +415,3 @@ def launch_quantize(
     )
     return flag
 
-
-@triton.jit
-def quant_code_fast(x, k, MBITS: tl.constexpr, EMIN: tl.constexpr, CMAX: tl.constexpr, SIGN_SHIFT: tl.constexpr,
-                    TWOS: tl.constexpr, ROUNDING: tl.constexpr, HW: tl.constexpr):
-    """TEMPORARY (lead's placeholder until the fast path lands): the integer path."""
-    return quant_code(x, k, 0, 0, MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, False)

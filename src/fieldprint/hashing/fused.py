@@ -42,7 +42,7 @@ from fieldprint.hashing import _key_args, _key_bytes
 from fieldprint.leaf import KIND_IDS, LeafSpec, check_page_ids, header_offset
 from fieldprint.merkle import LEAF_KEY
 from fieldprint.quant import check_seed, seed_keys
-from fieldprint.quant_kernels import counter_bits, quant_code, quant_code_fast, to_float32
+from fieldprint.quant_kernels import counter_bits, hardware_fp8, quant_code, quant_code_fast, to_float32
 
 __all__ = ["FUSED_FORMATS", "LeafBuffers", "LeafPlan", "launch_leaves", "quantize_hash_pages"]
 
@@ -443,7 +443,7 @@ def launch_leaves(plan: LeafPlan, bufs: LeafBuffers, k_pool: torch.Tensor, v_poo
         helper_end=helper_end, capacity=bufs.rows.shape[0], key0=keys[0], key1=keys[1],
         k0=kw[0], k1=kw[1], k2=kw[2], k3=kw[3], k4=kw[4], k5=kw[5], k6=kw[6], k7=kw[7], key_flags=kf,
         KINDS=plan.kinds, **format_constants(spec.fmt), ROUNDING=ROUNDING_IDS[spec.rounding],
-        HW=k_pool.device.type == "cuda", SIG=sig, EXP=exp, SCALED=FORMATS[spec.fmt].scaled,
+        HW=hardware_fp8(k_pool.device), SIG=sig, EXP=exp, SCALED=FORMATS[spec.fmt].scaled,
         PAGE_ID_WORD=_PAGE_ID_WORD, BLOCK=_BLOCK, num_warps=_BLOCK // 32)
 
 
