@@ -161,8 +161,9 @@ def test_hardware_fp8_only_on_compiled_sm89_gpus(monkeypatch):
 
 def test_prover_kernel_compiles_to_the_fp8_conversion_for_sm90():
     """`_quantize_kernel` with HW compiles for sm_90 on a CPU (fresh process, no interpreter) and
-    converts with cvt.rn.satfinite (and back with cvt.rn.f16x2 for trunc/two_grid); without HW, or
-    for stochastic rounding, it keeps the integer path (no fp8 conversion at all)."""
+    converts with cvt.rn.satfinite (trunc/two_grid decode the code's value from its bits, never with
+    cvt.rn.f16x2); without HW, or for stochastic rounding, it keeps the integer path (no fp8
+    conversion at all)."""
     code = (
         "import triton\n"
         "from triton.compiler import ASTSource\n"
@@ -188,7 +189,7 @@ def test_prover_kernel_compiles_to_the_fp8_conversion_for_sm90():
     assert res.returncode == 0, res.stderr[-3000:]
     # 1024 elements over 128 threads: 8 per thread, 4 conversion instructions of 2 each
     assert res.stdout.split("\n")[:4] == [
-        "e4m3 two_grid 1 4 4 0",
+        "e4m3 two_grid 1 4 0 0",
         "e5m2 rne 1 4 0 0",
         "e4m3 rne 0 0 0 0",
         "e5m2 stochastic 1 0 0 0",

@@ -235,7 +235,7 @@ def _quant_code_fp8(x, k, FP8: tl.constexpr, FMAX: tl.constexpr, MBITS: tl.const
 
     trunc and two_grid work on ya = min(|y|, fmax) (clamping first changes no code: rounding is
     monotone and fmax is on the grid; a saturated two_grid value has t = 0). n = RNE(ya), v = v(n)
-    its value (converted back exactly), d = ya - v, exact (Sterbenz: v = 0, or ya is within half a
+    its value (decoded exactly from the code's bits), d = ya - v, exact (Sterbenz: v = 0, or ya is within half a
     spacing of v and every spacing next to a nonzero v is at most v, so v/2 <= ya <= 2v). The cell
     c of ya is n when d >= 0 and n - 1 when d < 0 (ya = v(c) + t s_c): trunc is n - (d < 0).
     two_grid: a cell never straddles a power of two, so s_c is the spacing of ya's own binade,
@@ -255,7 +255,14 @@ def _quant_code_fp8(x, k, FP8: tl.constexpr, FMAX: tl.constexpr, MBITS: tl.const
         ya = tl.minimum(tl.abs(y), FMAX)
         n8 = ya.to(FP8)
         n = n8.to(tl.uint8, bitcast=True).to(tl.int32)
-        d = ya - n8.to(tl.float32)
+        # v(n) from the code's bits, not Triton's fp8 -> f32 conversion: with that conversion the
+        # H200 test gave trunc codes one too low for some elements of a bf16-loaded block (as if
+        # v belonged to another element), while the rne codes of the same packing were exact
+        e = n >> MBITS
+        m = n & ((1 << MBITS) - 1)
+        v = tl.where(e == 0, m.to(tl.float32) * (2.0 ** (EMIN - MBITS)),
+                     (((e + EMIN - 1 + 127) << 23) | (m << (23 - MBITS))).to(tl.float32, bitcast=True))
+        d = ya - v
         if ROUNDING == 1:
             mag = n - (d < 0).to(tl.int32)
             hb = tl.zeros_like(mag)

@@ -107,9 +107,9 @@ class E6Config(ExperimentConfig):
         return self.hidden // self.heads_q
 
     def model_config(self) -> ModelConfig:
+        decoded = max(self.warmup + self.steps, COST_COMMITS * max(self.intervals))  # see _run_batch
         return ModelConfig(n_layer=self.layers, d_model=self.hidden, n_head=self.heads_q, n_kv_head=self.heads_kv,
-                           context=self.anchors + self.context + self.warmup + self.steps, vocab_size=self.vocab,
-                           ffn_hidden=self.mlp)
+                           context=self.anchors + self.context + decoded, vocab_size=self.vocab, ffn_hidden=self.mlp)
 
 
 def _sync(device: str) -> None:
@@ -153,7 +153,8 @@ def _run_batch(cfg: E6Config, model: Transformer, batch: int, device: str) -> li
     """Every mode and interval at one batch size, interleaved ``reps`` times; then the tamper trials."""
     gen = torch.Generator().manual_seed(cfg.seed + batch)
     S = cfg.block_size
-    max_len = cfg.context + cfg.warmup + cfg.steps
+    # room for the longest timed loop and for the boundary commits commit_costs measures
+    max_len = cfg.context + max(cfg.warmup + cfg.steps, COST_COMMITS * max(cfg.intervals))
     cache = model.new_cache(batch * (-(-max_len // S)) + (-(-cfg.anchors // S)) + batch + 1, S)
     anchor = None
     if cfg.anchors:
