@@ -49,7 +49,7 @@ __all__ = ["FUSED_FORMATS", "LeafBuffers", "LeafPlan", "launch_leaves", "quantiz
 FUSED_FORMATS = tuple(name for name, f in FORMATS.items() if f.width == 1)  # the fp8 and int8 codes
 POOL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DESC_FIELDS = 3  # a page descriptor: pool page, valid tokens, page id (int64 each)
-_SCALAR_ARGS = ["key0", "key1", "k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7", "key_flags"]
+_SCALAR_ARGS = ["C", "key0", "key1", "k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7", "key_flags"]
 _PAGE_ID_WORD = header_offset("page_id")[0] // 4  # the kernel writes each leaf's page id into words 2, 3
 _BLOCK = 32  # leaves per program (one warp)
 
@@ -91,8 +91,7 @@ def _word(wi, src, n_valid, hdr, page_lo, page_hi, k, valid, E, code_end, helper
     w = tl.zeros([BLOCK], tl.int32)
     if wi < 16:
         # header: the (layer, kind) words of the leaf module, with each lane's page id written in
-        cols = tl.arange(0, 16)[None, :]
-        w = tl.sum(tl.where(cols == wi, hdr, 0), axis=1)
+        w = tl.load(hdr + wi, mask=valid, other=0)
         w += tl.where(wi == PAGE_ID_WORD, page_lo, 0) + tl.where(wi == PAGE_ID_WORD + 1, page_hi, 0)
     elif wi < code_end:
         elem = (wi - 16) * 4 + tl.arange(0, 4)[None, :]
@@ -199,7 +198,7 @@ def _leaf_kernel(
         tl.store(finite_ptr + leaf, (amax < 0x7F800000).to(tl.int8), mask=valid)
         k = scale_exponent_bits(amax, SIG, EXP, SCALED)
 
-        hdr = tl.load(hdr_ptr + lk[:, None] * 16 + tl.arange(0, 16)[None, :])  # [BLOCK, 16]
+        hdr = hdr_ptr + lk * 16  # [BLOCK] pointers: each lane's header row
         row = rows_ptr + (base + leaf).to(tl.int64) * ROW_WORDS
         cvs = cv_ptr + leaf.to(tl.int64) * C * 8
         kf = key_flags.to(tl.uint32, bitcast=True)
