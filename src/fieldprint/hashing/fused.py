@@ -106,7 +106,9 @@ def _word(wi, src, n_valid, hdr, page_lo, page_hi, k, valid, E, code_end, helper
             inside = elem < E
             x = to_float32(tl.load(src[:, None] + elem, mask=valid[:, None] & (elem < n_valid[:, None]),
                                    other=0.0))
-            _, hb = _codes(x, elem, k[:, None], key0, key1, MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, HW)
+            # the integer path: the hardware path's helper bits in this [BLOCK, 32] block were
+            # wrong on an H200 (Triton 3.6; its codes in the [BLOCK, 16] blocks were exact)
+            _, hb = _codes(x, elem, k[:, None], key0, key1, MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, False)
             # distinct bits: the sum is their OR (bit 31 wraps to the sign, exactly)
             w = tl.sum(tl.where(inside, hb, 0) << tl.arange(0, 32)[None, :], axis=1)
     return w
