@@ -52,6 +52,7 @@ DESC_FIELDS = 3  # a page descriptor: pool page, valid tokens, page id (int64 ea
 _SCALAR_ARGS = ["C", "key0", "key1", "k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7", "key_flags"]
 _PAGE_ID_WORD = header_offset("page_id")[0] // 4  # the kernel writes each leaf's page id into words 2, 3
 _BLOCK = 32  # leaves per program (one warp)
+CODES_PER_STEP = tl.constexpr(16)  # codes a lane quantizes at a time; their temporaries live in registers
 
 
 @triton.jit
@@ -221,13 +222,14 @@ def _leaf_kernel(
                 if (gb >= 1) & (wb + 16 <= code_end):
                     # fast path: a whole block of codes, 16 codes (4 words) at a time
                     q = 0
-                    while q < 4:
-                        elem = (gb - 1) * 64 + q * 16 + tl.arange(0, 16)[None, :]
+                    while q < 64 // CODES_PER_STEP:
+                        elem = (gb - 1) * 64 + q * CODES_PER_STEP + tl.arange(0, CODES_PER_STEP)[None, :]
                         x = to_float32(tl.load(src[:, None] + elem, mask=elem < n_valid[:, None], other=0.0))
                         code, _ = _codes(x, elem, k[:, None], key0, key1,
                                          MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, HW)
-                        w4 = tl.sum(tl.reshape(code, [BLOCK, 4, 4]) << (8 * tl.arange(0, 4))[None, None, :], axis=2)
-                        at = (q * 4 + tl.arange(0, 4))[None, :, None] == cols[:, None, :]  # [1, 4, 16]
+                        words: tl.constexpr = CODES_PER_STEP // 4
+                        w4 = tl.sum(tl.reshape(code, [BLOCK, words, 4]) << (8 * tl.arange(0, 4))[None, None, :], axis=2)
+                        at = (q * words + tl.arange(0, words))[None, :, None] == cols[:, None, :]  # [1, words, 16]
                         tile += tl.sum(tl.where(at, w4[:, :, None], 0), axis=1)
                         q += 1
                 else:
