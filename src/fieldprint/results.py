@@ -413,6 +413,14 @@ def _expect_e3(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [{"impl": impl} for impl in cfg["impls"] if not (on_cpu and impl == "fused_quant_blake3_gpu")]
 
 
+def _expect_e3_sass(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The launches of experiments/e3_sass.py: one message of total_bytes, and its pages."""
+    cfg = manifest["config"]
+    return [{"impl": "blake3_gpu", "n_rows": 1, "row_bytes": cfg["total_bytes"]},
+            {"impl": "blake3_many_gpu", "n_rows": cfg["total_bytes"] // cfg["page_bytes"],
+             "row_bytes": cfg["page_bytes"]}]
+
+
 def _expect_e4(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
     cfg = manifest["config"]
     # Without CUDA, the CUDA-only variants and (without the interpreter) the Triton ones are one
@@ -545,6 +553,10 @@ SCHEMAS: dict[str, Schema] = {s.name: s for s in (
         + _columns("device:str") + _columns("backend:str", False) + _columns("counted:str")
         + _columns("page_elems:int peak_gpu_gib:float", False) + _columns("status:str")),
         key=("impl", "fmt", "rounding", "bytes", "device", "backend"), expected=_expect_e3),
+    # per (launch, mnemonic): instructions per iteration of the compression loop (64 bytes per lane)
+    Schema("e3_sass", tuple(_columns("impl:str n_rows:int row_bytes:int mnemonic:str count:int "
+                                     "cubin_sha256:str")),
+           key=("impl", "mnemonic"), expected=_expect_e3_sass),
     Schema("e4_stability", tuple(
         _columns("variant:str")
         + _columns("out_dtype:str fmt:str rounding:str page_elems:int pages:int elements:int "

@@ -22,7 +22,8 @@ import triton
 SM90 = ("cuda", 90, 32)
 
 
-def _tool(name: str) -> str:
+def bundled_tool(name: str) -> str:
+    """Path of a tool Triton ships for NVIDIA (cuobjdump, nvdisasm, ptxas)."""
     path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
     if not path.exists():
         raise FileNotFoundError(f"Triton's bundled {name} is missing at {path}")
@@ -84,10 +85,10 @@ def compile_resources(jit_fn, signature: dict, constexprs: dict, options: dict, 
         cubin, ptx = os.path.join(tmp, "k.cubin"), os.path.join(tmp, "k.ptx")
         Path(cubin).write_bytes(kernel.asm["cubin"])
         Path(ptx).write_text(kernel.asm["ptx"])
-        dump = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", cubin],
+        dump = subprocess.run([bundled_tool("cuobjdump"), "--dump-resource-usage", cubin],
                               capture_output=True, text=True, check=True).stdout
         arch = re.search(r"\.target\s+(\w+)", kernel.asm["ptx"]).group(1)
-        ptxas = subprocess.run([_tool("ptxas"), f"-arch={arch}", "-v", ptx, "-o", os.path.join(tmp, "p.cubin")],
+        ptxas = subprocess.run([bundled_tool("ptxas"), f"-arch={arch}", "-v", ptx, "-o", os.path.join(tmp, "p.cubin")],
                                capture_output=True, text=True, check=True)
     usage = parse_cuobjdump(dump, md.name)
     spills = parse_ptxas(ptxas.stdout + ptxas.stderr)

@@ -100,3 +100,33 @@ rule accuracy:
     shell:
         "{params.env} {params.python} -m fieldprint.experiments.e5_accuracy scale={wildcards.scale} "
         "checkpoint={input.checkpoint} out_dir={params.out_dir} > {log} 2>&1"
+
+
+# E3's hashing launches compiled for sm_90 on this machine (no GPU needed, under a minute): SASS
+# counts of BLAKE3's compression loop, from which report/e3_hash.py derives the integer-issue
+# ceiling. The kernel's source is an input: the counts are of that code.
+SASS_RESULT = result("e3_sass", "paper")
+
+
+rule sass_counts:
+    input:
+        "configs/e3_sass.yaml",
+        "configs/scale/paper.yaml",
+        "configs/common.yaml",
+        "src/fieldprint/hashing/_kernels.py",
+    output:
+        csv=SASS_RESULT,
+        manifest=manifest(SASS_RESULT),
+    params:
+        python=PYTHON,
+        out_dir=lambda w, output: os.path.dirname(output.csv),
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    log:
+        f"{RESULTS}/logs/e3_sass.log",
+    conda:
+        ENV_FILE
+    shell:
+        "env -u TRITON_INTERPRET {params.python} -m fieldprint.experiments.e3_sass "
+        "out_dir={params.out_dir} > {log} 2>&1"

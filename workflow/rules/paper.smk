@@ -41,10 +41,32 @@ rule environment_macros:
         "{params.python} -m fieldprint.report environment {input.gpu} {input.local} {output} > {log} 2>&1"
 
 
+rule ceiling_macros:
+    input:
+        hash=paper_source("e3_hash"),
+        hash_manifest=manifest(paper_source("e3_hash")),
+        sass=SASS_RESULT,
+        sass_manifest=manifest(SASS_RESULT),
+    output:
+        "paper/generated/e3_ceiling.tex",
+    params:
+        python=PYTHON,
+    resources:
+        mem_mb=2000,
+        runtime=15,
+    log:
+        f"{RESULTS}/logs/ceiling_macros.log",
+    conda:
+        ENV_FILE
+    shell:
+        "{params.python} -m fieldprint.report ceiling {input.hash} {input.sass} {output} > {log} 2>&1"
+
+
 rule all_macros:
     input:
         expand("paper/generated/{exp}.tex", exp=PAPER_EXPERIMENTS),
         "paper/generated/env.tex",
+        "paper/generated/e3_ceiling.tex",
     output:
         "paper/generated/all.tex",
     params:

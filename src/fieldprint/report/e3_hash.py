@@ -14,6 +14,7 @@ the paper's text.
 
 from __future__ import annotations
 
+from fieldprint import sass
 from fieldprint.formats import FORMATS
 from fieldprint.report import Claim, latex_escape
 
@@ -268,3 +269,95 @@ def claims(rows, manifest) -> list[Claim]:
               f"{d2h:.1f}x (pinned), {_f(s['d2h_pageable_x'], '.1f')}x (pageable) at "
               f"{s['d2h_bytes'] / 2**20:g} MiB" if d2h else f"no d2h rows ({where})"),
     ]
+
+
+# ---------------------------------------------------------------- the integer-issue ceiling
+# The SASS counts of BLAKE3's compression loop (experiments/e3_sass.py, one row per launch and
+# mnemonic) through the issue model of fieldprint.sass, against E3's measurement of the same
+# launches at the largest size measured. Macros go to their own file (python -m fieldprint.report
+# ceiling), so `macros` above keeps reading E3's rows alone.
+
+CEILING_IMPLS = ("blake3_gpu", "blake3_many_gpu")
+ROUND_OPCODES = ("LOP3", "SHF", "IADD3", "IMAD")  # what BLAKE3's rounds compile to
+BINDING_NAMES = {"alu": "ALU", "fma": "FMA", "issue": "issued"}  # as the paper names the limit
+
+
+def ceiling_summary(sass_rows, hash_rows) -> dict:
+    """Per impl of ``CEILING_IMPLS`` in the SASS rows: ``opcodes`` (count per 64-byte block by
+    opcode, ROUND_OPCODES and ``other``), ``pipes`` (fieldprint.sass.pipe_counts), ``ceiling``
+    (fieldprint.sass.Ceiling), ``one_pipe`` (the bound if every integer instruction shared the ALU
+    pipe, in bytes/s), ``measured_bytes`` / ``measured_gbps`` (E3 at its largest size, or None)."""
+    out = {}
+    for impl in CEILING_IMPLS:
+        counts = {r["mnemonic"]: r["count"] for r in sass_rows if r["impl"] == impl}
+        if not counts:
+            continue
+        by_opcode = dict.fromkeys(ROUND_OPCODES, 0) | {"other": 0}
+        for mnemonic, n in counts.items():
+            opcode = mnemonic.split(".", 1)[0]
+            by_opcode[opcode if opcode in ROUND_OPCODES else "other"] += n
+        pipes = sass.pipe_counts(counts)
+        one_pipe = sass.ceiling({"alu": pipes["alu"] + pipes["fma"], "fma": 0, "issue": pipes["issue"]})
+        measured = _ok(hash_rows, impl)
+        top = max(measured) if measured else None
+        out[impl] = {"opcodes": by_opcode, "pipes": pipes, "ceiling": sass.ceiling(pipes),
+                     "one_pipe": one_pipe.bytes_per_s, "measured_bytes": top,
+                     "measured_gbps": measured[top]["gbps"] if measured else None}
+    return out
+
+
+def ceiling_verdict(summary: dict) -> str:
+    """The ceiling's verdict, worded to follow "the ceiling": "holds" (every measured impl at or
+    below its ceiling), "is exceeded" or "is not tested" (no GPU measurement)."""
+    pairs = [(s["ceiling"].bytes_per_s, s["measured_gbps"] * 1e9) for s in summary.values()
+             if s["measured_gbps"] is not None]
+    if not pairs:
+        return "is not tested"
+    return "holds" if all(measured <= bound for bound, measured in pairs) else "is exceeded"
+
+
+def one_pipe_vs_measured(summary: dict) -> str:
+    """How the measurement relates to the one-pipe bound (every integer instruction on the ALU
+    pipe), worded to follow "the measurement": "exceeds" (some impl measured above its one-pipe
+    bound), "stays within" or "does not test" (no GPU measurement)."""
+    pairs = [(s["one_pipe"], s["measured_gbps"] * 1e9) for s in summary.values()
+             if s["measured_gbps"] is not None]
+    if not pairs:
+        return "does not test"
+    return "exceeds" if any(measured > bound for bound, measured in pairs) else "stays within"
+
+
+def ceiling_macros(sass_rows, hash_rows) -> dict[str, str]:
+    """``e3.sass.<impl>.*`` (instructions per 64-byte block) and ``e3.ceiling.*`` macros."""
+    summary = ceiling_summary(sass_rows, hash_rows)
+    missing = set(CEILING_IMPLS) - set(summary)
+    if missing:
+        raise ValueError(f"the SASS rows lack the launch(es) {sorted(missing)}")
+    m, rates = sass.H200, sass.pipe_rates(sass.H200)
+    out = {"e3.ceiling.sms": str(m.sms), "e3.ceiling.clock_ghz": f"{m.clock_hz / 1e9:.2f}",
+           "e3.ceiling.pipe_per_clk": str(rates["alu"]), "e3.ceiling.issue_per_clk": str(rates["issue"]),
+           "e3.ceiling.hbm_tbps": f"{m.hbm_bytes_per_s / 1e12:.1f}",
+           "e3.ceiling.verdict": ceiling_verdict(summary),
+           "e3.ceiling.one_pipe_vs_measured": one_pipe_vs_measured(summary),
+           # what limits a hash that reads each byte once: the lower of issue ceiling and HBM
+           "e3.ceiling.bound": "integer issue" if all(s["ceiling"].bytes_per_s < m.hbm_bytes_per_s
+                                                      for s in summary.values()) else "memory bandwidth"}
+    for impl, s in summary.items():
+        for op, n in s["opcodes"].items():
+            out[f"e3.sass.{impl}.{op.lower()}"] = str(n)
+        for pipe, n in s["pipes"].items():
+            out[f"e3.sass.{impl}.{pipe}"] = str(n)
+        out[f"e3.sass.{impl}.per_byte"] = f"{s['pipes']['issue'] / sass.BLOCK_BYTES:.1f}"
+        bound, measured = s["ceiling"].bytes_per_s, s["measured_gbps"]
+        out[f"e3.ceiling.{impl}.tbps"] = f"{bound / 1e12:.2f}"
+        # the limit that sets the bound, for the paper's formula: its name, count and rate
+        binding = s["ceiling"].binding
+        out[f"e3.ceiling.{impl}.binding"] = BINDING_NAMES[binding]
+        out[f"e3.ceiling.{impl}.binding_count"] = str(s["pipes"][binding])
+        out[f"e3.ceiling.{impl}.binding_per_clk"] = str(rates[binding])
+        out[f"e3.ceiling.{impl}.one_pipe_tbps"] = f"{s['one_pipe'] / 1e12:.2f}"
+        out[f"e3.ceiling.{impl}.hbm_percent"] = f"{100 * bound / m.hbm_bytes_per_s:.0f}"
+        out[f"e3.ceiling.{impl}.measured_tbps"] = _tbps(measured)
+        out[f"e3.ceiling.{impl}.measured_bytes"] = _size(s["measured_bytes"]) if measured else NA
+        out[f"e3.ceiling.{impl}.percent"] = _f(measured and 100 * measured * 1e9 / bound, ".0f")
+    return out
