@@ -79,11 +79,13 @@ def test_e2_claims_and_hbm_rows():
     assert [r["context"] for r in first] == [32768]  # 2 * 32 * 32768^2 * 4 B = 275 GB > 141 GB
     var = {"kind": "variant", "kernel": "attention", "mode": "decode", "head_dim": 128, "kv_dtype": "bf16",
            "varied": None, "block_m": 16, "tile_n": 64, "shared_bytes": 36864, "model_bytes": 36864,
-           "model_ratio": 1.0, "registers": 128, "spill_stores": 0, "spill_loads": 0}
+           "model_ratio": 1.0, "registers": 128, "spill_stores": 0, "spill_loads": 0,
+           "block_size": 16, "group": 4}
+    manifest = {"config": {"block_size": 16, "group": 4}}
     flat = [{"kind": "flat", "anchors": a, "context": c, "hash": "h", "shared_bytes": 36864,
              "registers": 128, "grid": f"1x8x{c}"} for a, c in ((0, 1024), (64, 4096))]
-    got = {c.id: c.supported for c in r2.claims([var, *flat, *hbm], {})}
+    got = {c.id: c.supported for c in r2.claims([var, *flat, *hbm], manifest)}
     assert got == {"e2.flat": True, "e2.model10": True, "e2.no_spills": True, "e2.unfused_exceeds": True}
     flat[1]["hash"] = "other"
-    assert not {c.id: c.supported for c in r2.claims([var, *flat, *hbm], {})}["e2.flat"]
-    assert "\\\\" in r2.macros([var, *flat, *hbm], {})["e2.table"]
+    assert not {c.id: c.supported for c in r2.claims([var, *flat, *hbm], manifest)}["e2.flat"]
+    assert "\\\\" in r2.macros([var, *flat, *hbm], manifest)["e2.table"]

@@ -359,11 +359,11 @@ def test_csv_cell_cannot_inject_a_macro():
     variant = {"kind": "variant", "kernel": "attention", "mode": "decode", "head_dim": 128,
                "kv_dtype": "bf16", "varied": "tile_n=32}\\fpdef{e2.variants}{99", "block_m": 16,
                "tile_n": 64, "shared_bytes": 36864, "model_bytes": 36864, "model_ratio": 1.0,
-               "registers": 128, "spill_stores": 0, "spill_loads": 0}
-    values = report_e2.macros([variant], {})
+               "registers": 128, "spill_stores": 0, "spill_loads": 0, "block_size": 16, "group": 4}
+    values = report_e2.macros([variant], {"config": {"block_size": 16, "group": 4}})
     text = render_macros(values)
     assert text.count("\\fpdef{") == len(values)  # one definition per key, none injected
-    assert "tile\\_n=32\\}\\textbackslash{}fpdef\\{e2.variants\\}\\{99" in values["e2.table"]
+    assert "$T_N$ 32\\}\\textbackslash{}fpdef\\{e2.variants\\}\\{99" in values["e2.table"]
 
 
 def test_hostile_gpu_name_builds(tmp_path):

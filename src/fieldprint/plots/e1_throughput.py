@@ -1,62 +1,122 @@
-"""E1 figure: decode bandwidth vs context (anchors = 64, bf16) per implementation, with the
-contiguous cuDNN SDPA ceiling dashed; and fused / cascade / prefix-block bandwidth vs anchors."""
+"""E1 figure (full text width): decode bandwidth per implementation at four (batch, context)
+shapes, and the strong paged baselines' bandwidth as the number of anchors grows.
+
+Left: one marker per implementation and shape, side by side within each shape (the shapes are
+categories, so nothing joins them), log scale; a dashed segment marks contiguous cuDNN SDPA
+across each shape. Right: one panel per shape, bars per implementation at each anchor count,
+on a linear axis from zero. All rows: decode, bf16 KV.
+"""
 
 from __future__ import annotations
 
-from fieldprint.plots.style import figure, save, source_label
+from typing import Any
 
-STYLE = {"fused": ("C0", "o"), "cudnn_sdpa": ("k", "s"), "flash_sdpa": ("C7", "s"),
-         "gather_sdpa": ("C3", "v"), "naive": ("C5", "x"), "two_softmax": ("C6", "+"),
-         "cascade": ("C1", "^"), "prefix_blocks": ("C2", "D"), "flex": ("C4", "*")}
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, LogLocator
+
+from fieldprint.plots.style import implementation, printed_figure, save, source_label, tokens_label
+
+ORDER = ["fused", "cudnn_sdpa", "flash_sdpa", "gather_sdpa", "cascade", "prefix_blocks", "flex",
+         "naive", "two_softmax"]
+VS_ANCHORS = ["fused", "cascade", "prefix_blocks", "cudnn_sdpa"]
+CEILING = "cudnn_sdpa"
+GROUP_WIDTH = 0.8  # of the unit spacing between two categories
 
 
-def _decode(rows, impl, anchors=None, shape=None):
-    out = []
+def decode_bandwidth(rows: list[dict[str, Any]]) -> dict[tuple[str, int, int, int], float]:
+    """(impl, batch, context, anchors) -> TB/s of the measured decode rows with bf16 KV."""
+    out = {}
     for r in rows:
-        if r["mode"] != "decode" or r["impl"] != impl or r["kv_dtype"] != "bf16" or r["tbps"] is None:
-            continue
-        if anchors is not None and r["anchors"] != anchors:
-            continue
-        if shape is not None and (r["batch"], r["context"]) != shape:
-            continue
-        out.append(r)
+        if r["mode"] == "decode" and r["kv_dtype"] == "bf16" and r["tbps"] is not None:
+            out[(r["impl"], r["batch"], r["context"], r["anchors"])] = r["tbps"]
     return out
 
 
-def draw(rows, manifest, out_stem) -> None:
-    fig, axes = figure(ncols=2, wide=True, height=2.4)
-    ax = axes[0][0]
-    shapes = sorted({(r["batch"], r["context"]) for r in rows if r["mode"] == "decode"},
-                    key=lambda s: (s[1], -s[0]))
-    labels = [f"B={b}\nL={c // 1024}K" for b, c in shapes]
-    present = {r["anchors"] for r in rows if r["mode"] == "decode"}
-    a_plot = 64 if 64 in present else max(present)
-    for impl, (color, marker) in STYLE.items():
-        ys = []
-        for s in shapes:
-            got = _decode(rows, impl, anchors=a_plot, shape=s)
-            ys.append(got[0]["tbps"] if got else float("nan"))
-        if all(y != y for y in ys):
-            continue
-        ax.plot(range(len(shapes)), ys, marker=marker, color=color, label=impl,
-                linestyle="--" if impl == "cudnn_sdpa" else "-", linewidth=1)
-    ax.set_xticks(range(len(shapes)), labels, fontsize=6)
+def shape_label(batch: int, context: int, sep: str = "\n") -> str:
+    return f"B={batch}{sep}L={tokens_label(context)}"
+
+
+def offsets(n: int) -> list[float]:
+    """x offsets of ``n`` side-by-side items centred on their category."""
+    step = GROUP_WIDTH / n
+    return [(i - (n - 1) / 2) * step for i in range(n)]
+
+
+def impls_in_order(present) -> list[str]:
+    """The implementations in ``present``, in the figure's order (unknown ones are an error)."""
+    for name in present:
+        implementation(name)
+    return [i for i in ORDER if i in present] + sorted(set(present) - set(ORDER))
+
+
+def _by_shape(ax, bw, shapes, anchors) -> list[str]:
+    impls = impls_in_order({k[0] for k in bw if k[3] == anchors})
+    dx = offsets(len(impls))
+    for g, (b, c) in enumerate(shapes):
+        ceiling = bw.get((CEILING, b, c, anchors))
+        if ceiling is not None:
+            ax.hlines(ceiling, g - GROUP_WIDTH / 2, g + GROUP_WIDTH / 2, colors="k", linestyles="--",
+                      linewidth=0.8)
+        for name, off in zip(impls, dx, strict=True):
+            y = bw.get((name, b, c, anchors))
+            if y is not None:
+                look = implementation(name)
+                ax.plot([g + off], [y], linestyle="none", marker=look.marker, color=look.color,
+                        markersize=4.5)
+    for g in range(1, len(shapes)):
+        ax.axvline(g - 0.5, color="0.85", linewidth=0.6)
+    ax.set_xticks(range(len(shapes)), [shape_label(b, c) for b, c in shapes])
+    ax.set_xlim(-0.5, len(shapes) - 0.5)
+    ax.grid(axis="x", visible=False)
     ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
     ax.set_ylabel("bandwidth (TB/s)")
-    ax.set_title(f"decode, {a_plot} anchors, bf16", loc="left")
-    ax.legend(ncol=2, fontsize=6)
-    ax = axes[0][1]
-    for impl in ("fused", "cascade", "prefix_blocks", "cudnn_sdpa"):
-        color, marker = STYLE[impl]
-        for s, ls in zip(shapes, ("-", "--", ":", "-."), strict=False):
-            got = sorted(_decode(rows, impl, shape=s), key=lambda r: r["anchors"])
-            if got:
-                ax.plot([r["anchors"] for r in got], [r["tbps"] for r in got], marker=marker,
-                        color=color, linestyle=ls, linewidth=1,
-                        label=f"{impl} B={s[0]} L={s[1] // 1024}K" if impl == "fused" or s == shapes[0] else None)
-    ax.set_xscale("symlog", linthresh=64)
-    ax.set_xlabel("anchor tokens")
-    ax.set_ylabel("bandwidth (TB/s)")
-    ax.set_title(f"vs anchors — {source_label(manifest)}", loc="right")
-    ax.legend(fontsize=5.5)
+    ax.set_title(f"decode, {anchors} anchors, bf16 KV (log scale)", loc="left")
+    return impls
+
+
+def _vs_anchors(axes, bw, shapes) -> list[str]:
+    impls = impls_in_order({k[0] for k in bw if k[0] in VS_ANCHORS})
+    anchors = sorted({k[3] for k in bw})
+    dx = offsets(len(impls))
+    width = GROUP_WIDTH / len(impls)
+    for ax, (b, c) in zip(axes, shapes, strict=True):
+        for name, off in zip(impls, dx, strict=True):
+            look = implementation(name)
+            xs = [i + off for i, a in enumerate(anchors) if (name, b, c, a) in bw]
+            ys = [bw[(name, b, c, a)] for a in anchors if (name, b, c, a) in bw]
+            ax.bar(xs, ys, width, color=look.color, edgecolor="white", linewidth=0.3)
+        ax.set_xticks(range(len(anchors)), [tokens_label(a) for a in anchors])
+        ax.set_xlim(-0.5, len(anchors) - 0.5)
+        ax.grid(axis="x", visible=False)
+        ax.set_title(shape_label(b, c, sep=", "))
+    axes[0].set_ylim(bottom=0)
+    axes[0].set_ylabel("bandwidth (TB/s)")
+    return impls
+
+
+def draw(rows: list[dict[str, Any]], manifest: dict[str, Any], out_stem) -> None:
+    bw = decode_bandwidth(rows)
+    if not bw:
+        raise ValueError("e1_throughput: no measured decode rows with bf16 KV to plot")
+    shapes = sorted({(k[1], k[2]) for k in bw}, key=lambda s: (s[1], -s[0]))
+    present = {k[3] for k in bw}
+    a_plot = 64 if 64 in present else max(present)
+
+    fig = printed_figure(height=2.75, wide=True)
+    left, right = fig.subfigures(1, 2, width_ratios=[1.0, 1.45], wspace=0.02)
+    shown = _by_shape(left.subplots(), bw, shapes, a_plot)
+    right_axes = right.subplots(1, len(shapes), sharey=True)
+    shown_right = _vs_anchors(list(right_axes), bw, shapes)
+    right.suptitle(f"decode, bf16 KV, vs anchors — {source_label(manifest)}", fontsize=8)
+    right.supxlabel("anchor tokens", fontsize=8)
+
+    handles = [Line2D([], [], linestyle="none", marker=implementation(n).marker,
+                      color=implementation(n).color, markersize=5, label=implementation(n).label)
+               for n in impls_in_order(set(shown) | set(shown_right))]
+    handles.append(Line2D([], [], color="k", linestyle="--", linewidth=0.8,
+                          label="cuDNN SDPA level (left)"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=5, frameon=False,
+               columnspacing=1.0, handletextpad=0.3)
     save(fig, out_stem)

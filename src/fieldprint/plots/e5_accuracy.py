@@ -12,7 +12,7 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
-from fieldprint.plots.style import figure, save, source_label
+from fieldprint.plots.style import printed_figure, save, source_label
 
 ORDER = ["bf16:rne", "fp16:rne", "e4m3:rne", "e4m3:trunc", "e4m3:stochastic", "e4m3:two_grid",
          "e5m2:rne", "e5m2:trunc", "e5m2:stochastic", "int8:rne", "int8:two_grid"]
@@ -22,7 +22,7 @@ SHORT = {"rne": "RNE", "trunc": "trunc", "stochastic": "SR", "two_grid": "2-grid
 
 def _label(item: str) -> str:
     fmt, _, rounding = item.partition(":")
-    return f"{fmt}\n{SHORT.get(rounding, rounding)}"
+    return f"{fmt} {SHORT.get(rounding, rounding)}"
 
 
 def grid(rows: list[dict[str, Any]], kind: str, value) -> dict[tuple[str, bool], list[float]]:
@@ -72,8 +72,8 @@ def draw(rows: list[dict[str, Any]], manifest: dict[str, Any], out_stem) -> None
     attn = grid(rows, "attention", lambda r: r["rel_err"])
     labels = [lab for lab in ORDER if any(k[0] == lab for k in lm)]
     labels += sorted({k[0] for k in lm} - set(labels))
-    fig, axes = figure(nrows=2, height=1.9)
-    top, bottom = axes[0][0], axes[1][0]
+    fig = printed_figure(height=3.9)
+    top, bottom = fig.subplots(2, 1, sharex=True)
     _bars(top, lm, labels)
     top.axhline(0, color="black", linewidth=0.5)
     top.set_ylabel("bits/byte increase (%)")
@@ -83,8 +83,7 @@ def draw(rows: list[dict[str, Any]], manifest: dict[str, Any], out_stem) -> None
     _bars(bottom, attn, labels)
     bottom.set_yscale("log")
     bottom.set_ylabel("attention rel. error")
-    for ax in (top, bottom):
-        ax.set_xticks(range(len(labels)))
-        ax.set_xticklabels([_label(lab) for lab in labels] if ax is bottom else [], fontsize=5.5)
-        ax.set_xlim(-0.6, len(labels) - 0.4)
+    # upright, eleven labels would overlap at 7 pt in one column
+    bottom.set_xticks(range(len(labels)), [_label(lab) for lab in labels], rotation=90)
+    bottom.set_xlim(-0.6, len(labels) - 0.4)
     save(fig, out_stem)

@@ -5,21 +5,55 @@ from __future__ import annotations
 from fieldprint.report import Claim, latex_escape
 
 H200_HBM = 141e9
+# The launch knobs a variant can change, as the table names them (keys: the config's and the
+# ``varied`` column's knob names).
+KNOB_NAMES = {"block_size": "page", "group": "group", "tile_n": "$T_N$", "block_m": "$B_M$",
+              "num_stages": "stages", "num_warps": "warps"}
+DEFAULT_LABEL = "default"
 
 
 def _variants(rows, kernel="attention"):
     return [r for r in rows if r["kind"] == "variant" and r["kernel"] == kernel]
 
 
-def _table(rows) -> str:
-    """Body of a booktabs tabular: mode & D & KV & varied & tiles & smem & model & regs & spills."""
+def launch_defaults(manifest) -> dict[str, int]:
+    """Page size and GQA group that every variant uses unless it is a sweep over them: the run's
+    config in its manifest (the rows alone cannot tell a sweep's value from the default)."""
+    config = manifest.get("config") if isinstance(manifest, dict) else None
+    if not isinstance(config, dict) or not {"block_size", "group"} <= config.keys():
+        raise ValueError("manifest: the E2 table needs config.block_size and config.group "
+                         "(the defaults each variant is labelled against)")
+    return {"block_size": int(config["block_size"]), "group": int(config["group"])}
+
+
+def variant_knobs(row, defaults: dict[str, int]) -> list[tuple[str, str]]:
+    """(knob, value) pairs in which ``row`` differs from the default launch: a page size or group
+    other than the defaults, then the overrides its ``varied`` column lists ("tile_n=32,...")."""
+    knobs = [(k, str(row[k])) for k in ("block_size", "group") if row[k] != defaults[k]]
+    for item in filter(None, (row["varied"] or "").split(",")):
+        knob, _, value = item.partition("=")
+        knobs.append((knob, value))
+    return knobs
+
+
+def variant_label(row, defaults: dict[str, int]) -> str:
+    """LaTeX label of a variant: "default", or what it changes ("page 32", "$T_N$ 128")."""
+    knobs = variant_knobs(row, defaults)
+    if not knobs:
+        return DEFAULT_LABEL
+    return ", ".join(f"{KNOB_NAMES.get(k, latex_escape(k))} {latex_escape(v)}" for k, v in knobs)
+
+
+def _table(rows, manifest) -> str:
+    """Body of a booktabs tabular: mode & D & KV & variant & tiles & smem & model & regs & spills."""
+    defaults = launch_defaults(manifest)
     lines = []
     for r in _variants(rows):
         tiles = f"{r['block_m']}$\\times${r['tile_n']}"
-        varied = latex_escape(r["varied"]) if r["varied"] else "--"
         lines.append(f"{latex_escape(r['mode'])} & {r['head_dim']} & {latex_escape(r['kv_dtype'])} & "
-                     f"{varied} & {tiles} & {r['shared_bytes'] / 1024:.1f} & {r['model_bytes'] / 1024:.1f} & "
-                     f"{r['registers']} & {r['spill_stores'] + r['spill_loads']} \\\\")
+                     f"{variant_label(r, defaults)} & {tiles} & {r['shared_bytes'] / 1024:.1f} & "
+                     f"{r['model_bytes'] / 1024:.1f} & {r['registers']} & "
+                     f"{r['spill_stores'] + r['spill_loads']} \\\\")
     return "\n".join(lines)
 
 
@@ -39,8 +73,11 @@ def macros(rows, manifest) -> dict[str, str]:
     var = _variants(rows)
     flat = [r for r in rows if r["kind"] == "flat"]
     ratios = [r["model_ratio"] for r in var]
+    defaults = launch_defaults(manifest)
     m = {
-        "e2.table": _table(rows),
+        "e2.table": _table(rows, manifest),
+        "e2.default_page": str(defaults["block_size"]),
+        "e2.default_group": str(defaults["group"]),
         "e2.variants": str(len(var)),
         "e2.model_ratio_min": f"{min(ratios):.2f}" if ratios else "n/a",
         "e2.model_ratio_max": f"{max(ratios):.2f}" if ratios else "n/a",
@@ -61,8 +98,9 @@ def macros(rows, manifest) -> dict[str, str]:
     return m
 
 
-def _variant_name(r) -> str:
-    return f"{r['mode']} D{r['head_dim']} {r['kv_dtype']} {r['varied'] or ''}".strip()
+def _variant_name(r, defaults: dict[str, int]) -> str:
+    changed = ",".join(f"{k}={v}" for k, v in variant_knobs(r, defaults)) or DEFAULT_LABEL
+    return f"{r['mode']} D{r['head_dim']} {r['kv_dtype']} {changed}"
 
 
 def claims(rows, manifest) -> list[Claim]:
@@ -70,9 +108,10 @@ def claims(rows, manifest) -> list[Claim]:
     same = len({(r["hash"], r["shared_bytes"], r["registers"]) for r in flat}) == 1
     grids = len({r["grid"] for r in flat})
     var = _variants(rows)
-    ratios = [(_variant_name(r), r["model_ratio"]) for r in var]
+    defaults = launch_defaults(manifest)
+    ratios = [(_variant_name(r, defaults), r["model_ratio"]) for r in var]
     off = [f"{n}: {x:.2f}" for n, x in ratios if abs(x - 1) > 0.1]
-    spills = [f"{_variant_name(r)}: {r['spill_stores']} B" for r in var if r["spill_stores"] > 0]
+    spills = [f"{_variant_name(r, defaults)}: {r['spill_stores']} B" for r in var if r["spill_stores"] > 0]
     first = _first_exceeding(rows, "naive", "prefill")
     return [
         Claim("e2.flat", "Shared memory and registers per program do not depend on anchors or context.",
