@@ -332,7 +332,7 @@ def _md(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
-def _verdict_text(claim: AeClaim, outcomes: list[Outcome]) -> str:
+def _verdict_text(outcomes: list[Outcome]) -> str:
     """The claim's verdict, with the reason where it did not run."""
     v = verdict(outcomes)
     if v != NOT_RUN:
@@ -372,7 +372,7 @@ def reproduction_report(reference_dir: Path, pairs: list[tuple[str, Path]],
              "| claim | experiments | verdict | statement |", "| --- | --- | --- | --- |"]
     for claim, outcomes in judged:
         labels = ", ".join(EXPERIMENTS[e].label for e in claim.experiments)
-        lines.append(f"| {claim.id} | {labels} | **{_verdict_text(claim, outcomes)}** | {_md(claim.statement)} |")
+        lines.append(f"| {claim.id} | {labels} | **{_verdict_text(outcomes)}** | {_md(claim.statement)} |")
     lines += ["", "## Runs compared", "", "| experiment | this run | reference |", "| --- | --- | --- |"]
     for exp, spec in EXPERIMENTS.items():
         this = (f"{_where(fresh[exp].manifest)}, `{dict(pairs)[exp]}`" if exp in fresh
@@ -380,7 +380,7 @@ def reproduction_report(reference_dir: Path, pairs: list[tuple[str, Path]],
         ref = _where(refs[exp].manifest) if exp in refs else "none (measured on every machine)"
         lines.append(f"| {spec.label} (`{exp}`) | {_md(this)} | {_md(ref)} |")
     for claim, outcomes in judged:
-        lines += ["", f"## {claim.id}: {_verdict_text(claim, outcomes)}", "", claim.statement, "",
+        lines += ["", f"## {claim.id}: {_verdict_text(outcomes)}", "", claim.statement, "",
                   "| experiment | check | tolerance | reference | this run | verdict |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for check, o in zip(claim.checks, outcomes, strict=True):
