@@ -5,6 +5,7 @@
     python -m fieldprint.report claims <out.md> <experiment>=<results.csv> ...
     python -m fieldprint.report environment <gpu.manifest.json> <local.manifest.json> <out.tex>
     python -m fieldprint.report reproduction <out.md> <reference_dir> <experiment>=<results.csv> ...
+    python -m fieldprint.report artifact <out.tex> <h200_reference_dir> <cpu_reference_dir>
     python -m fieldprint.report index <out.tex> <generated.tex> ...
 """
 
@@ -17,7 +18,8 @@ from pathlib import Path
 
 from fieldprint.report import Claim, render_macros
 from fieldprint.report.e3_hash import ceiling_macros
-from fieldprint.report.provenance import environment_macros, reproduction_report
+from fieldprint.report.provenance import environment_macros
+from fieldprint.report.reproduction import artifact_macros, reproduction_report
 from fieldprint.results import ResultsError, atomic_write_text, load_results
 
 
@@ -84,7 +86,11 @@ def _main() -> None:
     r = sub.add_parser("reproduction")
     r.add_argument("out", type=Path)
     r.add_argument("reference_dir", type=Path)
-    r.add_argument("inputs", nargs="+", help="experiment=results.csv")
+    r.add_argument("inputs", nargs="+", help="experiment=results.csv (the experiments this run measured)")
+    a = sub.add_parser("artifact")
+    a.add_argument("out", type=Path)
+    a.add_argument("h200_dir", type=Path, help="the committed H200 reference (data/reference/h200)")
+    a.add_argument("cpu_dir", type=Path, help="the committed 2-core CPU reference (data/reference/cpu)")
     i = sub.add_parser("index")
     i.add_argument("out", type=Path)
     i.add_argument("inputs", nargs="+", type=Path, help="generated .tex files to \\input")
@@ -100,8 +106,15 @@ def _main() -> None:
         write_claims(args.out, args.inputs)
     elif args.command == "environment":
         atomic_write_text(args.out, render_macros(environment_macros(args.gpu_manifest, args.local_manifest)))
+    elif args.command == "artifact":
+        atomic_write_text(args.out, render_macros(artifact_macros(args.h200_dir, args.cpu_dir, _report)))
     else:
-        pairs = [(exp, Path(p)) for exp, _, p in (item.partition("=") for item in args.inputs)]
+        pairs = []
+        for item in args.inputs:
+            exp, eq, path = item.partition("=")
+            if not (exp and eq and path):
+                parser.error(f"reproduction input {item!r}: expected <experiment>=<results.csv>")
+            pairs.append((exp, Path(path)))
         atomic_write_text(args.out, reproduction_report(args.reference_dir, pairs, _report))
 
 
