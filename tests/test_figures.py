@@ -14,6 +14,7 @@ from fieldprint.report import e2_sram as e2_report
 from fieldprint.results import load_results
 
 REFERENCE = REPO_ROOT / "data" / "reference" / "h200"
+MANIFEST = {"gpu": None, "cpu_count": 2, "date": "2026-11-30T00:00:00"}
 
 
 def _capture(monkeypatch, module):
@@ -93,11 +94,23 @@ def test_e1_categories_unjoined_axes_from_zero_legend_complete(tmp_path, monkeyp
     _check_printed(fig, tmp_path / "e1.pdf", style.TEXT_WIDTH)
 
 
+def test_e1_one_shape_one_anchor_count(tmp_path, monkeypatch):
+    """A smoke run's rows (one shape, one anchor count) draw: one panel per shape, here one."""
+    rows = [{"mode": "decode", "kv_dtype": "bf16", "impl": impl, "batch": 2, "context": 40, "anchors": 16,
+             "tbps": tbps} for impl, tbps in (("fused", 0.002), ("cascade", 0.001), ("naive", 0.0005))]
+    figs = _capture(monkeypatch, e1_throughput)
+    e1_throughput.draw(rows, MANIFEST, tmp_path / "e1")
+    by_shape, vs_anchors = figs[0].get_axes()
+    assert len(vs_anchors.patches) == 2  # fused and cascade at 16 anchors; naive is not a strong baseline
+    assert _legend_labels(figs[0]) == {style.implementation(r["impl"]).label for r in rows}  # no ceiling
+    with pytest.raises(ValueError, match="no measured decode rows"):
+        e1_throughput.draw([dict(r, tbps=None) for r in rows], MANIFEST, tmp_path / "none")
+
+
 E0_ROWS = [{"form": f, "context": c, "intermediate_bytes": b, "ms": ms}
            for c, n in ((512, 589824), (4096, 4259840))
            for f, b, ms in (("naive", n, 17.0), ("two_softmax", n + 1024, 4.0),
                             ("sdpa_fused", 0 if c < 4096 else 67584, 1.0))]
-MANIFEST = {"gpu": None, "cpu_count": 2, "date": "2026-11-30T00:00:00"}
 
 
 def test_e0_zero_bytes_drawn_and_both_unfused_forms_visible(tmp_path, monkeypatch):

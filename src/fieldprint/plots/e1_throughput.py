@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter, LogLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from fieldprint.plots.style import implementation, printed_figure, save, source_label, tokens_label
 
@@ -71,6 +71,7 @@ def _by_shape(ax, bw, shapes, anchors) -> list[str]:
     ax.set_yscale("log")
     ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())  # 1-2-5 majors suffice; minors would use 10^x
     ax.set_ylabel("bandwidth (TB/s)")
     ax.set_title(f"decode, {anchors} anchors, bf16 KV (log scale)", loc="left")
     return impls
@@ -107,7 +108,7 @@ def draw(rows: list[dict[str, Any]], manifest: dict[str, Any], out_stem) -> None
     fig = printed_figure(height=2.75, wide=True)
     left, right = fig.subfigures(1, 2, width_ratios=[1.0, 1.45], wspace=0.02)
     shown = _by_shape(left.subplots(), bw, shapes, a_plot)
-    right_axes = right.subplots(1, len(shapes), sharey=True)
+    right_axes = right.subplots(1, len(shapes), sharey=True, squeeze=False)[0]
     shown_right = _vs_anchors(list(right_axes), bw, shapes)
     right.suptitle(f"decode, bf16 KV, vs anchors — {source_label(manifest)}", fontsize=8)
     right.supxlabel("anchor tokens", fontsize=8)
@@ -115,8 +116,9 @@ def draw(rows: list[dict[str, Any]], manifest: dict[str, Any], out_stem) -> None
     handles = [Line2D([], [], linestyle="none", marker=implementation(n).marker,
                       color=implementation(n).color, markersize=5, label=implementation(n).label)
                for n in impls_in_order(set(shown) | set(shown_right))]
-    handles.append(Line2D([], [], color="k", linestyle="--", linewidth=0.8,
-                          label="cuDNN SDPA level (left)"))
+    if CEILING in shown:
+        handles.append(Line2D([], [], color="k", linestyle="--", linewidth=0.8,
+                              label="cuDNN SDPA level (left)"))
     fig.legend(handles=handles, loc="outside lower center", ncol=5, frameon=False,
                columnspacing=1.0, handletextpad=0.3)
     save(fig, out_stem)
