@@ -111,6 +111,7 @@ SASS_RESULT = result("e3_sass", "paper")
 rule sass_counts:
     input:
         "configs/e3_sass.yaml",
+        "configs/e3_sass/paper.yaml",
         "configs/scale/paper.yaml",
         "configs/common.yaml",
         "src/fieldprint/hashing/_kernels.py",
