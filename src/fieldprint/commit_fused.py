@@ -82,13 +82,12 @@ class FusedCommitPath:
             self._grow(max(2 * self.capacity, self.leaves + n))
         self.desc_host[slot, :p] = torch.tensor(list(zip(blocks, tokens, page_ids, strict=True)), dtype=torch.int64)
         self.counts_host[slot, 0], self.counts_host[slot, 1] = p, n
-        if self.graphs:
-            if self._replays[slot] is None:
-                self._replays[slot] = self._capture(slot)
-            with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+        if self.graphs and self._replays[slot] is None:
+            self._replays[slot] = self._capture(slot)
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            if self.graphs:
                 self._replays[slot].replay()
-        else:
-            with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            else:
                 self._batch(slot)
         rows = self.bufs.rows[self.leaves:self.leaves + n]
         self.leaves += n
