@@ -73,7 +73,7 @@ import torch
 from fieldprint.cache import PagedKVCache, PageRef
 from fieldprint.commit_baselines import PerStepCopyCPU, PerStepGPU
 from fieldprint.commit_fused import FusedCommitPath
-from fieldprint.commit_pages import LeafRef, check_pages, leaf_headers, leaf_refs, page_id, page_leaf_rows
+from fieldprint.commit_pages import LeafRef, LeafRefs, check_pages, leaf_headers, leaf_refs, page_id, page_leaf_rows
 from fieldprint.commit_store import LeafStore, VerifyResult
 from fieldprint.formats import FORMATS, ROUNDING_IDS
 from fieldprint.hashing import BACKENDS as HASH_BACKENDS
@@ -139,7 +139,7 @@ class _Pending:
 
     work: _Unfused | _Fused
     leaves: int  # leaves covered by its root
-    refs: list[LeafRef]  # its leaves
+    refs: LeafRefs  # its leaves
     taken: tuple[PageRef, ...]  # pages it took from the cache's sealed list
     before: _Before
 
@@ -232,7 +232,8 @@ class Committer:
         self.commits = 0
         self.step_digests: list[bytes] = []  # per-step modes: one digest per step (host)
         spec = LeafSpec(fmt, rounding, elems=cache.block_size * cache.num_kv_heads * cache.head_dim)
-        self._store = LeafStore(spec, self.device, hash_backend, host_digests=fetch_leaves)
+        self._store = LeafStore(spec, self.device, hash_backend, host_digests=fetch_leaves,
+                                num_layers=cache.num_layers)
         self._tree = DeviceMerkleTree(self.device, hash_backend)
         self._anchors_done: frozenset[int] = frozenset()
         self._backlog: tuple[PageRef, ...] = ()  # sealed pages taken from the cache, not committed yet
@@ -252,7 +253,7 @@ class Committer:
         self._slot_owner: dict[int, _Batch] = {}  # fused ring slot -> the batch whose results it holds
 
     @property
-    def leaves(self) -> list[LeafRef]:
+    def leaves(self) -> LeafRefs:
         """What each committed leaf holds, in tree order."""
         return self._store.leaves
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from fieldprint.cache import PagedKVCache
-from fieldprint.commit_pages import LeafRef, gather_pages, leaf_headers, live_blocks
+from fieldprint.commit_pages import LeafRef, LeafRefs, gather_pages, leaf_headers, live_blocks
 from fieldprint.formats import get_format
 from fieldprint.hashing import blake3_many
 from fieldprint.leaf import LeafSpec, leaf_bytes
@@ -61,10 +61,11 @@ class LeafStore:
     host_digests: keep the host copy (needed by `verify`).
     """
 
-    def __init__(self, spec: LeafSpec, device: torch.device, hash_backend: str, host_digests: bool) -> None:
+    def __init__(self, spec: LeafSpec, device: torch.device, hash_backend: str, host_digests: bool,
+                 num_layers: int) -> None:
         self.spec, self.device, self.hash_backend = spec, device, hash_backend
         self.host_digests = host_digests
-        self.leaves: list[LeafRef] = []
+        self.leaves = LeafRefs([], num_layers)
         self.rows: list[torch.Tensor] = []  # [n_i, spec.length] uint8, one per commit
         self._digests = torch.zeros((0, 32), dtype=torch.uint8)  # host, capacity >= len(leaves)
         self._trusted: tuple[int, MerkleTree] | None = None  # (leaves, tree of the host digests)
@@ -87,14 +88,14 @@ class LeafStore:
         new[: self._digests.shape[0]] = self._digests
         self._digests = new
 
-    def append(self, refs: list[LeafRef], rows: torch.Tensor, digests: torch.Tensor | None) -> None:
+    def append(self, refs: LeafRefs, rows: torch.Tensor, digests: torch.Tensor | None) -> None:
         """Add one commit: ``refs`` and ``rows [len(refs), spec.length]`` on the device, and copy
         ``digests [len(refs), 32]`` (device) to the host without blocking (call `reserve` first);
         None: the caller writes them later (`write_digests`)."""
         first = len(self.leaves)
         if self.host_digests and digests is not None:
             self._digests[first:first + len(refs)].copy_(digests, non_blocking=True)
-        self.leaves += refs
+        self.leaves.extend(refs)
         self.rows.append(rows)
 
     def write_digests(self, first: int, digests: torch.Tensor) -> None:
@@ -104,7 +105,7 @@ class LeafStore:
 
     def truncate(self, num_leaves: int, num_commits: int) -> None:
         """Drop every leaf past ``num_leaves`` and every commit past ``num_commits`` (a rollback)."""
-        del self.leaves[num_leaves:]
+        self.leaves.truncate(num_leaves)
         del self.rows[num_commits:]
         self._trusted = None
 
