@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -62,6 +63,15 @@ class ExperimentConfig:
             raise ValueError(f"scale must be one of {SCALES}, got {self.scale!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+
+
+_STARTED = time.perf_counter()
+
+
+def progress(name: str, msg: str) -> None:
+    """A line on stderr (the run's log) with the seconds since the process started: where a long
+    paper-scale run spends its time, also when the run is cut short."""
+    print(f"[{name} +{time.perf_counter() - _STARTED:7.1f} s] {msg}", file=sys.stderr, flush=True)
 
 
 def check(condition: bool, message: str) -> None:

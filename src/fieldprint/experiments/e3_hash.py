@@ -46,7 +46,7 @@ import numpy
 import torch
 
 from fieldprint import hashing
-from fieldprint.experiments.common import ExperimentConfig, check, hydra_main, resolve_device
+from fieldprint.experiments.common import ExperimentConfig, check, hydra_main, progress, resolve_device
 from fieldprint.experiments.e4_stability import page_rows
 from fieldprint.formats import get_format, pow2, scale_exponent
 from fieldprint.hashing.fused import FUSED_FORMATS, LeafPlan, launch_leaves
@@ -322,6 +322,7 @@ def _measure_gpu(cfg, impl, nbytes, bufs, device, label) -> list[dict]:
             continue
         ms, status = _timed(lambda f=fmt, r=rounding: cycling(
             gpu_fn(impl, f, r, cfg.page_elems, cfg.seed, bufs), bufs), device, cfg)
+        progress("e3_hash", f"{impl} {fmt}/{rounding} at {nbytes // KIB} KiB: {status}")
         rows.append(_row(impl, nbytes, ms, device=device, fmt=fmt,
                          backend=("torch" if device == "cuda" else "numpy") if impl == "d2d_copy"
                          else label,
@@ -415,6 +416,7 @@ def run(cfg: E3Config) -> list[dict]:
         if cpu_impls and nbytes <= cfg.cpu_max_kib * KIB:
             host = [b.cpu().view(torch.uint8) for b in bufs]
             rows += [_measure_cpu(cfg, impl, nbytes, host) for impl in cpu_impls]
+            progress("e3_hash", f"CPU hashing at {size_kib} KiB done")
             del host
         del bufs
         if device == "cuda":

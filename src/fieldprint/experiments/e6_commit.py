@@ -36,7 +36,6 @@ from __future__ import annotations
 import gc
 import random
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -45,7 +44,7 @@ import torch
 from fieldprint.cache import PagedKVCache
 from fieldprint.commit import COMMIT_MODES, MODES, Committer
 from fieldprint.decode import GraphDecoder
-from fieldprint.experiments.common import ExperimentConfig, check, hydra_main, resolve_device
+from fieldprint.experiments.common import ExperimentConfig, check, hydra_main, progress, resolve_device
 from fieldprint.model import ModelConfig, Transformer, forward_sequences, prefill_anchor
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -113,14 +112,6 @@ class E6Config(ExperimentConfig):
                            context=self.anchors + self.context + decoded, vocab_size=self.vocab, ffn_hidden=self.mlp)
 
 
-_T0 = time.perf_counter()
-
-
-def _progress(msg: str) -> None:
-    """A timestamped line on stderr (the run's log): where a long paper-scale run spends its time."""
-    print(f"[e6 +{time.perf_counter() - _T0:7.1f} s] {msg}", file=sys.stderr, flush=True)
-
-
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -153,7 +144,7 @@ def run(cfg: E6Config) -> list[dict]:
     torch.manual_seed(cfg.seed)  # the model's random weights
     model = Transformer(cfg.model_config()).to(device=device, dtype=DTYPES[cfg.dtype]).eval()
     rows: list[dict] = []
-    _progress(f"model built on {device}")
+    progress("e6_commit", f"model built on {device}")
     for batch in cfg.batches:
         rows += _run_batch(cfg, model, batch, device)
     return rows
@@ -178,7 +169,7 @@ def _run_batch(cfg: E6Config, model: Transformer, batch: int, device: str) -> li
         forward_sequences(model, cache, [s], torch.randint(cfg.vocab, (lengths[s],), generator=gen).to(device),
                           [lengths[s]], attention=cfg.attention)
     cache.take_sealed()
-    _progress(f"batch {batch}: context prefilled")
+    progress("e6_commit", f"batch {batch}: context prefilled")
     tokens0 = torch.randint(cfg.vocab, (batch,), generator=gen).to(device)
     validated = False
     graph = GraphDecoder(model, cache, max_batch=batch, max_blocks=-(-max_len // S), buckets=[batch],
@@ -261,11 +252,11 @@ def _run_batch(cfg: E6Config, model: Transformer, batch: int, device: str) -> li
         timed(mode, interval, steps=max(interval, cfg.warmup))
     for series in (*times.values(), *host_ms.values()):
         series.clear()
-    _progress(f"batch {batch}: every configuration warmed")
+    progress("e6_commit", f"batch {batch}: every configuration warmed")
     for rep in range(cfg.reps):
         for mode, interval in configs:
             timed(mode, interval)
-        _progress(f"batch {batch}: repetition {rep + 1} of {cfg.reps} timed")
+        progress("e6_commit", f"batch {batch}: repetition {rep + 1} of {cfg.reps} timed")
     def commit_costs(mode: str, interval: int) -> tuple[int | str, float | str, str]:
         """(kernel launches of one boundary commit, median GPU ms of the commit's work on its
         stream over ``COST_COMMITS`` boundaries, the commit path), untimed: each commit runs alone after a
@@ -295,7 +286,7 @@ def _run_batch(cfg: E6Config, model: Transformer, batch: int, device: str) -> li
         return count, round(statistics.median(gpu_ms), 5) if gpu_ms else "", "fused" if committer.fused else "unfused"
 
     costs = {c: commit_costs(*c) for c in configs if c[0] in COMMIT_MODES}
-    _progress(f"batch {batch}: per-commit costs measured")
+    progress("e6_commit", f"batch {batch}: per-commit costs measured")
 
     base = statistics.median(times[("none", 1)])
     rows: list[dict] = []
@@ -322,7 +313,7 @@ def _run_batch(cfg: E6Config, model: Transformer, batch: int, device: str) -> li
         })
     if batch == cfg.batches[0]:  # the tamper trials once, at the first batch size
         rows += _tamper(cfg, cache, seqs, batch, random.Random(cfg.seed))
-        _progress(f"batch {batch}: tamper trials done")
+        progress("e6_commit", f"batch {batch}: tamper trials done")
     return rows
 
 
