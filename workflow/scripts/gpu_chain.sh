@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Paper-scale experiments one after another in a background chain that outlives the command that
+# started it, for machines that cut a command off sooner than the experiments take (the device
+# tool's 10-minute calls: E6 alone takes about 11 minutes on an H200):
+#
+#   workflow/scripts/gpu_chain.sh e6_commit e3_hash     # first call: starts the chain, then waits
+#   workflow/scripts/gpu_chain.sh e6_commit e3_hash     # later calls: wait for the next result
+#
+# Each call waits up to WAIT seconds (default 560) for the next experiment that finished and was
+# not yet handed back, copies its results.tar.gz and log into $OUT and returns; otherwise it
+# prints where the chain is. Every experiment runs through gpu_run.sh (one at a time: timings
+# never share the GPU). The chain lives in /tmp/gpu_chain of this machine: a fresh machine
+# starts it again.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+[ $# -ge 1 ] || { echo "usage: $0 EXPERIMENT..."; exit 2; }
+state=/tmp/gpu_chain
+mkdir -p "$state"
+if [ ! -e "$state/started" ]; then
+  date +%s > "$state/started"
+  pwd > "$state/cwd"
+  for exp in "$@"; do echo "$exp"; done > "$state/experiments"
+  setsid nohup bash -c '
+    state=$1; shift
+    for exp in "$@"; do
+      mkdir -p "$state/out_$exp"
+      OUT="$state/out_$exp" workflow/scripts/gpu_run.sh "$exp" > "$state/$exp.log" 2>&1
+      echo $? > "$state/$exp.rc"
+    done' chain "$state" "$@" > /dev/null 2>&1 < /dev/null &
+elif [ "$(cat "$state/experiments")" != "$(printf '%s\n' "$@")" ]; then
+  echo "a chain of other experiments runs here: $(tr '\n' ' ' < "$state/experiments")"; exit 2
+fi
+started=$(cat "$state/started")
+t0=$(date +%s)
+while [ $(( $(date +%s) - t0 )) -lt "${WAIT:-560}" ]; do
+  for exp in "$@"; do
+    if [ -e "$state/$exp.rc" ] && [ ! -e "$state/$exp.delivered" ]; then
+      mkdir -p "${OUT:-.}/$exp"
+      cp "$state/out_$exp"/* "$state/$exp.log" "${OUT:-.}/$exp/" 2>/dev/null
+      touch "$state/$exp.delivered"
+      echo "== $exp: exit $(cat "$state/$exp.rc") at +$(( $(date +%s) - started )) s"
+      tail -25 "$state/$exp.log"
+      exit 0
+    fi
+  done
+  all=1
+  for exp in "$@"; do [ -e "$state/$exp.delivered" ] || all=0; done
+  [ $all = 1 ] && { echo "every experiment of the chain was handed back"; exit 0; }
+  sleep 3
+done
+echo "== still running at +$(( $(date +%s) - started )) s"
+tail -n 4 "$(cat "$state/cwd")"/results/logs/*.paper.log 2>/dev/null
+exit 0
