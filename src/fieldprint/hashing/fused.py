@@ -15,14 +15,27 @@ scale rule of `fieldprint.formats`, the slots past the page's valid tokens zeroe
 its leaf bytes with BLAKE3 keyed by ``merkle.LEAF_KEY``. Formats: the 1-byte codes (e4m3, e5m2,
 int8); bf16/fp16 codes are not fused.
 
-`_leaf_kernel`: one lane per leaf, lanes of a program are consecutive leaves. A lane reads its
-page twice: once for the page's largest magnitude (its scale exponent, `scale_exponent_bits`,
-and whether it is finite), then 64-byte block by block while it quantizes
-(`fieldprint.quant_kernels.quant_code_fast`), writes the block into the leaf row and compresses it.
-Every lane walks the same leaf layout in step, so which field a block holds (header, codes,
-scale, helper, padding) is decided by scalar branches, without divergence. Chunk chaining values
-go to a scratch buffer and each lane then reduces its own chunk tree (bottom-up pairing with a
-lone last node carried up: BLAKE3's left-complete tree), so the digest leaves the kernel finished.
+`_leaf_kernel`: a program of 128 lanes (4 warps) builds G consecutive leaves (`program_split`:
+as many as have their full 1 KiB chunks fill the 128 lanes once; 8 for 16K-element e4m3 rne
+leaves of 17 chunks), in three phases separated by block barriers:
+
+1. Quantize. The G pages are visited PG at a time as coalesced [PG, TILE] tiles (each lane
+   loading consecutive elements, 16-byte loads of bf16). A page that fits one tile is read once:
+   its largest magnitude (`scale_exponent_bits`; NaN/Inf clear the finite flag) and its codes
+   (`fieldprint.quant_kernels.quant_code_fast`; two_grid: the integer `quant_code` for codes and
+   helper bits) come from the same registers. A larger page (16K elements: 4 tiles of 4096) is
+   read twice, tile by tile, the amax pass then the codes pass (its tiles would not fit a lane's
+   registers); the second read is of the page just read (32 KiB of bf16 apart), meant to hit L1
+   or L2 so that the pool is read from memory once (not measured on a GPU yet). Every byte of the leaf rows is written
+   to global memory: header (page id written into the leaf module's header words), codes, scale,
+   helper bytes, zero padding.
+2. Hash the chunks: one lane per chunk of the G leaves, 16 compressions each (the leaves' short
+   last chunks in a round of their own), reading the row words just written through L2; chaining
+   values to a scratch buffer.
+3. Reduce each leaf's chunk tree, a level at a time, one lane per parent node (pairing bottom-up,
+   a lone last node carried up: BLAKE3's left-complete tree); the root compression writes the
+   digest.
+
 Everything the launch varies with lives in device memory (the page descriptors, the number of
 pages, the store row of the first leaf), so a CUDA graph can replay it for every commit.
 """
@@ -53,7 +66,7 @@ DESC_FIELDS = 3  # a page descriptor: pool page, valid tokens, page id (int64 ea
 _SCALAR_ARGS = ["C", "NODES", "key0", "key1", "k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7", "key_flags"]
 _PAGE_ID_WORD = header_offset("page_id")[0] // 4  # the kernel writes each leaf's page id into words 2, 3
 _LANES = 128  # lanes of a program (4 warps): phase 2's chunk lanes, phase 3's parent-node lanes
-# Elements of one phase-1 tile [PG, TILE]: 32 per lane (8 16-byte loads of bf16 per lane in flight)
+# Elements of one phase-1 tile [PG, TILE]: 32 a lane (four 16-byte loads of bf16 in flight a lane)
 _TILE_ELEMS = 4096
 
 
@@ -181,12 +194,11 @@ def _leaf_kernel(
         # consecutive elements), writing every byte of their rows. A page in one tile (ONE_TILE) is
         # read once and kept in registers from its largest magnitude to its codes; a larger page is
         # read twice, a tile at a time (the amax, then the codes): its tiles do not fit a lane's
-        # registers, and the second read finds the page just read (TILE * PG elements apart) in L1
-        # or L2, so the pool is read from memory once.
-        for gi in range(0, G // PG):
+        # registers; the second read is of the page just read, meant to hit L1 or L2.
+        for gi in range(0, (G + PG - 1) // PG):
             if first + gi * PG < n_leaves:
                 leaf = first + gi * PG + tl.arange(0, PG)
-                ok = (leaf < n_leaves) & (base + leaf < capacity)
+                ok = (leaf < first + G) & (leaf < n_leaves) & (base + leaf < capacity)
                 leaf = tl.where(ok, leaf, 0)
                 page = leaf // (L * KINDS)
                 lk = leaf - page * (L * KINDS)  # header row: layer * KINDS + kind
@@ -347,13 +359,14 @@ def tree_nodes(chunks: int) -> int:
 
 
 def program_split(plan: LeafPlan) -> tuple[int, int, int]:
-    """(G, PG, TILE) of `_leaf_kernel` for ``plan``: G leaves per program, the largest power of
-    two whose full chunks fill at most one chunk lane each (17-chunk leaves: 8, 128 chunk lanes);
-    phase 1 tiles of PG leaves by TILE elements, PG * TILE <= `_TILE_ELEMS`."""
+    """(G, PG, TILE) of `_leaf_kernel` for ``plan``: G leaves per program, as many as have their
+    full chunks fill at most one round of chunk lanes (17-chunk leaves: 8 fill 128 lanes; 19-chunk
+    two_grid leaves of 16K elements: 7 fill 126); phase-1 tiles of PG leaves by TILE elements (powers
+    of two, PG * TILE <= `_TILE_ELEMS`)."""
     full = max(plan.spec.length // K.CHUNK_LEN, 1)
-    g = 1 << max((_LANES // full).bit_length() - 1, 0)
+    g = max(_LANES // full, 1)
     tile = min(_TILE_ELEMS, triton.next_power_of_2(plan.spec.elems))
-    return g, min(g, _TILE_ELEMS // tile), tile
+    return g, min(triton.next_power_of_2(g), _TILE_ELEMS // tile), tile
 
 
 def _s32(v: int) -> int:
