@@ -188,3 +188,109 @@ def test_header_words_are_the_leaf_modules_and_checked(monkeypatch):
     monkeypatch.setattr(fused, "_PAGE_ID_WORD", 4)
     with pytest.raises(RuntimeError, match="page-id words"):
         fused.header_words(spec, [9], ["v"])
+
+
+def _launch_case(fmt, rounding, *, layers, kinds, tokens_per_page, tok_elems, n_blocks, max_pages, blocks,
+                 tokens, base, capacity, seed=None, gen_seed=0):
+    """One `launch_leaves` on random pools (sentinel-filled outputs), checked leaf by leaf against
+    quantize + page_leaf_bytes + BLAKE3 (the blake3 package) of the page with its slots past the
+    valid tokens zeroed. Returns (plan, n_programs, leaves) for the caller's own assertions."""
+    import blake3 as ref
+
+    from fieldprint.hashing.fused import LeafPlan, launch_leaves, program_split
+    from fieldprint.leaf import LeafSpec
+    from fieldprint.merkle import LEAF_KEY, page_leaf_bytes
+    from fieldprint.quant import quantize
+
+    gen = torch.Generator().manual_seed(gen_seed)
+    elems = tokens_per_page * tok_elems
+    spec = LeafSpec(fmt, rounding, elems=elems, seed=seed)
+    layer_ids = tuple(range(7, 7 + layers))
+    plan = LeafPlan(spec, layers=layers, kinds=kinds, max_pages=max_pages, tokens_per_page=tokens_per_page,
+                    layer_ids=layer_ids)
+    pools = [_pages((layers * n_blocks, tokens_per_page, tok_elems), torch.bfloat16, gen, fmt)
+             .reshape(layers, n_blocks, tokens_per_page, tok_elems).to(_device()) for _ in range(kinds)]
+    ids = [2**40 + 11 * i for i in range(len(blocks))]
+    desc = torch.zeros((max_pages, 3), dtype=torch.int64)
+    desc[:len(blocks)] = torch.tensor([blocks, tokens, ids], dtype=torch.int64).T
+    bufs = plan.buffers(_device(), capacity)
+    bufs.rows.fill_(0x5A)  # sentinels: every byte of a built row is written, nothing else is
+    bufs.digests.fill_(0xA5)
+    bufs.finite.fill_(7)
+    launch_leaves(plan, bufs, pools[0], pools[1] if kinds == 2 else None, desc.to(_device()),
+                  torch.tensor([len(blocks)], dtype=torch.int32).to(_device()),
+                  torch.tensor([base], dtype=torch.int64).to(_device()), seed)
+    rows, digests, finite = bufs.rows.cpu(), bufs.digests.cpu(), bufs.finite.cpu()
+    n_leaves = len(blocks) * layers * kinds
+    built = 0
+    for j in range(plan.max_leaves):
+        if j >= n_leaves or base + j >= capacity:
+            assert (digests[j] == 0xA5).all() and finite[j] == 7, j  # no leaf: nothing written
+            continue
+        p, lk = divmod(j, layers * kinds)
+        layer, kind = divmod(lk, kinds)
+        page = pools[kind][layer, blocks[p]].cpu().clone()
+        page[tokens[p]:] = 0.0
+        qt = quantize(page[None], fmt, rounding, seed=seed, backend="torch")
+        leaf = page_leaf_bytes(qt, page_ids=[ids[p]], layer=layer_ids[layer], kind="kv"[kind])[0]
+        assert torch.equal(rows[base + j], leaf), j
+        assert bytes(digests[j].tolist()) == ref.blake3(bytes(leaf.tolist()), key=LEAF_KEY).digest(), j
+        assert finite[j] == 1, j
+        built += 1
+    outside = [r for r in range(capacity) if not base <= r < base + n_leaves]
+    assert (rows[outside] == 0x5A).all()  # rows of no leaf of this launch are untouched
+    g = program_split(plan)[0]
+    return plan, -(-n_leaves // g), built
+
+
+@pytest.mark.parametrize("fmt,rounding,seed", [("e5m2", "trunc", None), ("int8", "stochastic", SEED),
+                                               ("e4m3", "two_grid", None)])
+def test_launch_many_one_chunk_leaves_straddle_programs(fmt, rounding, seed):
+    """1-chunk leaves (G = 128 per program): 24 of 30 described pages, K and V of 3 layers = 144
+    leaves over two programs, the second straddling the page count; ragged valid tokens; base 5
+    with capacity 146 clips the last 3 leaves."""
+    tokens = [(3 * i) % 5 for i in range(24)]  # 0..4 of 4 token slots (4 = past the page: all valid)
+    blocks = [(7 * i) % 31 for i in range(24)]
+    plan, programs, built = _launch_case(fmt, rounding, layers=3, kinds=2, tokens_per_page=4, tok_elems=16,
+                                         n_blocks=31, max_pages=30, blocks=blocks, tokens=tokens, base=5,
+                                         capacity=146, seed=seed, gen_seed=1)
+    assert plan.chunks == 1 and programs == 2 and built == 141
+
+
+@pytest.mark.parametrize("fmt,rounding,tok_elems,chunks", [
+    ("e4m3", "rne", 512, 3),        # 2048 elements: 2 full chunks + 2 blocks, one phase-1 tile
+    ("e5m2", "two_grid", 1024, 5),  # 4096 elements + 512 helper bytes: 4 full chunks + 9 blocks
+])
+def test_launch_odd_chunk_counts_k_only(fmt, rounding, tok_elems, chunks):
+    """K-only leaves of 2 layers, odd chunk counts (a lone node carried up the tree), a program
+    with fewer leaves than its G (the chunk lanes of the missing leaves idle), ragged valid tokens,
+    base + capacity clipping of the last leaf."""
+    plan, programs, built = _launch_case(fmt, rounding, layers=2, kinds=1, tokens_per_page=4, tok_elems=tok_elems,
+                                         n_blocks=4, max_pages=4, blocks=[2, 0, 3], tokens=[4, 1, 3],
+                                         base=1, capacity=6, gen_seed=2)
+    assert plan.chunks == chunks and programs == 1 and built == 5
+
+
+@pytest.mark.parametrize("rounding,chunks,programs", [("rne", 17, 1), ("two_grid", 19, 2)])
+def test_launch_16k_pages_two_tile_passes(rounding, chunks, programs):
+    """16K-element pages (the committer's size): pages larger than one phase-1 tile are read
+    twice, tile by tile; 17 chunks a leaf (rne: 8 leaves a program) or 19 (two_grid: 7 a program,
+    so the 8 leaves take two programs, the second with one leaf); K and V, ragged tokens within a
+    program."""
+    plan, programs_run, built = _launch_case("e4m3", rounding, layers=1, kinds=2, tokens_per_page=16,
+                                             tok_elems=1024, n_blocks=5, max_pages=5, blocks=[4, 0, 3, 1],
+                                             tokens=[16, 9, 0, 1], base=0, capacity=8, gen_seed=3)
+    assert plan.chunks == chunks and programs_run == programs and built == 8
+
+
+def test_launch_refuses_a_chaining_buffer_of_another_shape():
+    from fieldprint.hashing.fused import LeafPlan, launch_leaves
+    from fieldprint.leaf import LeafSpec
+
+    plan = LeafPlan(LeafSpec("e4m3", "rne", elems=2048), layers=1, kinds=1, max_pages=2, tokens_per_page=1)
+    bufs = plan.buffers("cpu", capacity=2)
+    bufs.chaining = torch.empty((2, plan.chunks, 8), dtype=torch.int32)  # one node a chunk: no room for the tree
+    one = torch.ones(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="bufs.chaining must be"):
+        launch_leaves(plan, bufs, torch.zeros((1, 3, 2048)), None, torch.zeros((2, 3), dtype=torch.int64), one,
+                      one * 0)

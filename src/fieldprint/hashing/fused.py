@@ -15,14 +15,27 @@ scale rule of `fieldprint.formats`, the slots past the page's valid tokens zeroe
 its leaf bytes with BLAKE3 keyed by ``merkle.LEAF_KEY``. Formats: the 1-byte codes (e4m3, e5m2,
 int8); bf16/fp16 codes are not fused.
 
-`_leaf_kernel`: one lane per leaf, lanes of a program are consecutive leaves. A lane reads its
-page twice: once for the page's largest magnitude (its scale exponent, `scale_exponent_bits`,
-and whether it is finite), then 64-byte block by block while it quantizes
-(`fieldprint.quant_kernels.quant_code_fast`), writes the block into the leaf row and compresses it.
-Every lane walks the same leaf layout in step, so which field a block holds (header, codes,
-scale, helper, padding) is decided by scalar branches, without divergence. Chunk chaining values
-go to a scratch buffer and each lane then reduces its own chunk tree (bottom-up pairing with a
-lone last node carried up: BLAKE3's left-complete tree), so the digest leaves the kernel finished.
+`_leaf_kernel`: a program of 128 lanes (4 warps) builds G consecutive leaves (`program_split`:
+as many as have their full 1 KiB chunks fill the 128 lanes once; 8 for 16K-element e4m3 rne
+leaves of 17 chunks), in three phases separated by block barriers:
+
+1. Quantize. The G pages are visited PG at a time as coalesced [PG, TILE] tiles (each lane
+   loading consecutive elements, 16-byte loads of bf16). A page that fits one tile is read once:
+   its largest magnitude (`scale_exponent_bits`; NaN/Inf clear the finite flag) and its codes
+   (`fieldprint.quant_kernels.quant_code_fast`; two_grid: the integer `quant_code` for codes and
+   helper bits) come from the same registers. A larger page (16K elements: 4 tiles of 4096) is
+   read twice, tile by tile, the amax pass then the codes pass (its tiles would not fit a lane's
+   registers); the second read is of the page just read (32 KiB of bf16 apart), meant to hit L1
+   or L2 so that the pool is read from memory once (not measured on a GPU yet). Every byte of the leaf rows is written
+   to global memory: header (page id written into the leaf module's header words), codes, scale,
+   helper bytes, zero padding.
+2. Hash the chunks: one lane per chunk of the G leaves, 16 compressions each (the leaves' short
+   last chunks in a round of their own), reading the row words just written through L2; chaining
+   values to a scratch buffer.
+3. Reduce each leaf's chunk tree, a level at a time, one lane per parent node (pairing bottom-up,
+   a lone last node carried up: BLAKE3's left-complete tree); the root compression writes the
+   digest.
+
 Everything the launch varies with lives in device memory (the page descriptors, the number of
 pages, the store row of the first leaf), so a CUDA graph can replay it for every commit.
 """
@@ -49,13 +62,12 @@ __all__ = ["FUSED_FORMATS", "LeafBuffers", "LeafPlan", "launch_leaves", "quantiz
 FUSED_FORMATS = tuple(name for name, f in FORMATS.items() if f.width == 1)  # the fp8 and int8 codes
 POOL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DESC_FIELDS = 3  # a page descriptor: pool page, valid tokens, page id (int64 each)
-_SCALAR_ARGS = ["C", "key0", "key1", "k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7", "key_flags"]
+# C and NODES stay unspecialized: a constant C == 1 crashed Triton 3.6's coalesce pass for sm_90
+_SCALAR_ARGS = ["C", "NODES", "key0", "key1", "k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7", "key_flags"]
 _PAGE_ID_WORD = header_offset("page_id")[0] // 4  # the kernel writes each leaf's page id into words 2, 3
-_BLOCK = 32  # leaves per program (one warp)
-# Codes a lane quantizes at a time. 8 rather than 16: on an H200 (1 GiB of bf16 pages of 16K
-# elements) the launch ran 1.34x (e4m3 rne), 1.14x (trunc) and 1.07x (two_grid) as fast, with fewer
-# registers (sm_90: 123 rather than 131 for rne; no spills at either size).
-CODES_PER_STEP = tl.constexpr(8)
+_LANES = 128  # lanes of a program (4 warps): phase 2's chunk lanes, phase 3's parent-node lanes
+# Elements of one phase-1 tile [PG, TILE]: 32 a lane (four 16-byte loads of bf16 in flight a lane)
+_TILE_ELEMS = 4096
 
 
 @triton.jit
@@ -76,77 +88,72 @@ def scale_exponent_bits(a, SIG: tl.constexpr, EXP: tl.constexpr, SCALED: tl.cons
 @triton.jit
 def _codes(x, elem, k, key0, key1, MBITS: tl.constexpr, EMIN: tl.constexpr, CMAX: tl.constexpr,
            SIGN_SHIFT: tl.constexpr, TWOS: tl.constexpr, ROUNDING: tl.constexpr, HW: tl.constexpr):
-    """Codes and helper bits (int32, x's shape) of float32 values ``x`` at page positions ``elem``."""
+    """Codes and helper bits (int32, x's shape) of float32 values ``x`` at page positions ``elem``.
+    two_grid takes the integer path (`quant_code`) for both: with the hardware path the helper bits
+    of a [BLOCK, 32] block were wrong on an H200 (Triton 3.6; its codes were exact), and the integer
+    path gives the codes in the same pass, cheaper than a second, hardware quantization for them."""
     if ROUNDING == 2:
         return quant_code(x, k, counter_bits(elem.to(tl.int64), key0, key1), 0,
                           MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, False)
     else:
         return quant_code_fast(x, k, MBITS=MBITS, EMIN=EMIN, CMAX=CMAX, SIGN_SHIFT=SIGN_SHIFT, TWOS=TWOS,
-                               ROUNDING=ROUNDING, HW=HW)
+                               ROUNDING=ROUNDING, HW=HW and ROUNDING != 3)
 
 
 @triton.jit
-def _word(wi, src, n_valid, hdr, page_lo, page_hi, k, valid, E, code_end, helper_end, key0, key1,
-          MBITS: tl.constexpr, EMIN: tl.constexpr, CMAX: tl.constexpr, SIGN_SHIFT: tl.constexpr,
-          TWOS: tl.constexpr, ROUNDING: tl.constexpr, HW: tl.constexpr, PAGE_ID_WORD: tl.constexpr,
-          BLOCK: tl.constexpr):
-    """Leaf word ``wi`` (a scalar: the same for every lane) of each lane's leaf as [BLOCK] int32.
-    The slow path: header, a code block cut by the end of the codes, scale, helper, padding."""
-    w = tl.zeros([BLOCK], tl.int32)
-    if wi < 16:
-        # header: the (layer, kind) words of the leaf module, with each lane's page id written in
-        w = tl.load(hdr + wi, mask=valid, other=0)
-        w += tl.where(wi == PAGE_ID_WORD, page_lo, 0) + tl.where(wi == PAGE_ID_WORD + 1, page_hi, 0)
-    elif wi < code_end:
-        elem = (wi - 16) * 4 + tl.arange(0, 4)[None, :]
-        x = to_float32(tl.load(src[:, None] + elem, mask=valid[:, None] & (elem < n_valid[:, None]), other=0.0))
-        code, _ = _codes(x, elem, k[:, None], key0, key1, MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, HW)
-        w = tl.sum(code << (8 * tl.arange(0, 4))[None, :], axis=1)
-    elif wi == code_end:
-        w = (k + 127) << 23  # the float32 bits of the scale 2**k (`fieldprint.formats.pow2`)
-    elif wi < helper_end:
-        if ROUNDING == 3:
-            elem = (wi - code_end - 1) * 32 + tl.arange(0, 32)[None, :]
-            inside = elem < E
-            x = to_float32(tl.load(src[:, None] + elem, mask=valid[:, None] & (elem < n_valid[:, None]),
-                                   other=0.0))
-            # the integer path: the hardware path's helper bits in this [BLOCK, 32] block were
-            # wrong on an H200 (Triton 3.6; its codes in the [BLOCK, 16] blocks were exact)
-            _, hb = _codes(x, elem, k[:, None], key0, key1, MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, False)
-            # distinct bits: the sum is their OR (bit 31 wraps to the sign, exactly)
-            w = tl.sum(tl.where(inside, hb, 0) << tl.arange(0, 32)[None, :], axis=1)
-    return w
+def _page_tile(src, n_valid, ok, t0, E, TILE: tl.constexpr):
+    """Elements [t0, t0 + TILE) of each of the PG pages at ``src`` ([PG] pointers) as [PG, TILE]
+    float32, zeros past a page's ``n_valid`` ([PG] int32) valid elements and past E."""
+    elem = t0 + tl.arange(0, TILE)[None, :]
+    mask = ok[:, None] & (elem < n_valid[:, None]) & (elem < E)
+    return to_float32(tl.load(src[:, None] + elem, mask=mask, other=0.0))
 
 
 @triton.jit
-def _split16(w, BLOCK: tl.constexpr):
-    """[BLOCK, 16] -> its 16 columns as [BLOCK] vectors, in order."""
-    e, o = tl.split(tl.reshape(w, [BLOCK, 8, 2]))  # columns 0,2,..,14 and 1,3,..,15
-    ee, eo = tl.split(tl.reshape(e, [BLOCK, 4, 2]))  # 0,4,8,12 and 2,6,10,14
-    oe, oo = tl.split(tl.reshape(o, [BLOCK, 4, 2]))  # 1,5,9,13 and 3,7,11,15
-    a0, a4 = tl.split(tl.reshape(ee, [BLOCK, 2, 2]))  # 0,8 and 4,12
-    a2, a6 = tl.split(tl.reshape(eo, [BLOCK, 2, 2]))  # 2,10 and 6,14
-    a1, a5 = tl.split(tl.reshape(oe, [BLOCK, 2, 2]))  # 1,9 and 5,13
-    a3, a7 = tl.split(tl.reshape(oo, [BLOCK, 2, 2]))  # 3,11 and 7,15
-    w0, w8 = tl.split(a0)
-    w4, w12 = tl.split(a4)
-    w2, w10 = tl.split(a2)
-    w6, w14 = tl.split(a6)
-    w1, w9 = tl.split(a1)
-    w5, w13 = tl.split(a5)
-    w3, w11 = tl.split(a3)
-    w7, w15 = tl.split(a7)
-    return w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15
+def _magnitude_bits(x):
+    """|x| as float32 bit patterns (int32): NaN/Inf are those >= 0x7F800000."""
+    return x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+
+@triton.jit
+def _write_codes(x, t0, k, row_b, ok, E, helper_at, key0, key1,
+                 MBITS: tl.constexpr, EMIN: tl.constexpr, CMAX: tl.constexpr, SIGN_SHIFT: tl.constexpr,
+                 TWOS: tl.constexpr, ROUNDING: tl.constexpr, HW: tl.constexpr, TILE: tl.constexpr):
+    """Quantize tile ``x`` ([PG, TILE] float32, elements [t0, t0 + TILE) of PG pages with scale
+    exponents ``k`` [PG]) into the leaf rows at ``row_b`` ([PG] byte pointers): code bytes at 64 +
+    element, two_grid's helper bytes at ``helper_at`` + element // 8 (t0 is a multiple of TILE,
+    itself a multiple of 8 for two_grid)."""
+    elem = t0 + tl.arange(0, TILE)[None, :]
+    code, hb = _codes(x, elem, k[:, None], key0, key1, MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, HW)
+    tl.store(row_b[:, None] + 64 + elem, code.to(tl.uint8), mask=ok[:, None] & (elem < E))
+    if ROUNDING == 3:
+        PG: tl.constexpr = x.shape[0]
+        # element 8 j + i is bit i of helper byte j; a lane's 8 consecutive elements make one byte
+        byte = tl.sum(tl.reshape(hb, [PG, TILE // 8, 8]) << tl.arange(0, 8)[None, None, :], axis=2)
+        at = t0 // 8 + tl.arange(0, TILE // 8)[None, :]
+        tl.store(row_b[:, None] + helper_at + at, byte.to(tl.uint8), mask=ok[:, None] & (at < E // 8))
 
 
 @triton.jit
 def _key_cv(t, k0, k1, k2, k3, k4, k5, k6, k7):
-    """The key words as a lane-shaped chaining value (``t``: any uint32 [BLOCK] vector)."""
+    """The key words as a lane-shaped chaining value (``t``: any uint32 [LANES] vector)."""
     z = t ^ t
     return (z + k0.to(tl.uint32, bitcast=True), z + k1.to(tl.uint32, bitcast=True),
             z + k2.to(tl.uint32, bitcast=True), z + k3.to(tl.uint32, bitcast=True),
             z + k4.to(tl.uint32, bitcast=True), z + k5.to(tl.uint32, bitcast=True),
             z + k6.to(tl.uint32, bitcast=True), z + k7.to(tl.uint32, bitcast=True))
+
+
+@triton.jit
+def _load4_cg(ptr, ok):
+    """Words ``ptr .. ptr + 3`` ([N] int32 pointers) as four [N] uint32 vectors (0 where not ok),
+    one 16-byte load per lane, read at L2 (``.cg``): see phase 2 of `_leaf_kernel`."""
+    N: tl.constexpr = ptr.shape[0]
+    q = tl.load(ptr[:, None] + tl.arange(0, 4)[None, :], mask=ok[:, None], other=0, cache_modifier=".cg")
+    a, b = K._split(q.to(tl.uint32, bitcast=True), N, 2)  # words 0, 2 and 1, 3
+    w0, w2 = K._split(a, N, 1)
+    w1, w3 = K._split(b, N, 1)
+    return w0, w1, w2, w3
 
 
 @triton.jit(do_not_specialize=_SCALAR_ARGS)
@@ -158,126 +165,208 @@ def _leaf_kernel(
     base_ptr,  # [1] int32/int64: store row of this launch's first leaf
     hdr_ptr,  # [L * KINDS, 16] int32: header words per (layer, kind), page id words zero
     rows_ptr,  # [capacity, ROW_WORDS] int32: leaf rows out, leaf j at row base + j
-    cv_ptr,  # [max_leaves, C, 8] int32: scratch, chunk chaining values
+    row_bytes_ptr,  # the same rows as [capacity, 4 * ROW_WORDS] uint8
+    cv_ptr,  # [max_leaves, NODES, 8] int32: scratch, the chaining values of each leaf's chunk tree
     digest_ptr,  # [max_leaves, 8] int32: leaf digests out
     finite_ptr,  # [max_leaves] int8 out: 1 if the leaf's page held no NaN/Inf
-    L, NB, E, TOK_ELEMS, C, ROW_WORDS, n_leaf_blocks, code_end, helper_end, capacity,
+    L, NB, E, TOK_ELEMS, C, NODES, ROW_WORDS, code_end, pad_at, capacity,
     key0, key1, k0, k1, k2, k3, k4, k5, k6, k7, key_flags,
     KINDS: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, CMAX: tl.constexpr,
     SIGN_SHIFT: tl.constexpr, TWOS: tl.constexpr, ROUNDING: tl.constexpr, HW: tl.constexpr,
     SIG: tl.constexpr, EXP: tl.constexpr, SCALED: tl.constexpr, PAGE_ID_WORD: tl.constexpr,
-    BLOCK: tl.constexpr,
+    G: tl.constexpr, PG: tl.constexpr, TILE: tl.constexpr, ONE_TILE: tl.constexpr, LANES: tl.constexpr,
 ):
     """Leaves of the described pages, in leaf order (page, then layer, then K before V): leaf
-    rows, digests and finite flags. Leaf j reads page ``desc[j // (L * KINDS)]`` of the pool of
-    its kind in its layer; elements past ``tokens * TOK_ELEMS`` count as zeros. The leaf has
-    n_leaf_blocks 64-byte blocks: block 0 the header, words [16, code_end) the codes, word
-    code_end the scale, words (code_end, helper_end) the helper bits, zeros after."""
+    rows, digests and finite flags; program p builds leaves [p G, p G + G). Leaf j reads page
+    ``desc[j // (L * KINDS)]`` of the pool of its kind in its layer; elements past ``tokens *
+    TOK_ELEMS`` count as zeros. A leaf row is ROW_WORDS words (ROW_WORDS / 16 64-byte blocks, C
+    chunks): words [0, 16) the header, bytes [64, 64 + E) the codes, word code_end the scale,
+    bytes [4 code_end + 4, pad_at) the helper bits, zeros after. Leaves past the page count or
+    whose row base + j is at or past ``capacity`` are skipped (no row, digest or flag)."""
     n_leaves = tl.load(n_pages_ptr) * (L * KINDS)
     base = tl.load(base_ptr)
-    first = tl.program_id(0) * BLOCK
+    first = tl.program_id(0) * G
     if first < n_leaves:
-        leaf = first + tl.arange(0, BLOCK)
-        valid = (leaf < n_leaves) & (base + leaf < capacity)
-        leaf = tl.where(valid, leaf, 0)
-        page = leaf // (L * KINDS)
-        lk = leaf - page * (L * KINDS)  # header row: layer * KINDS + kind
-        layer = lk // KINDS
-        kind = lk - layer * KINDS
-        block = tl.load(desc_ptr + page * 3, mask=valid, other=0)
-        n_valid = (tl.load(desc_ptr + page * 3 + 1, mask=valid, other=0) * TOK_ELEMS).to(tl.int32)
-        pid64 = tl.load(desc_ptr + page * 3 + 2, mask=valid, other=0)
-        page_lo = (pid64 & 0xFFFFFFFF).to(tl.int32)
-        page_hi = (pid64 >> 32).to(tl.int32)
-        src_off = (layer.to(tl.int64) * NB + block) * E
-        src = tl.where(kind == 0, k_ptr + src_off, v_ptr + src_off)
-        n_valid = tl.where(valid, n_valid, 0)
+        row_bytes = ROW_WORDS * 4
+        helper_at = code_end * 4 + 4
 
-        # pass 1: the page's largest magnitude, as float32 bits (NaN/Inf: >= 0x7F800000)
-        amax = tl.zeros([BLOCK], tl.int32)
-        e0 = 0
-        while e0 < E:
-            elem = e0 + tl.arange(0, 16)[None, :]
-            x = to_float32(tl.load(src[:, None] + elem, mask=elem < n_valid[:, None], other=0.0))
-            amax = tl.maximum(amax, tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1))
-            e0 += 16
-        tl.store(finite_ptr + leaf, (amax < 0x7F800000).to(tl.int8), mask=valid)
-        k = scale_exponent_bits(amax, SIG, EXP, SCALED)
+        # Phase 1: quantize, PG leaves at a time as [PG, TILE] tiles (coalesced, each lane loading
+        # consecutive elements), writing every byte of their rows. A page in one tile (ONE_TILE) is
+        # read once and kept in registers from its largest magnitude to its codes; a larger page is
+        # read twice, a tile at a time (the amax, then the codes): its tiles do not fit a lane's
+        # registers; the second read is of the page just read, meant to hit L1 or L2.
+        for gi in range(0, (G + PG - 1) // PG):
+            if first + gi * PG < n_leaves:
+                leaf = first + gi * PG + tl.arange(0, PG)
+                ok = (leaf < first + G) & (leaf < n_leaves) & (base + leaf < capacity)
+                leaf = tl.where(ok, leaf, 0)
+                page = leaf // (L * KINDS)
+                lk = leaf - page * (L * KINDS)  # header row: layer * KINDS + kind
+                layer = lk // KINDS
+                d = desc_ptr + page * 3
+                block = tl.load(d, mask=ok, other=0)
+                n_valid = tl.load(d + 1, mask=ok, other=0).to(tl.int32) * TOK_ELEMS
+                pid64 = tl.load(d + 2, mask=ok, other=0)
+                src_off = (layer.to(tl.int64) * NB + block) * E
+                if KINDS == 1:
+                    src = k_ptr + src_off
+                else:
+                    src = tl.where(lk - layer * KINDS == 0, k_ptr + src_off, v_ptr + src_off)
+                row = (base + leaf).to(tl.int64)
+                row_w = rows_ptr + row * ROW_WORDS
+                row_b = row_bytes_ptr + row * row_bytes
+                if ONE_TILE:
+                    x = _page_tile(src, n_valid, ok, 0, E, TILE)
+                    amax = tl.max(_magnitude_bits(x), axis=1)
+                    k = scale_exponent_bits(amax, SIG, EXP, SCALED)
+                    _write_codes(x, 0, k, row_b, ok, E, helper_at, key0, key1,
+                                 MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, HW, TILE)
+                else:
+                    am = tl.zeros([PG, TILE], tl.int32)
+                    ti = 0
+                    while ti * TILE < E:
+                        am = tl.maximum(am, _magnitude_bits(_page_tile(src, n_valid, ok, ti * TILE, E, TILE)))
+                        ti += 1
+                    amax = tl.max(am, axis=1)
+                    k = scale_exponent_bits(amax, SIG, EXP, SCALED)
+                    ti = 0
+                    while ti * TILE < E:
+                        x = _page_tile(src, n_valid, ok, ti * TILE, E, TILE)
+                        _write_codes(x, ti * TILE, k, row_b, ok, E, helper_at, key0, key1,
+                                     MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, HW, TILE)
+                        ti += 1
+                tl.store(finite_ptr + leaf, (amax < 0x7F800000).to(tl.int8), mask=ok)
+                # the header of the leaf module with the page id written in, the scale 2**k as
+                # float32 bits (`fieldprint.formats.pow2`), the zero padding
+                cols = tl.arange(0, 16)[None, :]
+                hw = tl.load(hdr_ptr + lk[:, None] * 16 + cols, mask=ok[:, None], other=0)
+                hw += (tl.where(cols == PAGE_ID_WORD, (pid64 & 0xFFFFFFFF).to(tl.int32)[:, None], 0)
+                       + tl.where(cols == PAGE_ID_WORD + 1, (pid64 >> 32).to(tl.int32)[:, None], 0))
+                tl.store(row_w[:, None] + cols, hw, mask=ok[:, None])
+                tl.store(row_w + code_end, (k + 127) << 23, mask=ok)
+                pad = pad_at + tl.arange(0, 64)[None, :]
+                tl.store(row_b[:, None] + pad, tl.zeros([PG, 64], tl.uint8), mask=ok[:, None] & (pad < row_bytes))
+        # bar.sync orders this CTA's global writes before its reads after the barrier (CUDA: writes
+        # before __syncthreads are visible to the block's threads after it); the reads of phase 2
+        # also go around L1 (.cg), which holds no line of these rows and gets none.
+        tl.debug_barrier()
 
-        hdr = hdr_ptr + lk * 16  # [BLOCK] pointers: each lane's header row
-        row = rows_ptr + (base + leaf).to(tl.int64) * ROW_WORDS
-        cvs = cv_ptr + leaf.to(tl.int64) * C * 8
+        # Phase 2: one lane per chunk of the program's leaves, as `_kernels.chunk_kernel`: the
+        # leaves' full chunks (16 blocks) first, leaf-major, then their last, short chunks (T
+        # blocks), so a round of LANES chunks runs 16 compressions, or T when it holds only short
+        # chunks. Chaining values go to the scratch nodes (a one-chunk leaf: its root, the digest).
         kf = key_flags.to(tl.uint32, bitcast=True)
-        cols = tl.arange(0, 16)[None, :]
-
-        # pass 2: the leaf, chunk by chunk, 64-byte block by block
-        ci = 0
-        while ci < C:
-            t_lo = (leaf * 0 + ci).to(tl.uint32)
+        n_here = tl.minimum(n_leaves - first, G)
+        n_blocks = ROW_WORDS // 16
+        F = n_blocks // 16  # full chunks per leaf
+        T = n_blocks - F * 16  # blocks of a short last chunk (0: none)
+        n_full = n_here * F
+        n_chunks = n_full + tl.where(T > 0, n_here, 0)
+        r = 0
+        while r < n_chunks:
+            flat = r + tl.arange(0, LANES)
+            short = flat >= n_full
+            per = tl.maximum(F, 1)
+            local = tl.where(short, flat - n_full, flat // per)
+            ci = tl.where(short, F, flat - (flat // per) * per)  # the chunk counter
+            last = tl.where(short, T - 1, 15)  # the chunk's final block
+            leaf = first + local
+            ok = (flat < n_chunks) & (base + leaf < capacity)
+            leaf = tl.where(ok, leaf, 0).to(tl.int64)
+            words = rows_ptr + (base + leaf) * ROW_WORDS + ci * 256
+            t_lo = ci.to(tl.uint32)
             t_hi = t_lo * 0
             h0, h1, h2, h3, h4, h5, h6, h7 = _key_cv(t_lo, k0, k1, k2, k3, k4, k5, k6, k7)
-            n_blocks = tl.minimum(n_leaf_blocks - ci * 16, 16)
             b = 0
-            while b < n_blocks:
-                gb = ci * 16 + b  # block index inside the leaf, the same for every lane
-                wb = gb * 16
-                tile = tl.zeros([BLOCK, 16], tl.int32)  # the block's 16 message words
-                if (gb >= 1) & (wb + 16 <= code_end):
-                    # fast path: a whole block of codes, CODES_PER_STEP codes at a time
-                    q = 0
-                    while q < 64 // CODES_PER_STEP:
-                        elem = (gb - 1) * 64 + q * CODES_PER_STEP + tl.arange(0, CODES_PER_STEP)[None, :]
-                        x = to_float32(tl.load(src[:, None] + elem, mask=elem < n_valid[:, None], other=0.0))
-                        code, _ = _codes(x, elem, k[:, None], key0, key1,
-                                         MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, HW)
-                        words: tl.constexpr = CODES_PER_STEP // 4
-                        w4 = tl.sum(tl.reshape(code, [BLOCK, words, 4]) << (8 * tl.arange(0, 4))[None, None, :], axis=2)
-                        at = (q * words + tl.arange(0, words))[None, :, None] == cols[:, None, :]  # [1, words, 16]
-                        tile += tl.sum(tl.where(at, w4[:, :, None], 0), axis=1)
-                        q += 1
-                else:
-                    j = 0
-                    while j < 16:
-                        w = _word(wb + j, src, n_valid, hdr, page_lo, page_hi, k, valid, E, code_end, helper_end,
-                                  key0, key1, MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, HW, PAGE_ID_WORD, BLOCK)
-                        tile = tl.where(cols == j, w[:, None], tile)
-                        j += 1
-                tl.store(row[:, None] + wb + cols, tile, mask=valid[:, None])
-                m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15 = _split16(
-                    tile.to(tl.uint32, bitcast=True), BLOCK)
-                at_end = b == n_blocks - 1
+            while b < tl.where(r < n_full, 16, T):
+                live = ok & (b <= last)
+                w = words + b * 16
+                m0, m1, m2, m3 = _load4_cg(w, live)
+                m4, m5, m6, m7 = _load4_cg(w + 4, live)
+                m8, m9, m10, m11 = _load4_cg(w + 8, live)
+                m12, m13, m14, m15 = _load4_cg(w + 12, live)
+                at_end = b == last
                 flags = (kf | tl.where(b == 0, K.CHUNK_START, 0) | tl.where(at_end, K.CHUNK_END, 0)
                          | tl.where(at_end & (C == 1), K.ROOT, 0)).to(tl.uint32)
-                h0, h1, h2, h3, h4, h5, h6, h7 = K._compress(
+                n0, n1, n2, n3, n4, n5, n6, n7 = K._compress(
                     h0, h1, h2, h3, h4, h5, h6, h7,
                     m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15,
-                    t_lo, t_hi, t_hi + 64, t_hi + flags)
+                    t_lo, t_hi, t_hi + 64, flags)
+                h0 = tl.where(live, n0, h0)
+                h1 = tl.where(live, n1, h1)
+                h2 = tl.where(live, n2, h2)
+                h3 = tl.where(live, n3, h3)
+                h4 = tl.where(live, n4, h4)
+                h5 = tl.where(live, n5, h5)
+                h6 = tl.where(live, n6, h6)
+                h7 = tl.where(live, n7, h7)
                 b += 1
-            K.store_cv(cvs + ci * 8, h0, h1, h2, h3, h4, h5, h6, h7, valid)
-            ci += 1
+            out = tl.where(C == 1, digest_ptr + leaf * 8, cv_ptr + (leaf * NODES + ci) * 8)
+            K.store_cv(out, h0, h1, h2, h3, h4, h5, h6, h7, ok)
+            r += LANES
+        tl.debug_barrier()  # the chaining values, as the rows above (the node reads below use L1)
 
-        # the chunk tree, each lane its own: pair nodes bottom-up in place, a lone last node
-        # moves up unchanged; the compression that leaves one node carries ROOT
+        # Phase 3: each leaf's chunk tree, a level at a time, one lane per parent node: nodes 2i
+        # and 2i + 1 of a level of m merge into node i of the next, a lone last node moves up
+        # unchanged (pairing bottom-up with that carry is BLAKE3's left-complete tree); the
+        # compression that leaves one node carries ROOT and writes the digest. A leaf's levels lie
+        # one after another in its NODES scratch nodes, so no level overwrites one still read.
+        k0u = k0.to(tl.uint32, bitcast=True)
+        k1u = k1.to(tl.uint32, bitcast=True)
+        k2u = k2.to(tl.uint32, bitcast=True)
+        k3u = k3.to(tl.uint32, bitcast=True)
+        k4u = k4.to(tl.uint32, bitcast=True)
+        k5u = k5.to(tl.uint32, bitcast=True)
+        k6u = k6.to(tl.uint32, bitcast=True)
+        k7u = k7.to(tl.uint32, bitcast=True)
         m = C
+        at = 0  # the level's first node
         while m > 1:
-            i = 0
-            while i < m // 2:
-                l0, l1, l2, l3, l4, l5, l6, l7 = K._node_words(cvs, (leaf * 0 + 2 * i).to(tl.int64), valid)
-                r0, r1, r2, r3, r4, r5, r6, r7 = K._node_words(cvs, (leaf * 0 + 2 * i + 1).to(tl.int64), valid)
-                flags = (kf | K.PARENT | tl.where(m == 2, K.ROOT, 0)).to(tl.uint32)
-                z = l0 ^ l0
-                p0, p1, p2, p3, p4, p5, p6, p7 = _key_cv(z, k0, k1, k2, k3, k4, k5, k6, k7)
-                p0, p1, p2, p3, p4, p5, p6, p7 = K._compress(
-                    p0, p1, p2, p3, p4, p5, p6, p7,
-                    l0, l1, l2, l3, l4, l5, l6, l7, r0, r1, r2, r3, r4, r5, r6, r7, z, z, z + 64, z + flags)
-                K.store_cv(cvs + i * 8, p0, p1, p2, p3, p4, p5, p6, p7, valid)
-                i += 1
-            if m % 2 == 1:
-                c0, c1, c2, c3, c4, c5, c6, c7 = K._node_words(cvs, (leaf * 0 + m - 1).to(tl.int64), valid)
-                K.store_cv(cvs + (m // 2) * 8, c0, c1, c2, c3, c4, c5, c6, c7, valid)
-            m = (m + 1) // 2
-        d0, d1, d2, d3, d4, d5, d6, d7 = K._node_words(cvs, (leaf * 0).to(tl.int64), valid)
-        K.store_cv(digest_ptr + leaf.to(tl.int64) * 8, d0, d1, d2, d3, d4, d5, d6, d7, valid)
+            mo = (m + 1) // 2
+            flags = (kf | K.PARENT | tl.where(mo == 1, K.ROOT, 0)).to(tl.uint32)
+            n_par = n_here * mo
+            r = 0
+            while r < n_par:
+                flat = r + tl.arange(0, LANES)
+                local = flat // mo
+                i = flat - local * mo
+                leaf = first + local
+                ok = (flat < n_par) & (base + leaf < capacity)
+                leaf = tl.where(ok, leaf, 0).to(tl.int64)
+                pair = ok & (2 * i + 1 < m)
+                nodes = cv_ptr + leaf * NODES * 8
+                l0, l1, l2, l3, l4, l5, l6, l7 = K._node_words(nodes, (at + 2 * i).to(tl.int64), ok)
+                r0, r1, r2, r3, r4, r5, r6, r7 = K._node_words(nodes, (at + 2 * i + 1).to(tl.int64), pair)
+                p0, p1, p2, p3, p4, p5, p6, p7 = K._merge(
+                    k0u, k1u, k2u, k3u, k4u, k5u, k6u, k7u, flags, pair,
+                    l0, l1, l2, l3, l4, l5, l6, l7, r0, r1, r2, r3, r4, r5, r6, r7)
+                out = tl.where(mo == 1, digest_ptr + leaf * 8, nodes + (at + m + i).to(tl.int64) * 8)
+                K.store_cv(out, p0, p1, p2, p3, p4, p5, p6, p7, ok)
+                r += LANES
+            tl.debug_barrier()
+            at += m
+            m = mo
+
+
+def tree_nodes(chunks: int) -> int:
+    """Scratch chaining values a leaf of ``chunks`` chunks needs in `_leaf_kernel`: every level
+    of its chunk tree below the root, one after another (at least 1, for the buffer's shape)."""
+    n, m = 0, chunks
+    while m > 1:
+        n += m
+        m = (m + 1) // 2
+    return max(n, 1)
+
+
+def program_split(plan: LeafPlan) -> tuple[int, int, int]:
+    """(G, PG, TILE) of `_leaf_kernel` for ``plan``: G leaves per program, as many as have their
+    full chunks fill at most one round of chunk lanes (17-chunk leaves: 8 fill 128 lanes; 19-chunk
+    two_grid leaves of 16K elements: 7 fill 126); phase-1 tiles of PG leaves by TILE elements (powers
+    of two, PG * TILE <= `_TILE_ELEMS`)."""
+    full = max(plan.spec.length // K.CHUNK_LEN, 1)
+    g = max(_LANES // full, 1)
+    tile = min(_TILE_ELEMS, triton.next_power_of_2(plan.spec.elems))
+    return g, min(triton.next_power_of_2(g), _TILE_ELEMS // tile), tile
 
 
 def _s32(v: int) -> int:
@@ -371,7 +460,7 @@ class LeafPlan:
         return LeafBuffers(
             headers=self.headers().to(dev),
             rows=torch.zeros((capacity, self.spec.length), dtype=torch.uint8, device=dev),
-            chaining=torch.empty((self.max_leaves, self.chunks, 8), dtype=torch.int32, device=dev),
+            chaining=torch.empty((self.max_leaves, tree_nodes(self.chunks), 8), dtype=torch.int32, device=dev),
             digests=torch.zeros((self.max_leaves, 32), dtype=torch.uint8, device=dev),
             finite=torch.zeros(self.max_leaves, dtype=torch.int8, device=dev),
         )
@@ -383,7 +472,7 @@ class LeafBuffers:
 
     headers: torch.Tensor  # [layers * kinds, 16] int32
     rows: torch.Tensor  # [capacity, spec.length] uint8: the leaf rows (the committed copy)
-    chaining: torch.Tensor  # [max_leaves, chunks, 8] int32 scratch
+    chaining: torch.Tensor  # [max_leaves, tree_nodes(chunks), 8] int32 scratch: each leaf's chunk tree
     digests: torch.Tensor  # [max_leaves, 32] uint8: the launch's leaf digests, leaf order
     finite: torch.Tensor  # [max_leaves] int8: the launch's finite flags
 
@@ -430,27 +519,32 @@ def launch_leaves(plan: LeafPlan, bufs: LeafBuffers, k_pool: torch.Tensor, v_poo
                 or t.device != k_pool.device):
             raise ValueError(f"{name} must be a {'/'.join(map(str, dtypes))} tensor of shape {list(shape)} "
                              f"on {k_pool.device}")
+    if tuple(bufs.chaining.shape) != (plan.max_leaves, tree_nodes(plan.chunks), 8):
+        raise ValueError(f"bufs.chaining must be [max_leaves, tree_nodes(chunks), 8] = "
+                         f"{[plan.max_leaves, tree_nodes(plan.chunks), 8]} (LeafPlan.buffers), "
+                         f"got {list(bufs.chaining.shape)}")
     check_seed(plan.spec.rounding, seed)
     spec = plan.spec
     at = spec.offsets()
     code_end = (at["codes"][0] + at["codes"][1]) // 4
-    helper_end = code_end + 1 + -(-spec.helper_bytes // 4)
     if at["codes"][0] != 64 or at["scale"] != (4 * code_end, 4) or at["helper"][0] != 4 * code_end + 4:
         raise RuntimeError(f"the fused kernel cannot write the leaf layout {spec.fields()}")
     kw, kf = _key_args(_key_bytes(plan.key))
     keys = seed_keys(seed) if seed is not None else (0, 0)
     sig, exp = scale_rule_constants(spec.fmt)
-    _leaf_kernel[(triton.cdiv(plan.max_leaves, _BLOCK),)](
+    g, pg, tile = program_split(plan)
+    _leaf_kernel[(triton.cdiv(plan.max_leaves, g),)](
         k_ptr=k_pool, v_ptr=v_pool if v_pool is not None else k_pool, desc_ptr=desc, n_pages_ptr=n_pages,
-        base_ptr=base, hdr_ptr=bufs.headers, rows_ptr=bufs.rows.view(torch.int32), cv_ptr=bufs.chaining,
-        digest_ptr=bufs.digests.view(torch.int32), finite_ptr=bufs.finite,
+        base_ptr=base, hdr_ptr=bufs.headers, rows_ptr=bufs.rows.view(torch.int32), row_bytes_ptr=bufs.rows,
+        cv_ptr=bufs.chaining, digest_ptr=bufs.digests.view(torch.int32), finite_ptr=bufs.finite,
         L=plan.layers, NB=k_pool.shape[1], E=spec.elems, TOK_ELEMS=spec.elems // plan.tokens_per_page,
-        C=plan.chunks, ROW_WORDS=spec.length // 4, n_leaf_blocks=spec.length // 64, code_end=code_end,
-        helper_end=helper_end, capacity=bufs.rows.shape[0], key0=keys[0], key1=keys[1],
+        C=plan.chunks, NODES=bufs.chaining.shape[1], ROW_WORDS=spec.length // 4, code_end=code_end,
+        pad_at=at["helper"][0] + spec.helper_bytes, capacity=bufs.rows.shape[0], key0=keys[0], key1=keys[1],
         k0=kw[0], k1=kw[1], k2=kw[2], k3=kw[3], k4=kw[4], k5=kw[5], k6=kw[6], k7=kw[7], key_flags=kf,
         KINDS=plan.kinds, **format_constants(spec.fmt), ROUNDING=ROUNDING_IDS[spec.rounding],
         HW=hardware_fp8(k_pool.device), SIG=sig, EXP=exp, SCALED=FORMATS[spec.fmt].scaled,
-        PAGE_ID_WORD=_PAGE_ID_WORD, BLOCK=_BLOCK, num_warps=_BLOCK // 32)
+        PAGE_ID_WORD=_PAGE_ID_WORD, G=g, PG=pg, TILE=tile, ONE_TILE=spec.elems <= tile, LANES=_LANES,
+        num_warps=_LANES // 32)
 
 
 def quantize_hash_pages(pages: torch.Tensor, fmt: str = "e4m3", rounding: str = "rne", *,
