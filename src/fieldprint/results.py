@@ -385,7 +385,12 @@ def _expect_e1(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
     shapes += [("prefill", 1, cfg["prefill_chunk"] or L, L, A, "bf16") for L in cfg["prefill_contexts"]
                for A in cfg["prefill_anchors"]]
     names = ("mode", "batch", "q_len", "context", "anchors", "kv_dtype", "impl")
-    return [dict(zip(names, (*shape, impl), strict=True)) for shape in shapes for impl in cfg["impls"]]
+    rows = [dict(zip(names, (*shape, impl), strict=True)) for shape in shapes for impl in cfg["impls"]]
+    # The shared-prefix regime came later: manifests written before have no shared_shapes.
+    return rows + [{"mode": "shared_decode", "batch": B, "q_len": 1, "context": L, "anchors": A,
+                    "kv_dtype": kv, "share_group": group, "impl": impl}
+                   for kv in cfg["kv_dtypes"] for B, L, A, group in cfg.get("shared_shapes", [])
+                   for impl in cfg["impls"]]
 
 
 def _expect_e2(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -508,6 +513,7 @@ def _columns(spec: str, required: bool | When = True, absent_ok: bool = False) -
 
 
 _E1_TIMED = When("skipped", "")  # every implementation that ran
+_E1_SHARED = When("mode", "shared_decode")  # the shared-prefix regime
 _E3_MEASURED = When("status", "ok(: .*)?")
 _E4_OK = When("status", "ok")
 _E4R_RECOMPUTE, _E4R_COST = When("measure", "recompute"), When("measure", "cost")
@@ -525,12 +531,17 @@ SCHEMAS: dict[str, Schema] = {s.name: s for s in (
         key=("form", "context"), expected=_expect_e0, exact=True),
     Schema("e1_throughput", tuple(
         _columns("mode:str batch:int q_len:int context:int anchors:int kv_dtype:str heads_q:int "
-                 "heads_kv:int head_dim:int block_size:int bytes:int flops:int impl:str")
-        + _columns("ms:float tbps:float tflops:float tokens_per_s:float rel_err:float", _E1_TIMED)
+                 "heads_kv:int head_dim:int block_size:int")
+        # sequences per anchor set and bytes with each anchor page once came with the
+        # shared-prefix regime: absent from files written before, so required only in its rows
+        + _columns("share_group:int", _E1_SHARED, absent_ok=True) + _columns("bytes:int")
+        + _columns("unique_bytes:int", _E1_SHARED, absent_ok=True) + _columns("flops:int impl:str")
+        + _columns("ms:float tbps:float", _E1_TIMED) + _columns("unique_tbps:float", False, absent_ok=True)
+        + _columns("tflops:float tokens_per_s:float rel_err:float", _E1_TIMED)
         + _columns("rel_err_fused:float", False) + _columns("timing:str", _E1_TIMED)
         + _columns("note:str skipped:str ratio_to_cudnn:float ratio_to_flash:float "
                    "ratio_to_gather:float", False)),
-        key=("mode", "batch", "q_len", "context", "anchors", "kv_dtype", "impl"),
+        key=("mode", "batch", "q_len", "context", "anchors", "kv_dtype", "share_group", "impl"),
         expected=_expect_e1, exact=True),
     Schema("e2_sram", tuple(
         _columns("kind:str mode:str")

@@ -12,8 +12,11 @@ state; ``run(state)`` is exactly what E1 times.
 * ``gather_sdpa``: gather pages + concatenate anchors + SDPA, all inside the timed region, as an
   engine without a paged kernel would do.
 * ``naive``, ``two_softmax``: the materialized forms of :mod:`fieldprint.attention.reference`.
-* ``cascade``: the kernel over the anchors and over the context separately, each returning its
-  LSE, merged exactly in fp32 (FlashInfer's cascade attention).
+* ``cascade``: a two-level cascade (FlashInfer's MultiLevelCascadeAttentionWrapper, Hydragen):
+  the query tokens of all sequences sharing an anchor prefix attend to it in one
+  :func:`~fieldprint.attention.prefix.shared_prefix_attention` call (each anchor tile read once
+  per tile of query rows, not once per sequence), every sequence's own keys in one call of the
+  paged kernel, both with LSE, merged exactly in fp32.
 * ``prefix_blocks``: the kernel with the anchor block ids prepended to every block table and
   ``seq_lens += A`` (what prefix caching does; block-aligned anchors only).
 * ``flex``: FlexAttention over the paged pool with a mask_mod that reads the block tables.
@@ -44,6 +47,12 @@ def _kernel():
     from fieldprint.attention.kernel import paged_anchor_attention
 
     return paged_anchor_attention
+
+
+def _prefix_kernel():
+    from fieldprint.attention.prefix import shared_prefix_attention
+
+    return shared_prefix_attention
 
 
 def _as_case(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_block_table,
@@ -327,57 +336,105 @@ def merge_states_triton(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.T
 
 
 @dataclass
+class PrefixGroup:
+    """Sequences sharing one anchor prefix (identical anchor pages and length): their query
+    tokens attend to it in one :func:`shared_prefix_attention` call."""
+
+    tokens: slice | torch.Tensor  # the group's query tokens: a slice when contiguous, else [Tg] int64
+    table: torch.Tensor  # [ceil(A / block_size)] int32: the shared anchor pages
+    length: int  # A, anchor tokens
+
+
+@dataclass
 class CascadeState:
-    """The context call's arguments plus an anchors-only call in which every query token is its
-    own one-query sequence over its anchor blocks (no causal mask then hides an anchor)."""
+    """Level 1: one shared-prefix call per group; level 2: one paged call over every sequence's
+    own keys (context, plus the anchors of a sequence that shares them with no other)."""
 
     case: PagedCase
     scales: Scales
-    anchor_call: tuple | None  # (q, block_table, seq_lens, query_start_loc), None without anchors
-    no_anchor: torch.Tensor | None  # [T] bool: tokens whose sequence has no anchors
+    groups: list[PrefixGroup]
+    own_call: PagedCase  # the paged call over each sequence's unshared keys
     attention: Callable = field(default=None, repr=False)
+    prefix_attention: Callable = field(default=None, repr=False)
 
 
-def cascade_setup(case: PagedCase, scales: Scales, attention: Callable | None = None) -> CascadeState:
-    """Plan the two calls (FlashInfer's "plan"): per-token anchor tables. ``attention``: the
-    paged kernel (default :func:`paged_anchor_attention`; tests pass the reference)."""
-    attention = attention or _kernel()
+def _prefix_groups(case: PagedCase) -> tuple[list[PrefixGroup], torch.Tensor | None]:
+    """Groups of >= 2 sequences with identical anchor pages and length, in order of first
+    appearance, and each sequence's anchor length left for the paged call (None: no anchors).
+
+    A sequence whose anchors no other sequence shares keeps them in the paged call: a prefix
+    that one sequence reads is read once there already, and a separate call would add a
+    launch and a merge for nothing."""
+    if case.anchor_lens is None:
+        return [], None
+    bs = case.k_cache.shape[1]
+    qsl = case.query_start_loc.tolist()
+    alens = case.anchor_lens.tolist()
+    members: dict[tuple, list[int]] = {}
+    for b, a in enumerate(alens):
+        if a and qsl[b + 1] > qsl[b]:
+            members.setdefault((a, *case.anchor_block_table[b, :-(-a // bs)].tolist()), []).append(b)
+    groups, own_alens = [], list(alens)
+    for (a, *pages), seqs in members.items():
+        if len(seqs) < 2:
+            continue
+        tok = [t for b in seqs for t in range(qsl[b], qsl[b + 1])]
+        contiguous = tok == list(range(tok[0], tok[-1] + 1))
+        index = slice(tok[0], tok[-1] + 1) if contiguous else torch.tensor(tok, device=case.q.device)
+        table = torch.tensor(pages, dtype=torch.int32, device=case.q.device)
+        groups.append(PrefixGroup(index, table, a))
+        for b in seqs:
+            own_alens[b] = 0
+    if not any(own_alens):
+        return groups, None
+    return groups, torch.tensor(own_alens, dtype=torch.int32, device=case.q.device)
+
+
+def cascade_setup(case: PagedCase, scales: Scales, attention: Callable | None = None,
+                  prefix_attention: Callable | None = None) -> CascadeState:
+    """Plan the calls (FlashInfer's "plan"): group the sequences by their anchor prefix.
+    ``attention``: the paged kernel (default :func:`paged_anchor_attention`); ``prefix_attention``:
+    the shared-prefix kernel (default :func:`shared_prefix_attention`); tests pass references.
+
+    Batch invariance: a token's bits do not depend on the other sequences while its sequence
+    stays in a group of >= 2 (else its anchors move to the paged call: another rounding) and the
+    paged call keeps its mode (decode when every sequence has one query token, see the kernel)."""
     shapes = check_shapes(*case.args(), **scales.kwargs())
     check_values(shapes, case.block_table, case.seq_lens, case.query_start_loc,
                  case.anchor_block_table, case.anchor_lens)
-    if case.anchor_lens is None or int(case.anchor_lens.max()) == 0:
-        return CascadeState(case, scales, None, None, attention)
-    q_lens = (case.query_start_loc[1:] - case.query_start_loc[:-1]).long()
-    seq_of = torch.repeat_interleave(torch.arange(shapes.B, device=case.q.device), q_lens)  # [T]
-    alens = case.anchor_lens[seq_of]
-    # A token without anchors still needs one valid key for the call; its LSE is set to -inf.
-    table = case.anchor_block_table[seq_of].contiguous()
-    no_anchor = alens == 0
-    table[no_anchor, 0] = case.anchor_block_table[int(case.anchor_lens.argmax()), 0]
-    lens = alens.clamp(min=1).to(torch.int32)
-    qsl = torch.arange(shapes.T + 1, dtype=torch.int32, device=case.q.device)
-    return CascadeState(case, scales, (case.q, table, lens, qsl),
-                        no_anchor if bool(no_anchor.any()) else None, attention)
+    groups, own_alens = _prefix_groups(case)
+    own = PagedCase(case.q, case.k_cache, case.v_cache, case.block_table, case.seq_lens,
+                    case.query_start_loc, None if own_alens is None else case.anchor_block_table,
+                    own_alens)
+    return CascadeState(case, scales, groups, own, attention or _kernel(),
+                        prefix_attention or _prefix_kernel())
 
 
 def cascade_run(state: CascadeState, validate: bool = False) -> torch.Tensor:
-    c, kw = state.case, dict(state.scales.kwargs(), return_lse=True)
+    """The timed part: the paged call, one shared-prefix call per group, the merge. out [T, Hq, D]."""
+    c, kw = state.case, dict(state.scales.kwargs())
     if not validate:
         kw["validate"] = False
-    out_c, lse_c = state.attention(c.q, c.k_cache, c.v_cache, c.block_table, c.seq_lens,
-                                   c.query_start_loc, **kw)
-    if state.anchor_call is None:
-        return out_c
-    q, table, lens, qsl = state.anchor_call
-    out_a, lse_a = state.attention(q, c.k_cache, c.v_cache, table, lens, qsl, **kw)
-    if state.no_anchor is not None:
-        lse_a = lse_a.masked_fill(state.no_anchor[:, None], float("-inf"))
-    return merge_states(out_a, lse_a, out_c, lse_c)
+    out_own, lse_own = state.attention(*state.own_call.args(), return_lse=True, **kw)
+    if not state.groups:
+        return out_own
+    g0 = state.groups[0]
+    if len(state.groups) == 1 and isinstance(g0.tokens, slice) and g0.tokens == slice(0, c.q.shape[0]):
+        out_p, lse_p = state.prefix_attention(c.q, c.k_cache, c.v_cache, g0.table, g0.length, **kw)
+    else:
+        # Tokens outside every group: weight 0 in the merge, so their out must be finite (0 * NaN).
+        out_p = torch.zeros_like(c.q)
+        lse_p = torch.full(c.q.shape[:2], float("-inf"), dtype=torch.float32, device=c.q.device)
+        for g in state.groups:
+            out_p[g.tokens], lse_p[g.tokens] = state.prefix_attention(
+                c.q[g.tokens], c.k_cache, c.v_cache, g.table, g.length, **kw)
+    return merge_states(out_p, lse_p, out_own, lse_own)
 
 
 def cascade(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_block_table=None,
             anchor_lens=None, *, softmax_scale=None, k_scale=None, v_scale=None):
-    """Anchors and context as two kernel calls with LSE, merged exactly in fp32. out [T, Hq, D]."""
+    """Shared anchors read once per group (one shared-prefix call each), each sequence's own keys
+    in one paged call, merged exactly in fp32 through the LSEs. out [T, Hq, D]."""
     case = _as_case(q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
                     anchor_block_table, anchor_lens)
     return cascade_run(cascade_setup(case, Scales(softmax_scale, k_scale, v_scale)))

@@ -2,7 +2,8 @@
 
 For each configuration (mode, batch B, context L, anchors A, KV dtype) the run draws fresh random
 inputs (normal, never zeros) in a pool whose block ids are a random permutation (scrambled block
-tables; each sequence owns its context and anchor blocks), then for each implementation of
+tables; each sequence owns its context blocks, and its anchor blocks unless they are shared: see
+below), then for each implementation of
 :data:`fieldprint.attention.baselines.REGISTRY`:
 
 1. ``setup`` outside the timed region (a failure or an unsupported combination becomes a row
@@ -13,14 +14,21 @@ tables; each sequence owns its context and anchor blocks), then for each impleme
    max |out - ref| / max |ref|; and against the fused output on every token: ``rel_err_fused``;
 3. the median time of ``run`` (CUDA graph replay where capture works, else eager; ``timing``).
 
+Shared-prefix regime (``shared_shapes``, mode ``shared_decode``): decode steps of B sequences in
+groups of ``group`` that share one anchor prefix (the same anchor pages: a system prompt shared by
+a batch, or a GRPO group of samples of one prompt), each with its own context. In the other
+shapes every sequence owns its anchor pages (``share_group`` = 1).
+
 Prefill: one sequence, the whole prompt as one chunk (``prefill_chunk = 0``: ``q_len = L``, keys
 ``A + L``, lower-right causal), so its TFLOP/s compare directly with causal flash SDPA; a
 positive ``prefill_chunk`` times the last chunk of that size instead.
 
-Bandwidth counts the bytes an ideal kernel moves once: K and V of every anchor and context token
-in the stored dtype, plus q and out. TFLOP/s counts ``4 * Hq * D`` per visible key per query
-token (QK^T and PV). The contiguous SDPA baselines are charged the same logical bytes even when a
-backend needs its K/V heads expanded (``note``).
+Bandwidth counts the bytes an ideal kernel moves once, in two ways: ``bytes`` / ``tbps`` are
+logical (K and V of every sequence's anchor and context tokens in the stored dtype, plus q and
+out: a shared anchor page counted once per sequence that reads it); ``unique_bytes`` /
+``unique_tbps`` count each stored anchor page once (equal to the logical ones without sharing).
+TFLOP/s counts ``4 * Hq * D`` per visible key per query token (QK^T and PV). The contiguous SDPA
+baselines are charged the same bytes even when a backend needs its K/V heads expanded (``note``).
 """
 
 from __future__ import annotations
@@ -52,6 +60,9 @@ class E1Config(ExperimentConfig):
     head_dim: int = 64
     block_size: int = 16
     impls: list[str] = field(default_factory=lambda: list(IMPLS))
+    # [B, L, A, group]: B decode sequences of L own tokens in B / group groups, each group sharing
+    # A anchor tokens (the shared-prefix regime; none by default)
+    shared_shapes: list[list[int]] = field(default_factory=list)
     flex_anchors: list[int] = field(default_factory=lambda: [16])  # flex compiles per shape: few
     flex_modes: list[str] = field(default_factory=lambda: ["decode"])
     unfused_limit_gb: float = 60.0
@@ -66,6 +77,10 @@ class E1Config(ExperimentConfig):
         check(all(len(s) == 2 and s[0] > 0 and s[1] > 0 for s in self.decode_shapes),
               f"decode_shapes must be [B, L] pairs of positive ints, got {self.decode_shapes}")
         check(all(a >= 0 for a in self.anchors + self.prefill_anchors), "anchors must be >= 0")
+        check(all(len(s) == 4 and all(isinstance(x, int) and x > 0 for x in s) and s[3] >= 2
+                  and s[0] % s[3] == 0 for s in self.shared_shapes),
+              "shared_shapes must be [B, L, A, group] of positive ints with group >= 2 sequences "
+              f"sharing each anchor prefix and B a multiple of group, got {self.shared_shapes}")
         check(set(self.kv_dtypes) <= set(KV_DTYPES), f"kv_dtypes must be in {sorted(KV_DTYPES)}")
         check(all(c > 0 for c in self.prefill_contexts), "prefill_contexts must be positive")
         check(self.prefill_chunk >= 0, "prefill_chunk must be >= 0 (0 = whole prompt)")
@@ -86,17 +101,19 @@ class E1Config(ExperimentConfig):
 # ----------------------------------------------------------------------------------- inputs
 
 
-def make_problem(B: int, q_len: int, L: int, A: int, cfg: E1Config, kv_dtype, device: str, seed: int):
+def make_problem(B: int, q_len: int, L: int, A: int, cfg: E1Config, kv_dtype, device: str, seed: int,
+                 group: int = 1):
     """Random paged inputs of a uniform batch: PagedCase and Scales. Pool blocks in random
-    order; each sequence owns ceil(L/bs) context and ceil(A/bs) anchor blocks."""
+    order; each sequence owns ceil(L/bs) context blocks, and each run of ``group`` consecutive
+    sequences shares one set of ceil(A/bs) anchor blocks (``group = 1``: private anchors)."""
     import torch
 
     from fieldprint.attention.baselines import Scales
     from fieldprint.attention.paged_inputs import PagedCase
 
     bs, Hkv, D = cfg.block_size, cfg.heads_kv, cfg.head_dim
-    n_ctx, n_anc = -(-L // bs), -(-A // bs)
-    N = B * (n_ctx + n_anc) + 1
+    n_ctx, n_anc, n_sets = -(-L // bs), -(-A // bs), B // group
+    N = B * n_ctx + n_sets * n_anc + 1
     cpu = torch.Generator().manual_seed(seed)
     perm = torch.randperm(N, generator=cpu).to(torch.int32)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -109,7 +126,8 @@ def make_problem(B: int, q_len: int, L: int, A: int, cfg: E1Config, kv_dtype, de
     k, v = pool(), pool()
     q = torch.randn(B * q_len, cfg.heads_q, D, generator=gen, device=device, dtype=torch.bfloat16)
     table = perm[:B * n_ctx].view(B, n_ctx).to(device)
-    atable = perm[B * n_ctx:B * (n_ctx + n_anc)].view(B, n_anc).to(device) if A else None
+    anchor_sets = perm[B * n_ctx:B * n_ctx + n_sets * n_anc].view(n_sets, n_anc)
+    atable = anchor_sets.repeat_interleave(group, 0).to(device) if A else None
     i32 = {"dtype": torch.int32, "device": device}
     case = PagedCase(q, k, v, table, torch.full((B,), L, **i32), torch.arange(B + 1, **i32) * q_len,
                      atable, torch.full((B,), A, **i32) if A else None)
@@ -200,13 +218,17 @@ def _skip_reason(name: str, mode: str, A: int, kv: str, device: str, B: int, q_l
 
 
 def _configs(cfg: E1Config):
+    """(mode, B, q_len, L, A, kv_dtype, sequences per anchor set) of every measured shape."""
     for kv in cfg.kv_dtypes:
         for B, L in cfg.decode_shapes:
             for A in cfg.anchors:
-                yield "decode", B, 1, L, A, kv
+                yield "decode", B, 1, L, A, kv, 1
     for L in cfg.prefill_contexts:
         for A in cfg.prefill_anchors:
-            yield "prefill", 1, cfg.prefill_chunk or L, L, A, "bf16"
+            yield "prefill", 1, cfg.prefill_chunk or L, L, A, "bf16", 1
+    for kv in cfg.kv_dtypes:
+        for B, L, A, group in cfg.shared_shapes:
+            yield "shared_decode", B, 1, L, A, kv, group
 
 
 def run(cfg: E1Config) -> list[dict]:
@@ -218,24 +240,26 @@ def run(cfg: E1Config) -> list[dict]:
     from fieldprint.attention.baselines import REGISTRY
 
     rows: list[dict] = []
-    for n, (mode, B, q_len, L, A, kv) in enumerate(_configs(cfg)):
+    for n, (mode, B, q_len, L, A, kv, group) in enumerate(_configs(cfg)):
         kv_dtype = getattr(torch, KV_DTYPES[kv])
-        case, scales = make_problem(B, q_len, L, A, cfg, kv_dtype, device, cfg.seed + n)
+        case, scales = make_problem(B, q_len, L, A, cfg, kv_dtype, device, cfg.seed + n, group)
         idx, ref = reference_slice(case, scales, cfg.check_seqs, cfg.check_tokens)
         elem = case.k_cache.element_size()
         T = B * q_len
-        kv_bytes = 2 * B * (A + L) * cfg.heads_kv * cfg.head_dim * elem
+        token_bytes = 2 * cfg.heads_kv * cfg.head_dim * elem  # K and V of one token
         io_bytes = 2 * T * cfg.heads_q * cfg.head_dim * case.q.element_size()
+        logical = B * (A + L) * token_bytes + io_bytes
+        unique = (B * L + B // group * A) * token_bytes + io_bytes
         visible = B * sum(A + L - q_len + j + 1 for j in range(q_len))
         flops = 4 * cfg.heads_q * cfg.head_dim * visible
         base = {"mode": mode, "batch": B, "q_len": q_len, "context": L, "anchors": A,
                 "kv_dtype": kv, "heads_q": cfg.heads_q, "heads_kv": cfg.heads_kv,
-                "head_dim": cfg.head_dim, "block_size": cfg.block_size, "bytes": kv_bytes + io_bytes,
-                "flops": flops}
+                "head_dim": cfg.head_dim, "block_size": cfg.block_size, "share_group": group,
+                "bytes": logical, "unique_bytes": unique, "flops": flops}
         fused_out = None
         config_rows = []
         for name in cfg.impls:
-            row = dict(base, impl=name, ms="", tbps="", tflops="", tokens_per_s="", rel_err="",
+            row = dict(base, impl=name, ms="", tbps="", unique_tbps="", tflops="", tokens_per_s="", rel_err="",
                        rel_err_fused="", timing="", note="", skipped="")
             reason = _skip_reason(name, mode, A, kv, device, B, q_len, L, cfg)
             state = None
@@ -255,7 +279,8 @@ def run(cfg: E1Config) -> list[dict]:
                 del out
                 ms, how = _time(lambda f=fn_run, st=state: f(st), device, cfg,
                                 cfg.cuda_graphs and name in GRAPHABLE)
-                row.update(ms=f"{ms:.5f}", tbps=f"{(kv_bytes + io_bytes) / ms / 1e9:.4g}",
+                row.update(ms=f"{ms:.5f}", tbps=f"{logical / ms / 1e9:.4g}",
+                           unique_tbps=f"{unique / ms / 1e9:.4g}",
                            tflops=f"{flops / ms / 1e9:.4g}", tokens_per_s=f"{T / ms * 1e3:.1f}",
                            timing=how, note=getattr(state, "note", ""))
             except _Skip as why:
