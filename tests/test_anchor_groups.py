@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
 import types
 
 import numpy as np
@@ -279,3 +281,29 @@ def test_custom_op_accepts_groups():
             0.125, 1.0, 1.0, 0, 0.0, 32, 16, 0, 0, 0, groups)
     result = torch.library.opcheck(op, args)
     assert set(result.values()) == {"SUCCESS"}, result
+
+
+def test_groups_variant_compiles_for_sm90():
+    """The launch with anchor_groups builds for sm_90 without spills (fresh process: no interpreter)."""
+    code = (
+        "import torch\n"
+        "from fieldprint.attention.kernel import sm90_compile_specs\n"
+        "from fieldprint.sram import compile_resources\n"
+        "for s in sm90_compile_specs(64, 16, torch.bfloat16, 4, 'decode', anchor_groups=True):\n"
+        "    r = compile_resources(*s, attrs=s.attrs)\n"
+        "    print(s.fn.__name__, r['registers'], r['spill_stores'], r['spill_loads'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line.split() for line in res.stdout.strip().split("\n")]
+    assert [r[0] for r in rows] == ["_paged_anchor_attn_kernel", "_combine_kernel"]
+    assert all(r[2] == "0" and r[3] == "0" for r in rows), rows
+
+
+def test_groups_compile_spec_needs_decode_with_anchors():
+    from fieldprint.attention.kernel import sm90_compile_specs
+
+    for mode, anchors in (("prefill", True), ("decode", False)):
+        with pytest.raises(ValueError, match="anchor_groups needs mode='decode' and anchors=True"):
+            sm90_compile_specs(64, 16, BF16, 4, mode, anchors=anchors, anchor_groups=True)

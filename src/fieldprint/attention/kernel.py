@@ -24,6 +24,18 @@ Grid: ``(query tiles, KV heads, KV splits)``.
   and log-sum-exp and :func:`_combine_kernel` merges the splits sequentially in index order in
   fp32. Every choice (split count, tile order, merge order) depends only on the sequence's own
   lengths, never on the batch, so a sequence's output bits do not depend on its neighbours.
+* Read-once anchor groups (decode mode, optional ``anchor_groups [G, W]``): sequences that share
+  one anchor are listed in a group row. Extra programs along axis 0 (after the query tiles, a
+  shape-only count ``G * cdiv(W, BLOCK_M // GP)``) each take ``BLOCK_M // GP`` sequences of a
+  group times the ``GP`` heads of one KV head as rows, and one anchor split (axis 2): every
+  anchor KV tile is gathered once and multiplied with all of those rows (``_anchor_group_tile``).
+  A grouped sequence's splits are its anchor splits (written by the group tiles) followed by
+  its context splits (its own programs), the anchor and context ranges cut separately
+  (``_split_plan``); the combine kernel merges them in index order as any other splits. With
+  fixed tile shapes (``BLOCK_M``, ``TILE_N``, ``num_warps``, never chosen from the groups) and
+  split length, a sequence's bits do not depend on which sequences share its group or tile:
+  ``tl.dot`` and the online softmax are row-wise, the anchor split boundaries come from the
+  anchor length only.
 
 Mode rule (shape-only, no host synchronization): *decode* when ``T == B`` (one query row per
 token, split-KV on), otherwise *prefill* (``BLOCK_Q`` tokens per tile, one split, enough
