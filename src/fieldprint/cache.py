@@ -35,6 +35,8 @@ Writing new tokens is two steps, so that a decode step allocates once and writes
 ``block_table [B, max_blocks]``, ``seq_lens [B]``, ``query_start_loc [B+1]``,
 ``anchor_block_table [B, max_anchor_blocks]``, ``anchor_lens [B]``, all int32 on the cache's
 device; unused table entries are 0 (a valid page that the kernel never reads past the lengths).
+:meth:`anchor_groups` ``(seqs)`` lists the batch positions that share each anchor (the kernel's
+optional ``anchor_groups``, read-once anchors in decode batches).
 
 :meth:`free_sequence` returns a sequence's pages to the pool (its anchor stays pinned);
 :meth:`truncate` cuts a sequence back. :meth:`complete_pages` lists a sequence's full pages.
@@ -472,6 +474,20 @@ class PagedKVCache:
             block_table=dev(table), seq_lens=dev([s.length for s in ss]), query_start_loc=dev(starts),
             anchor_block_table=dev(atable), anchor_lens=dev([a.length if a else 0 for a in anchors]),
         )
+
+    def anchor_groups(self, seqs: list[int]) -> torch.Tensor:
+        """``anchor_groups`` argument of ``paged_anchor_attention`` for the batch ``seqs`` (in
+        :meth:`kernel_args` order): one row per anchor shared by at least two of them, listing
+        their batch positions, -1 padded; int32 ``[G, max group size]`` on the cache device
+        (``[0, 1]`` when no anchor is shared)."""
+        members: dict[int, list[int]] = {}
+        for i, s in enumerate(self._seq(s) for s in seqs):
+            if s.anchor is not None:
+                members.setdefault(s.anchor, []).append(i)
+        rows = [m for m in members.values() if len(m) > 1]
+        width = max((len(m) for m in rows), default=1)
+        table = torch.tensor([m + [-1] * (width - len(m)) for m in rows], dtype=torch.int32).reshape(-1, width)
+        return self._to_device(table)
 
     # ------------------------------------------------------------------ internals
 

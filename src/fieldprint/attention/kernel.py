@@ -24,6 +24,18 @@ Grid: ``(query tiles, KV heads, KV splits)``.
   and log-sum-exp and :func:`_combine_kernel` merges the splits sequentially in index order in
   fp32. Every choice (split count, tile order, merge order) depends only on the sequence's own
   lengths, never on the batch, so a sequence's output bits do not depend on its neighbours.
+* Read-once anchor groups (decode mode, optional ``anchor_groups [G, W]``): sequences that share
+  one anchor are listed in a group row. Extra programs along axis 0 (after the query tiles, a
+  shape-only count ``G * cdiv(W, BLOCK_M // GP)``) each take ``BLOCK_M // GP`` sequences of a
+  group times the ``GP`` heads of one KV head as rows, and one anchor split (axis 2): every
+  anchor KV tile is gathered once and multiplied with all of those rows (``_anchor_group_tile``).
+  A grouped sequence's splits are its anchor splits (written by the group tiles) followed by
+  its context splits (its own programs), the anchor and context ranges cut separately
+  (``_split_plan``); the combine kernel merges them in index order as any other splits. With
+  fixed tile shapes (``BLOCK_M``, ``TILE_N``, ``num_warps``, never chosen from the groups) and
+  split length, a sequence's bits do not depend on which sequences share its group or tile:
+  ``tl.dot`` and the online softmax are row-wise, the anchor split boundaries come from the
+  anchor length only.
 
 Mode rule (shape-only, no host synchronization): *decode* when ``T == B`` (one query row per
 token, split-KV on), otherwise *prefill* (``BLOCK_Q`` tokens per tile, one split, enough
@@ -189,24 +201,153 @@ def _attend_tile(
 
 
 @triton.jit
+def _split_plan(A, L, grouped, tiles_per_split, TILE_N: tl.constexpr):
+    """Split layout of one sequence in decode mode (the one owner of the rule: the attention and
+    combine kernels both call it). A sequence's KV tiles are its ``cdiv(A, TILE_N)`` anchor tiles
+    then its ``cdiv(L, TILE_N)`` context tiles.
+
+    * ungrouped: the combined tile range is cut every ``tiles_per_split`` tiles;
+    * grouped (see :func:`_anchor_group_tile`): the anchor tiles alone are cut every
+      ``tiles_per_split`` tiles (splits ``0 .. anchor_splits - 1``, written by the group
+      programs), then the context tiles alone (the following splits, written by the sequence's
+      own programs).
+
+    Returns ``(anchor_splits, n_splits, own_first_tile)``: ``anchor_splits`` is 0 for an
+    ungrouped sequence; own split ``s >= anchor_splits`` covers tiles from ``own_first_tile +
+    (s - anchor_splits) * tiles_per_split`` (combined coordinates)."""
+    n_a = _cdiv(A, TILE_N)
+    anchor_splits = tl.where(grouped, _cdiv(n_a, tiles_per_split), 0)
+    own_first_tile = tl.where(grouped, n_a, 0)
+    n_splits = anchor_splits + _cdiv(n_a - own_first_tile + _cdiv(L, TILE_N), tiles_per_split)
+    return anchor_splits, n_splits, own_first_tile
+
+
+@triton.jit
+def _normalize(acc, l_i, m_i, vs):
+    """Final output rows and log2-unit log-sum-exp of one online softmax; rows that saw no token
+    (an empty split, a padding row) give out 0 and lse -inf."""
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc * (vs / l_safe)[:, None]
+    lse2 = tl.where(seen, m_i + tl.math.log2(l_safe), float("-inf"))
+    return out, lse2
+
+
+@triton.jit
+def _anchor_group_tile(
+    q_ptr, k_ptr, v_ptr, part_out_ptr, part_lse_ptr, qsl_ptr, anchor_table_ptr, anchor_lens_ptr,
+    groups_ptr, gtile, kvh, split, num_seqs, group_width, tiles_per_split, max_splits, num_q_heads,
+    qk_scale, cap_mul, softcap, vs,
+    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_at, stride_g,
+    GROUP: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BS: tl.constexpr, TILE_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_FP16: tl.constexpr,
+    E4M3_ASM: tl.constexpr,
+):
+    """Anchor split ``split`` of tile ``gtile`` of the anchor groups (decode mode), read once for
+    every row of the tile.
+
+    A group row ``g`` of ``anchor_groups [G, group_width]`` lists sequences that share one anchor
+    (same anchor pages, same length); it is cut into tiles of ``BLOCK_M // GP`` sequences, and a
+    tile's rows are (sequence slot) x (the ``GP`` padded query heads of KV head ``kvh``). Each
+    anchor KV tile of the split is gathered once (through the first member's anchor table) and
+    applied to all rows with ``tl.dot`` (queries batched across sequences, as in Hydragen); each
+    row then writes its partial at split index ``split`` of its own sequence, which the
+    sequence's combine merges with its context splits. Rows of padding slots (-1), of sequences
+    whose query count is not 1 (they take the ungrouped path) and padded heads are computed on
+    zeros and never stored. Every row's arithmetic is its own (``tl.dot`` and the online softmax
+    are row-wise), so with fixed tile shapes a sequence's bits do not depend on its group."""
+    seqs_per_tile: tl.constexpr = BLOCK_M // GP
+    tiles_per_group = _cdiv(group_width, seqs_per_tile)
+    g = (gtile // tiles_per_group).to(tl.int64)
+    slot0 = (gtile % tiles_per_group) * seqs_per_tile
+    leader = tl.load(groups_ptr + g * stride_g)
+    A = tl.load(anchor_lens_ptr + tl.maximum(leader, 0))
+    n_a = _cdiv(A, TILE_N)
+    t_lo = split * tiles_per_split
+    if (leader >= 0) & (t_lo < n_a):
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, TILE_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        slot = slot0 + offs_m // GP
+        row_head = offs_m % GP
+        member = tl.load(groups_ptr + g * stride_g + slot, mask=slot < group_width, other=-1)
+        listed = (member >= 0) & (member < num_seqs)
+        b = tl.where(listed, member, 0)
+        q_start = tl.load(qsl_ptr + b, mask=listed, other=0)
+        q_len = tl.load(qsl_ptr + b + 1, mask=listed, other=0) - q_start
+        row_ok = listed & (q_len == 1) & (row_head < GROUP)
+        head = kvh * GROUP + row_head
+        tok_row = q_start.to(tl.int64)
+        q = tl.load(q_ptr + tok_row[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        if DOT_FP16:
+            q = q.to(tl.float16)  # as in the sequence programs (exactness: see there)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        k_head = kvh.to(tl.int64) * stride_kh
+        v_head = kvh.to(tl.int64) * stride_vh
+        a_row = anchor_table_ptr + leader.to(tl.int64) * stride_at
+        t_hi = tl.minimum(t_lo + tiles_per_split, n_a)
+        t_full = tl.maximum(t_lo, tl.minimum(t_hi, A // TILE_N))  # tiles wholly inside the anchor
+        for t in range(t_lo, t_full):
+            acc, l_i, m_i = _attend_tile(
+                acc, l_i, m_i, q, k_ptr, v_ptr, a_row, t, A, offs_m, 0, k_head, v_head,
+                stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_mul, softcap, offs_n, offs_d,
+                BS, TILE_N, False, False, False, HAS_SOFTCAP, E4M3_ASM)
+        for t in range(t_full, t_hi):
+            acc, l_i, m_i = _attend_tile(
+                acc, l_i, m_i, q, k_ptr, v_ptr, a_row, t, A, offs_m, 0, k_head, v_head,
+                stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_mul, softcap, offs_n, offs_d,
+                BS, TILE_N, True, False, False, HAS_SOFTCAP, E4M3_ASM)
+        out, lse2 = _normalize(acc, l_i, m_i, vs)
+        part = (tok_row * num_q_heads + head) * max_splits + split
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
+        tl.store(part_lse_ptr + part, lse2, mask=row_ok)
+
+
+@triton.jit
 def _paged_anchor_attn_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
     block_table_ptr, seq_lens_ptr, qsl_ptr, anchor_table_ptr, anchor_lens_ptr,
+    groups_ptr, seq_grouped_ptr,
     k_scale_ptr, v_scale_ptr, k_scale_val, v_scale_val, sm_scale, softcap, window,
-    num_seqs, tiles_per_split, max_splits, num_q_heads,
+    num_seqs, num_seq_tiles, group_width, tiles_per_split, max_splits, num_q_heads,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_ot, stride_oh, stride_bt, stride_at,
+    stride_ot, stride_oh, stride_bt, stride_at, stride_g,
     GROUP: tl.constexpr, GP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     HEAD_DIM: tl.constexpr, BS: tl.constexpr, TILE_N: tl.constexpr,
-    HAS_ANCHORS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    KS_MODE: tl.constexpr, VS_MODE: tl.constexpr, DOT_FP16: tl.constexpr, E4M3_ASM: tl.constexpr,
+    HAS_ANCHORS: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, KS_MODE: tl.constexpr, VS_MODE: tl.constexpr, DOT_FP16: tl.constexpr,
+    E4M3_ASM: tl.constexpr,
 ):
     """q: [T, Hq, D]; k/v: [num_blocks, BS, Hkv, D]; out: [T, Hq, D]; lse: [T, Hq] fp32;
     part_out: [T, Hq, max_splits, D] fp32; part_lse: [T, Hq, max_splits] fp32 (log2 units).
+    With ``HAS_GROUPS`` (decode mode): groups: [G, group_width] int32 (``anchor_groups``);
+    seq_grouped: [B] int32, 1 for a sequence listed in a group; programs ``num_seq_tiles ..``
+    along axis 0 are the anchor-group tiles (:func:`_anchor_group_tile`).
     K/V scale modes: 0 = scalar argument, 1 = one-element tensor, 2 = per-KV-head tensor."""
     tile_idx = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    ks = _kv_scale(k_scale_val, k_scale_ptr, kvh, KS_MODE)
+    vs = _kv_scale(v_scale_val, v_scale_ptr, kvh, VS_MODE)
+    if HAS_SOFTCAP:
+        qk_scale = sm_scale * ks
+        cap_mul = softcap * 1.4426950408889634
+    else:
+        qk_scale = sm_scale * ks * 1.4426950408889634
+        cap_mul = 1.0
+    if HAS_GROUPS:
+        if tile_idx >= num_seq_tiles:
+            _anchor_group_tile(
+                q_ptr, k_ptr, v_ptr, part_out_ptr, part_lse_ptr, qsl_ptr, anchor_table_ptr,
+                anchor_lens_ptr, groups_ptr, tile_idx - num_seq_tiles, kvh, split, num_seqs,
+                group_width, tiles_per_split, max_splits, num_q_heads, qk_scale, cap_mul, softcap, vs,
+                stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                stride_at, stride_g, GROUP, GP, BLOCK_M, HEAD_DIM, BS, TILE_N, HAS_SOFTCAP, DOT_FP16,
+                E4M3_ASM)
+            return
 
     # Sequence of this query tile: largest b with query_start_loc[b] // BLOCK_Q + b <= tile_idx.
     lo = tl.full([], 0, tl.int32)
@@ -229,20 +370,20 @@ def _paged_anchor_attn_kernel(
         A = 0
     n_a = _cdiv(A, TILE_N)
     n_tiles = n_a + _cdiv(L, TILE_N)
-    n_splits = _cdiv(n_tiles, tiles_per_split)
-    if split >= n_splits:
-        return
-    t_lo = split * tiles_per_split
-    t_hi = tl.minimum(t_lo + tiles_per_split, n_tiles)
-
-    ks = _kv_scale(k_scale_val, k_scale_ptr, kvh, KS_MODE)
-    vs = _kv_scale(v_scale_val, v_scale_ptr, kvh, VS_MODE)
-    if HAS_SOFTCAP:
-        qk_scale = sm_scale * ks
-        cap_mul = softcap * 1.4426950408889634
+    if HAS_GROUPS:
+        # A grouped sequence's anchor splits come from the group programs (one query row only:
+        # others take the ungrouped path, which the combine kernel sees the same way).
+        grouped = (tl.load(seq_grouped_ptr + b) != 0) & (q_len == 1)
+        anchor_splits, n_splits, own_first_tile = _split_plan(A, L, grouped, tiles_per_split, TILE_N)
+        if (split >= n_splits) | (split < anchor_splits):
+            return
+        t_lo = own_first_tile + (split - anchor_splits) * tiles_per_split
     else:
-        qk_scale = sm_scale * ks * 1.4426950408889634
-        cap_mul = 1.0
+        n_splits = _cdiv(n_tiles, tiles_per_split)
+        if split >= n_splits:
+            return
+        t_lo = split * tiles_per_split
+    t_hi = tl.minimum(t_lo + tiles_per_split, n_tiles)
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, TILE_N)
@@ -307,10 +448,7 @@ def _paged_anchor_attn_kernel(
             stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_mul, softcap, offs_n, offs_d,
             BS, TILE_N, True, True, HAS_WINDOW, HAS_SOFTCAP, E4M3_ASM)
 
-    seen = l_i > 0.0
-    l_safe = tl.where(seen, l_i, 1.0)  # rows that saw no token (empty split): out 0, lse -inf
-    out = acc * (vs / l_safe)[:, None]
-    lse2 = tl.where(seen, m_i + tl.math.log2(l_safe), float("-inf"))
+    out, lse2 = _normalize(acc, l_i, m_i, vs)
     row_hd = tok_row * num_q_heads + head
     if n_splits == 1:
         tl.store(out_ptr + tok_row[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
@@ -325,8 +463,8 @@ def _paged_anchor_attn_kernel(
 @triton.jit
 def _combine_kernel(
     out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, seq_lens_ptr, qsl_ptr, anchor_lens_ptr,
-    num_seqs, tiles_per_split, max_splits, num_q_heads, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, TILE_N: tl.constexpr, HAS_ANCHORS: tl.constexpr,
+    seq_grouped_ptr, num_seqs, tiles_per_split, max_splits, num_q_heads, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, TILE_N: tl.constexpr, HAS_ANCHORS: tl.constexpr, HAS_GROUPS: tl.constexpr,
 ):
     """Merge the split partials of one (token, query head), splits in index order, in fp32.
     Tokens of sequences with a single split were written by the attention kernel: skipped."""
@@ -344,7 +482,12 @@ def _combine_kernel(
         A = tl.load(anchor_lens_ptr + lo)
     else:
         A = 0
-    n_splits = _cdiv(_cdiv(A, TILE_N) + _cdiv(L, TILE_N), tiles_per_split)
+    if HAS_GROUPS:
+        q_len = tl.load(qsl_ptr + lo + 1) - tl.load(qsl_ptr + lo)
+        grouped = (tl.load(seq_grouped_ptr + lo) != 0) & (q_len == 1)
+        n_splits = _split_plan(A, L, grouped, tiles_per_split, TILE_N)[1]
+    else:
+        n_splits = _cdiv(_cdiv(A, TILE_N) + _cdiv(L, TILE_N), tiles_per_split)
     if n_splits == 1:
         return
     base = (t.to(tl.int64) * num_q_heads + h) * max_splits
@@ -435,9 +578,20 @@ def _scale_arg(scale):
     return None, 1.0 if scale is None else float(scale)
 
 
+def _grouped_sequences(anchor_groups: torch.Tensor, num_seqs: int) -> torch.Tensor:
+    """[B] int32, 1 for every sequence listed in ``anchor_groups [G, W]`` (device ops only, no
+    host synchronization; padding -1 and, with ``validate=False``, out-of-range entries mark
+    nothing)."""
+    idx = anchor_groups.reshape(-1).long()
+    idx = torch.where((idx < 0) | (idx >= num_seqs), num_seqs, idx)
+    flags = torch.zeros(num_seqs + 1, dtype=torch.int32, device=anchor_groups.device)
+    flags[idx] = 1
+    return flags[:num_seqs]
+
+
 def _launch(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_block_table,
             anchor_lens, k_scale_t, v_scale_t, softmax_scale, k_scale_f, v_scale_f, sliding_window,
-            logit_softcap, kv_split_tokens, tile_n, block_m, num_warps, num_stages):
+            logit_softcap, kv_split_tokens, tile_n, block_m, num_warps, num_stages, anchor_groups=None):
     T, Hq, D = q.shape
     _, BS, Hkv, _ = k_cache.shape
     B, max_blocks = block_table.shape
@@ -451,13 +605,18 @@ def _launch(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_
                         num_warps=num_warps, num_stages=num_stages)
     TN = cfg["tile_n"]
     has_anchors = anchor_block_table is not None
+    has_groups = anchor_groups is not None
     if mode == "decode":
         tiles_per_split = kv_split_tokens // TN
         # Shape-only bound on the splits of any sequence (table capacities, no host sync).
         cap_tiles = -(-max_blocks * BS // TN)
-        if has_anchors:
-            cap_tiles += -(-anchor_block_table.shape[1] * BS // TN)
-        max_splits = max(1, -(-cap_tiles // tiles_per_split))
+        if has_groups:  # anchors and context cut separately (see _split_plan)
+            cap_a = -(-anchor_block_table.shape[1] * BS // TN)
+            max_splits = max(1, -(-cap_a // tiles_per_split) + -(-cap_tiles // tiles_per_split))
+        else:
+            if has_anchors:
+                cap_tiles += -(-anchor_block_table.shape[1] * BS // TN)
+            max_splits = max(1, -(-cap_tiles // tiles_per_split))
     else:
         tiles_per_split, max_splits = _NO_SPLIT, 1
     if max_splits > 1:
@@ -470,19 +629,28 @@ def _launch(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_
     atab = anchor_block_table if has_anchors else block_table
     alen = anchor_lens if has_anchors else seq_lens
     n_tiles = T // cfg["block_q"] + B
-    grid = (n_tiles, Hkv, max_splits)
+    if has_groups:
+        G, group_width = anchor_groups.shape
+        seq_grouped = _grouped_sequences(anchor_groups, B)
+        # Shape-only: every group row is cut into tiles of block_m // group_pad sequences.
+        group_tiles = G * -(-group_width // (cfg["block_m"] // cfg["group_pad"]))
+        groups, stride_g = anchor_groups, anchor_groups.stride(0)
+    else:
+        group_width = group_tiles = stride_g = 0
+        groups = seq_grouped = seq_lens  # never read
+    grid = (n_tiles + group_tiles, Hkv, max_splits)
     _paged_anchor_attn_kernel[grid](
         q, k_cache, v_cache, out, lse, part_out, part_lse,
-        block_table, seq_lens, query_start_loc, atab, alen,
+        block_table, seq_lens, query_start_loc, atab, alen, groups, seq_grouped,
         k_scale_t if k_scale_t is not None else lse, v_scale_t if v_scale_t is not None else lse,
         k_scale_f, v_scale_f, softmax_scale, logit_softcap if logit_softcap else 1.0,
         sliding_window if sliding_window else 0,
-        B, tiles_per_split, max_splits, Hq,
+        B, n_tiles, group_width, tiles_per_split, max_splits, Hq,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(1), block_table.stride(0), atab.stride(0),
+        out.stride(0), out.stride(1), block_table.stride(0), atab.stride(0), stride_g,
         GROUP=group, GP=cfg["group_pad"], BLOCK_Q=cfg["block_q"], BLOCK_M=cfg["block_m"],
-        HEAD_DIM=D, BS=BS, TILE_N=TN, HAS_ANCHORS=has_anchors,
+        HEAD_DIM=D, BS=BS, TILE_N=TN, HAS_ANCHORS=has_anchors, HAS_GROUPS=has_groups,
         HAS_WINDOW=bool(sliding_window), HAS_SOFTCAP=bool(logit_softcap),
         KS_MODE=ks_mode, VS_MODE=vs_mode, DOT_FP16=_dot_fp16(q.dtype, k_cache.dtype),
         E4M3_ASM=_e4m3_asm(k_cache.dtype, q.device),
@@ -490,9 +658,9 @@ def _launch(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_
     )
     if max_splits > 1:
         _combine_kernel[(T, Hq)](
-            out, lse, part_out, part_lse, seq_lens, query_start_loc, alen,
+            out, lse, part_out, part_lse, seq_lens, query_start_loc, alen, seq_grouped,
             B, tiles_per_split, max_splits, Hq, out.stride(0), out.stride(1),
-            HEAD_DIM=D, TILE_N=TN, HAS_ANCHORS=has_anchors, num_warps=1,
+            HEAD_DIM=D, TILE_N=TN, HAS_ANCHORS=has_anchors, HAS_GROUPS=has_groups, num_warps=1,
         )
     return out, lse
 
@@ -504,20 +672,20 @@ def _paged_anchor_attention_op(
     anchor_lens: torch.Tensor | None, k_scale_t: torch.Tensor | None, v_scale_t: torch.Tensor | None,
     softmax_scale: float, k_scale_f: float, v_scale_f: float, sliding_window: int,
     logit_softcap: float, kv_split_tokens: int, tile_n: int, block_m: int, num_warps: int,
-    num_stages: int,
+    num_stages: int, anchor_groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The launch as a torch custom op (opaque to torch.compile, capturable in CUDA graphs).
     Arguments are already checked; 0 means "none" / "heuristic" for the int and float knobs."""
     return _launch(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_block_table,
                    anchor_lens, k_scale_t, v_scale_t, softmax_scale, k_scale_f, v_scale_f,
                    sliding_window, logit_softcap, kv_split_tokens, tile_n, block_m, num_warps,
-                   num_stages)
+                   num_stages, anchor_groups)
 
 
 @_paged_anchor_attention_op.register_fake
 def _(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_block_table, anchor_lens,
       k_scale_t, v_scale_t, softmax_scale, k_scale_f, v_scale_f, sliding_window, logit_softcap,
-      kv_split_tokens, tile_n, block_m, num_warps, num_stages):
+      kv_split_tokens, tile_n, block_m, num_warps, num_stages, anchor_groups=None):
     T, Hq, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((T, Hq), dtype=torch.float32)
 
@@ -543,11 +711,71 @@ def _check_kernel_inputs(q, k_cache, v_cache, block_table, seq_lens, query_start
         raise ValueError(f"kv_split_tokens must be a positive power of two, got {kv_split_tokens!r}")
 
 
+def _check_anchor_groups(anchor_groups, shapes: AttentionShapes, anchor_block_table, device) -> None:
+    """Metadata of ``anchor_groups`` (no host synchronization)."""
+    if not isinstance(anchor_groups, torch.Tensor):
+        raise TypeError(f"anchor_groups must be a torch.Tensor or None, got {type(anchor_groups).__name__}")
+    if anchor_groups.dim() != 2 or anchor_groups.dtype != torch.int32:
+        raise ValueError(f"anchor_groups must be a 2-D int32 tensor [groups, max sequences per group], "
+                         f"got shape {tuple(anchor_groups.shape)} dtype {anchor_groups.dtype}")
+    if anchor_groups.device != device:
+        raise ValueError(f"anchor_groups is on {anchor_groups.device} but q is on {device}")
+    if anchor_block_table is None:
+        raise ValueError("anchor_groups needs anchor_block_table and anchor_lens (groups share anchors)")
+    if shapes.T != shapes.B:
+        raise ValueError(f"anchor_groups is implemented for decode batches only (T == B: one query row "
+                         f"per sequence), got T={shapes.T}, B={shapes.B}")
+    if anchor_groups.numel() and anchor_groups.stride(-1) != 1:
+        raise ValueError(f"anchor_groups must be contiguous in its last dimension, got strides "
+                         f"{anchor_groups.stride()}")
+
+
+def _check_anchor_group_values(anchor_groups, shapes: AttentionShapes, anchor_block_table, anchor_lens) -> None:
+    """What ``anchor_groups`` promises (host reads, ``validate=True`` only): entries in
+    [-1, B), padding -1 only after a row's members, no sequence listed twice, and every member
+    with its group's first member's anchor length and anchor pages."""
+    g = anchor_groups.long()
+    if g.numel() == 0:
+        return
+    bad = (g < -1) | (g >= shapes.B)
+    if bool(bad.any()):
+        i, j = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"anchor_groups[{i}, {j}] = {int(g[i, j])} is not a sequence index in [0, {shapes.B}) or -1")
+    gap = (g[:, 1:] >= 0) & (g[:, :-1] < 0)
+    if bool(gap.any()):
+        i, j = (int(x) for x in gap.nonzero()[0])
+        raise ValueError(f"anchor_groups[{i}, {j + 1}] follows padding (-1): list a group's sequences first")
+    members = g[g >= 0]
+    counts = torch.bincount(members, minlength=shapes.B)
+    if bool((counts > 1).any()):
+        b = int((counts > 1).nonzero()[0])
+        raise ValueError(f"anchor_groups lists sequence {b} {int(counts[b])} times (a sequence belongs to one group)")
+    leader = g[:, :1].clamp(min=0).expand_as(g)
+    live = g >= 0
+    member = g.clamp(min=0)
+    alens = anchor_lens.long()
+    diff_len = live & (alens[member] != alens[leader])
+    if bool(diff_len.any()):
+        i, j = (int(x) for x in diff_len.nonzero()[0])
+        raise ValueError(f"anchor_groups[{i}]: sequence {int(g[i, j])} has anchor_lens {int(alens[g[i, j]])} "
+                         f"but the group's first sequence {int(g[i, 0])} has {int(alens[g[i, 0]])}")
+    pages = (alens[g[:, 0].clamp(min=0)] + shapes.block_size - 1) // shapes.block_size  # [G]
+    cols = torch.arange(anchor_block_table.shape[1], device=g.device)
+    used = cols[None, :] < pages[:, None]  # [G, max_anchor_blocks]
+    atab = anchor_block_table.long()
+    diff_page = live[:, :, None] & used[:, None, :] & (atab[member] != atab[leader])  # [G, W, cols]
+    if bool(diff_page.any()):
+        i, j, c = (int(x) for x in diff_page.nonzero()[0])
+        raise ValueError(f"anchor_groups[{i}]: sequence {int(g[i, j])} has anchor page {int(atab[g[i, j], c])} at "
+                         f"anchor_block_table column {c} but the group's first sequence {int(g[i, 0])} has "
+                         f"{int(atab[g[i, 0], c])} (a group shares one anchor)")
+
+
 def paged_anchor_attention(
     q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
     anchor_block_table=None, anchor_lens=None, *, softmax_scale=None, k_scale=None, v_scale=None,
     return_lse=False, sliding_window=None, logit_softcap=None, validate=True,
-    kv_split_tokens=KV_SPLIT_TOKENS, config=None,
+    kv_split_tokens=KV_SPLIT_TOKENS, config=None, anchor_groups=None,
 ):
     """Fused paged attention over ``[anchor tokens; context tokens]`` (docs/DESIGN.md, "Kernel arguments"), same
     semantics and arguments as :func:`fieldprint.attention.reference_attention`.
@@ -561,6 +789,19 @@ def paged_anchor_attention(
     read index tensors (no host synchronization, for CUDA-graph capture); shape/dtype/stride
     checks always run. ``kv_split_tokens``: split-KV length in decode mode (a fixed token count,
     never derived from the batch). ``config``: optional overrides of :func:`kernel_config`.
+
+    ``anchor_groups`` (optional, decode batches only, T == B): int32 ``[G, W]``, each row the
+    indices of up to ``W`` sequences that share one anchor (identical ``anchor_lens`` and anchor
+    pages), then -1 padding (a row of -1 is an empty group). In the same launch each group's
+    anchor pages are read once per tile of ``block_m // group_pad`` sequences and applied to all
+    their query rows as one matrix product (read-once anchors); the grouped sequences' own
+    programs walk only their context, and the split combine merges both. Sequences in no group
+    (and grouped sequences whose query count is not 1) take the ungrouped path. Checked when
+    ``validate`` (host reads); with ``validate=False`` a group that breaks these rules gives
+    undefined results. A grouped sequence's output bits do not depend on which or how many
+    other sequences share its group or its tile, provided the tile shapes (``block_m``,
+    ``tile_n``, ``num_warps``) and ``kv_split_tokens`` stay fixed (they never depend on the group
+    sizes); they may differ in the last bits from the same sequence ungrouped (different splits).
     Returns out [T, Hq, D] in q's dtype, and lse [T, Hq] float32 (natural log) if ``return_lse``.
     """
     shapes = check_shapes(q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
@@ -570,9 +811,13 @@ def paged_anchor_attention(
                           kv_dtypes=(torch.float16, torch.bfloat16, torch.float8_e4m3fn))
     _check_kernel_inputs(q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
                          anchor_block_table, anchor_lens, kv_split_tokens)
+    if anchor_groups is not None:
+        _check_anchor_groups(anchor_groups, shapes, anchor_block_table, q.device)
     if validate:
         check_values(shapes, block_table, seq_lens, query_start_loc, anchor_block_table, anchor_lens,
                      k_scale=k_scale, v_scale=v_scale)
+        if anchor_groups is not None:
+            _check_anchor_group_values(anchor_groups, shapes, anchor_block_table, anchor_lens)
         if _dot_fp16(q.dtype, k_cache.dtype) and q.dtype == torch.bfloat16 and q.numel():
             if float(q.abs().amax()) > 65504.0:
                 raise ValueError("q: with a float8_e4m3fn KV cache the dots run in fp16, so |q| must "
@@ -593,7 +838,7 @@ def paged_anchor_attention(
         q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_block_table, anchor_lens,
         ks_t, vs_t, scale, ks_f, vs_f, int(sliding_window or 0), float(logit_softcap or 0.0),
         int(kv_split_tokens), int(cfg.get("tile_n", 0)), int(cfg.get("block_m", 0)),
-        int(cfg.get("num_warps", 0)), int(cfg.get("num_stages", 0)))
+        int(cfg.get("num_warps", 0)), int(cfg.get("num_stages", 0)), anchor_groups)
     return (out, lse) if return_lse else out
 
 
@@ -615,8 +860,9 @@ class CompileSpec(NamedTuple):
     @property
     def attrs(self) -> dict:
         names = self.fn.arg_names
+        unaligned = ("stride_bt", "stride_at", "stride_g")  # table widths: any int
         aligned = [n for n, t in self.signature.items()
-                   if t.startswith("*") or (n.startswith("stride_") and n not in ("stride_bt", "stride_at"))]
+                   if t.startswith("*") or (n.startswith("stride_") and n not in unaligned)]
         return {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
 
 
@@ -626,10 +872,13 @@ _TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float8_e4
 def sm90_compile_specs(head_dim: int, block_size: int, kv_dtype: torch.dtype, group: int, mode: str,
                        q_dtype: torch.dtype = torch.bfloat16, anchors: bool = True,
                        sliding_window: bool = False, logit_softcap: bool = False,
-                       scale_mode: int = 0, **overrides) -> list[CompileSpec]:
+                       scale_mode: int = 0, anchor_groups: bool = False, **overrides) -> list[CompileSpec]:
     """The kernels ``paged_anchor_attention`` launches for these shapes (decode: attention +
     split combine; prefill: attention), with the same constexprs and options. Nothing in them
-    depends on the number of anchors or the context length: those are runtime loop bounds."""
+    depends on the number of anchors, the context length or the group sizes: those are runtime
+    loop bounds. ``anchor_groups``: the variant launched with ``anchor_groups`` (decode only)."""
+    if anchor_groups and (mode != "decode" or not anchors):
+        raise ValueError("anchor_groups needs mode='decode' and anchors=True")
     if not isinstance(_paged_anchor_attn_kernel, triton.runtime.jit.JITFunction):
         raise RuntimeError("sm90_compile_specs needs compiled kernels: unset TRITON_INTERPRET (the "
                            "interpreter replaces @triton.jit functions) and run it in a fresh process")
@@ -638,11 +887,12 @@ def sm90_compile_specs(head_dim: int, block_size: int, kv_dtype: torch.dtype, gr
     ptr = {"q_ptr": qt, "k_ptr": kt, "v_ptr": kt, "out_ptr": qt, "lse_ptr": "fp32",
            "part_out_ptr": "fp32", "part_lse_ptr": "fp32", "block_table_ptr": "i32",
            "seq_lens_ptr": "i32", "qsl_ptr": "i32", "anchor_table_ptr": "i32", "anchor_lens_ptr": "i32",
-           "k_scale_ptr": "fp32", "v_scale_ptr": "fp32"}
+           "groups_ptr": "i32", "seq_grouped_ptr": "i32", "k_scale_ptr": "fp32", "v_scale_ptr": "fp32"}
     floats = ("k_scale_val", "v_scale_val", "sm_scale", "softcap")
     constexprs = {"GROUP": group, "GP": cfg["group_pad"], "BLOCK_Q": cfg["block_q"],
                   "BLOCK_M": cfg["block_m"], "HEAD_DIM": head_dim, "BS": block_size,
-                  "TILE_N": cfg["tile_n"], "HAS_ANCHORS": anchors, "HAS_WINDOW": sliding_window,
+                  "TILE_N": cfg["tile_n"], "HAS_ANCHORS": anchors, "HAS_GROUPS": anchor_groups,
+                  "HAS_WINDOW": sliding_window,
                   "HAS_SOFTCAP": logit_softcap, "KS_MODE": scale_mode, "VS_MODE": scale_mode,
                   "DOT_FP16": _dot_fp16(q_dtype, kv_dtype), "E4M3_ASM": kv_dtype == torch.float8_e4m3fn}
     fn = _paged_anchor_attn_kernel
@@ -660,7 +910,8 @@ def sm90_compile_specs(head_dim: int, block_size: int, kv_dtype: torch.dtype, gr
     specs = [CompileSpec(fn, sig, constexprs, options)]
     if mode == "decode":
         cfn = _combine_kernel
-        cconst = {"HEAD_DIM": head_dim, "TILE_N": cfg["tile_n"], "HAS_ANCHORS": anchors}
+        cconst = {"HEAD_DIM": head_dim, "TILE_N": cfg["tile_n"], "HAS_ANCHORS": anchors,
+                  "HAS_GROUPS": anchor_groups}
         csig = {n: ("*" + qt if n == "out_ptr" else "*fp32" if n in ("lse_ptr", "part_out_ptr", "part_lse_ptr")
                     else "*i32" if n.endswith("_ptr") else "constexpr" if n in cconst else "i32")
                 for n in cfn.arg_names}

@@ -1,0 +1,309 @@
+"""Read-once anchor groups (``paged_anchor_attention(..., anchor_groups=...)``, decode mode) in
+the Triton interpreter: against the float64 reference and the ungrouped kernel, bitwise
+independence of a sequence's output from its group, the fallback of grouped sequences whose
+query count is not 1, argument errors, and the groups a PagedKVCache builds.
+
+Every float buffer the kernel allocates is filled with NaN first (``poisoned_empty``), so a
+partial that no program writes (an anchor split a group tile skipped) shows up as NaN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from fieldprint.attention import paged_anchor_attention, paged_inputs, reference_attention
+from fieldprint.cache import PagedKVCache
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+BF16, FP16, FP8 = torch.bfloat16, torch.float16, torch.float8_e4m3fn
+TOL = {BF16: 2e-2, FP16: 5e-3}
+# 16-token KV tiles and 32-token splits: anchors of up to 3 splits at these tiny lengths.
+SMALL = {"kv_split_tokens": 32, "config": {"tile_n": 16}}
+
+
+@pytest.fixture(autouse=True)
+def poisoned_empty(monkeypatch):
+    empty = torch.empty
+
+    def nan_empty(*size, **kwargs):
+        x = empty(*size, **kwargs)
+        return x.fill_(float("nan")) if x.is_floating_point() else x
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def grouped_case(seed, lens, groups, anchor_lens, *, q_lens=None, Hq=4, Hkv=1, D=64, bs=16,
+                 kv_dtype=None, q_dtype=BF16):
+    """A decode batch whose sequences in each of ``groups`` share one anchor: every sequence gets
+    its own anchor pages (scrambled pool, NaN in unowned slots), then each group's members take
+    the first member's anchor row and length. Returns (call kwargs, anchor_groups [G, W])."""
+    q_lens = q_lens or [1] * len(lens)
+    case = paged_inputs.make_case(
+        lens, q_lens, anchor_lens, heads_q=Hq, heads_kv=Hkv, head_dim=D, block_size=bs, dtype=q_dtype,
+        kv_dtype=kv_dtype, shared_anchors=False, spare_blocks=2, unused_ids="out_of_pool",
+        generator=torch.Generator().manual_seed(seed))
+    kw = {f.name: getattr(case, f.name) for f in dataclasses.fields(case)}
+    for members in groups:
+        for m in members[1:]:
+            kw["anchor_block_table"][m] = kw["anchor_block_table"][members[0]]
+            kw["anchor_lens"][m] = kw["anchor_lens"][members[0]]
+    width = max(len(g) for g in groups)
+    table = torch.tensor([g + [-1] * (width - len(g)) for g in groups], dtype=torch.int32)
+    return kw, table
+
+
+def reference(case, **kw):
+    c = dict(case)
+    c["q"] = c["q"].double()
+    if c["k_cache"].dtype != FP8:
+        c["k_cache"], c["v_cache"] = c["k_cache"].double(), c["v_cache"].double()
+    return reference_attention(**c, return_lse=True, **kw)
+
+
+def check(case, groups, **kw):
+    """Grouped call vs float64 reference and vs the ungrouped kernel; returns (out, lse)."""
+    ref_kw = {k: v for k, v in kw.items() if k not in ("kv_split_tokens", "config")}
+    out, lse = paged_anchor_attention(**case, anchor_groups=groups, return_lse=True, **kw)
+    ref, ref_lse = reference(case, **ref_kw)
+    assert not out.isnan().any() and not lse.isnan().any()
+    tol = TOL[case["q"].dtype]
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-3, rtol=1e-4)
+    plain, plain_lse = paged_anchor_attention(**case, return_lse=True, **kw)
+    torch.testing.assert_close(out.float(), plain.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(lse, plain_lse, atol=1e-3, rtol=1e-4)
+    return out, lse
+
+
+# Ten decode sequences, GROUP 4: a group of five (two tiles of four sequences; 37 anchor tokens,
+# not page-aligned, 3 splits), a group of two with a 9-token anchor (shorter than a page), an
+# empty group row, and ungrouped sequences with (1, 7) and without (4) anchors.
+LENS = [40, 5, 34, 1, 20, 17, 45, 12, 30, 3]
+ANCHORS = [37, 20, 9, 11, 0, 23, 30, 50, 8, 2]
+GROUPS = [[5, 0, 3, 8, 9], [2, 6], []]
+
+
+def test_groups_match_reference_and_ungrouped():
+    case, groups = grouped_case(1, LENS, GROUPS, ANCHORS, Hq=8, Hkv=2)
+    out = check(case, groups, **SMALL)[0]
+    assert torch.equal(out, paged_anchor_attention(**case, anchor_groups=groups, validate=False, **SMALL))
+
+
+def test_groups_default_split_length_and_fp16():
+    case, groups = grouped_case(2, LENS, GROUPS, ANCHORS, q_dtype=FP16)
+    check(case, groups, config={"tile_n": 16})  # one anchor split + one context split each
+
+
+def test_groups_window_and_softcap():
+    """A window limits the context only: a grouped sequence keeps every anchor token."""
+    case, groups = grouped_case(3, LENS, GROUPS, ANCHORS)
+    check(case, groups, sliding_window=6, logit_softcap=2.0, **SMALL)
+
+
+def test_groups_fp8_kv():
+    case, groups = grouped_case(4, LENS, GROUPS, ANCHORS, Hq=8, Hkv=2, kv_dtype=FP8)
+    check(case, groups, k_scale=torch.tensor([0.05, 0.2]), v_scale=torch.tensor([1.5, 0.3]), **SMALL)
+
+
+def test_group_tiles_read_the_first_members_anchor():
+    """The group tiles, not the sequences' own programs, attend to a grouped sequence's anchor:
+    with validate=False and a member whose own anchor pages differ from the group's first
+    member's, its result is attention over the first member's anchor pages."""
+    case, groups = grouped_case(5, [30, 20, 25], [[0, 1]], [35, 35, 35])
+    case["anchor_block_table"][1] = case["anchor_block_table"][2]  # sequence 2's own anchor pages
+    out = paged_anchor_attention(**case, anchor_groups=groups, validate=False, **SMALL)
+    as_leader = dict(case, anchor_block_table=case["anchor_block_table"].clone())
+    as_leader["anchor_block_table"][1] = case["anchor_block_table"][0]
+    ref = reference(as_leader)[0]
+    torch.testing.assert_close(out.double()[1], ref[1], atol=2e-2, rtol=2e-2)
+    assert not torch.allclose(out.double()[1], reference(case)[0][1], atol=5e-2)
+
+
+def test_grouped_sequences_with_other_query_counts_take_the_ungrouped_path():
+    """Decode mode (T == B) with a grouped sequence of 0 and one of 2 query tokens: the group
+    tiles skip them, their own programs walk their anchors."""
+    case, groups = grouped_case(6, [40, 5, 70, 12], [[0, 1, 2, 3]], [37, 0, 0, 0], q_lens=[2, 0, 1, 1])
+    check(case, groups, **SMALL)
+
+
+def test_no_group_rows_is_bitwise_the_ungrouped_path():
+    case, _ = grouped_case(7, [20, 5, 34], [[0]], [37, 0, 9])
+    empty = torch.full((2, 3), -1, dtype=torch.int32)
+    for groups in (empty, empty[:0]):
+        a = paged_anchor_attention(**case, anchor_groups=groups, return_lse=True, **SMALL)
+        b = paged_anchor_attention(**case, return_lse=True, **SMALL)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def _subset(case, rows):
+    """The decode sub-batch of sequences ``rows``, tables widened by 3 columns."""
+    pad = torch.full((len(rows), 3), 10 ** 6, dtype=torch.int32)
+    return dict(case, q=case["q"][rows], query_start_loc=torch.arange(len(rows) + 1, dtype=torch.int32),
+                block_table=torch.cat([case["block_table"][rows], pad], 1), seq_lens=case["seq_lens"][rows],
+                anchor_block_table=torch.cat([case["anchor_block_table"][rows], pad], 1),
+                anchor_lens=case["anchor_lens"][rows])
+
+
+@pytest.fixture
+def rowwise_interpreter_dot(monkeypatch):
+    """The interpreter's ``tl.dot`` is ``np.matmul``, whose BLAS runs different micro-kernels for
+    different row positions (row 6 of a 16-row product can differ in the last bit from the same
+    row placed at row 0): a property of the CPU emulation, not of the kernel (a GPU mma computes
+    every row of a fixed-shape tile with the same instructions). Replaced here by ``einsum``,
+    whose per-element summation order is the same for every row, so that the bitwise test checks
+    the kernel's own row independence (masks, online softmax, split layout)."""
+    from triton.runtime import interpreter
+
+    rowwise = types.ModuleType("numpy_rowwise_matmul")
+    rowwise.__getattr__ = lambda name: getattr(np, name)
+    rowwise.matmul = lambda a, b, dtype=None: np.einsum("ik,kj->ij", a, b, dtype=dtype)
+    monkeypatch.setattr(interpreter, "np", rowwise)
+
+
+def test_rowwise_dot_is_row_invariant():
+    """The fixture's product gives a row the same bits at every row position."""
+    g = np.random.default_rng(0)
+    a, b = g.standard_normal((16, 64), dtype=np.float32), g.standard_normal((64, 16), dtype=np.float32)
+    want = np.einsum("ik,kj->ij", a, b)[0]
+    for row in range(16):
+        moved = g.standard_normal((16, 64), dtype=np.float32)
+        moved[row] = a[0]
+        assert np.array_equal(np.einsum("ik,kj->ij", moved, b)[row], want), row
+
+
+def test_output_bits_do_not_depend_on_the_group(rowwise_interpreter_dot):
+    """Sequence X's output and lse bits are the same when its group holds 1, 3 or 8 sequences,
+    at different slots and tiles, in batches of different sizes and table widths (fixed tile
+    shapes and split length)."""
+    lens = [50, 7, 90, 33, 64, 18, 41, 77, 26, 12]
+    case, _ = grouped_case(8, lens, [list(range(10))], [45] * 10)
+    X = 4
+    layouts = [  # (batch rows, groups as batch positions, X's position in the batch)
+        ([X], [[0]], 0),
+        ([1, X, 8], [[2, 0, 1]], 1),  # X at slot 2 of a tile
+        (list(range(10)), [[0, 1, 2, 3, 5, 6, X, 7]], X),  # slot 6: second tile, slot 2
+        ([9, 3, X, 0, 2], [[0, 1], [4, 2, 3]], 2),
+    ]
+    results = []
+    for rows, g, pos in layouts:
+        sub = _subset(case, rows) if rows != list(range(10)) else case
+        out, lse = paged_anchor_attention(**sub, anchor_groups=torch.tensor(
+            [m + [-1] * (8 - len(m)) for m in g], dtype=torch.int32), return_lse=True, **SMALL)
+        results.append((out[pos], lse[pos]))
+    for out, lse in results[1:]:
+        assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1])
+    ref = reference(case)[0][X]
+    torch.testing.assert_close(results[0][0].double(), ref, atol=2e-2, rtol=2e-2)
+
+
+def _bad_groups():
+    def rows(*r):
+        return torch.tensor(r, dtype=torch.int32)
+
+    return [
+        (rows([0, 1], [1, -1]), ValueError, "lists sequence 1 2 times"),
+        (rows([0, 0]), ValueError, "lists sequence 0 2 times"),
+        (rows([0, 3]), ValueError, r"anchor_groups\[0, 1\] = 3 is not a sequence index"),
+        (rows([0, -2]), ValueError, r"anchor_groups\[0, 1\] = -2 is not a sequence index"),
+        (rows([-1, 0]), ValueError, r"anchor_groups\[0, 1\] follows padding"),
+        (rows([0, 2]), ValueError, "has anchor_lens 9 but the group's first sequence 0 has 37"),
+        (torch.tensor([[0, 1]]), ValueError, "2-D int32"),
+        (rows(0, 1), ValueError, "2-D int32"),
+        ([[0, 1]], TypeError, "anchor_groups must be a torch.Tensor"),
+    ]
+
+
+@pytest.mark.parametrize("bad,error,match", _bad_groups())
+def test_bad_groups(bad, error, match):
+    case, _ = grouped_case(10, [10, 12, 14], [[0, 1]], [37, 0, 9])
+    with pytest.raises(error, match=match):
+        paged_anchor_attention(**case, anchor_groups=bad)
+
+
+def test_group_with_other_anchor_pages_is_refused():
+    case, groups = grouped_case(11, [10, 12], [[0, 1]], [37, 37])
+    case["anchor_block_table"][1, 2] = case["block_table"][0, 0]  # third anchor page differs
+    with pytest.raises(ValueError, match="has anchor page .* at anchor_block_table column 2"):
+        paged_anchor_attention(**case, anchor_groups=groups)
+    # a column past the group's pages may differ
+    case["anchor_block_table"][1, 2] = case["anchor_block_table"][0, 2]
+    case["anchor_block_table"][1, 3] = 12345
+    paged_anchor_attention(**case, anchor_groups=groups)
+
+
+def test_groups_need_anchors_and_decode():
+    case, groups = grouped_case(12, [10, 12], [[0, 1]], [5, 5])
+    with pytest.raises(ValueError, match="anchor_groups needs anchor_block_table"):
+        paged_anchor_attention(**dict(case, anchor_block_table=None, anchor_lens=None), anchor_groups=groups)
+    prefill, _ = grouped_case(12, [10, 12], [[0, 1]], [5, 5], q_lens=[2, 1])
+    with pytest.raises(ValueError, match="decode batches only"):
+        paged_anchor_attention(**prefill, anchor_groups=groups)
+
+
+def test_cache_anchor_groups():
+    """PagedKVCache.anchor_groups: batch positions of the sequences sharing each anchor."""
+    torch.manual_seed(0)
+    Hkv, D, bs = 2, 64, 16
+    cache = PagedKVCache(1, 64, bs, Hkv, D, dtype=BF16, seed=3, poison=True)
+    anchors = [cache.add_anchor(torch.randn(1, n, Hkv, D), torch.randn(1, n, Hkv, D)) for n in (21, 9)]
+    seqs = []
+    for anchor, n in ((anchors[0], 30), (None, 12), (anchors[1], 17), (anchors[0], 5), (anchors[0], 40),
+                      (anchors[1], 8), (anchors[1], 3)):
+        s = cache.add_sequence(anchor)
+        cache.append(s, torch.randn(1, n, Hkv, D), torch.randn(1, n, Hkv, D))
+        seqs.append(s)
+    batch = [seqs[i] for i in (4, 1, 0, 2, 3, 5)]  # seqs[6] is not in this batch
+    groups = cache.anchor_groups(batch)
+    assert groups.dtype == torch.int32 and groups.tolist() == [[0, 2, 4], [3, 5, -1]]
+    assert cache.anchor_groups(batch[:3]).tolist() == [[0, 2]]  # one sequence alone is no group
+    assert cache.anchor_groups([seqs[1]]).shape == (0, 1)
+    args = dataclasses.asdict(cache.kernel_args(batch))
+    q = torch.randn(len(batch), 4 * Hkv, D).to(BF16)
+    kv = {"k_cache": cache.k_cache(0), "v_cache": cache.v_cache(0)}
+    out = paged_anchor_attention(q, **kv, **args, anchor_groups=groups, **SMALL)
+    ref = reference_attention(q.double(), cache.k_cache(0).double(), cache.v_cache(0).double(), **args)
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_custom_op_accepts_groups():
+    case, groups = grouped_case(13, [20, 7, 9], [[0, 2]], [21, 0, 4])
+    op = torch.ops.fieldprint.paged_anchor_attention.default
+    args = (case["q"], case["k_cache"], case["v_cache"], case["block_table"], case["seq_lens"],
+            case["query_start_loc"], case["anchor_block_table"], case["anchor_lens"], None, None,
+            0.125, 1.0, 1.0, 0, 0.0, 32, 16, 0, 0, 0, groups)
+    result = torch.library.opcheck(op, args)
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+def test_groups_variant_compiles_for_sm90():
+    """The launch with anchor_groups builds for sm_90 without spills (fresh process: no interpreter)."""
+    code = (
+        "import torch\n"
+        "from fieldprint.attention.kernel import sm90_compile_specs\n"
+        "from fieldprint.sram import compile_resources\n"
+        "for s in sm90_compile_specs(64, 16, torch.bfloat16, 4, 'decode', anchor_groups=True):\n"
+        "    r = compile_resources(*s, attrs=s.attrs)\n"
+        "    print(s.fn.__name__, r['registers'], r['spill_stores'], r['spill_loads'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line.split() for line in res.stdout.strip().split("\n")]
+    assert [r[0] for r in rows] == ["_paged_anchor_attn_kernel", "_combine_kernel"]
+    assert all(r[2] == "0" and r[3] == "0" for r in rows), rows
+
+
+def test_groups_compile_spec_needs_decode_with_anchors():
+    from fieldprint.attention.kernel import sm90_compile_specs
+
+    for mode, anchors in (("prefill", True), ("decode", False)):
+        with pytest.raises(ValueError, match="anchor_groups needs mode='decode' and anchors=True"):
+            sm90_compile_specs(64, 16, BF16, 4, mode, anchors=anchors, anchor_groups=True)
