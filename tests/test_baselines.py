@@ -253,3 +253,19 @@ def test_cascade_batch_invariant_within_a_group():
                            full.seq_lens[rows], torch.arange(len(rows) + 1, dtype=torch.int32),
                            full.anchor_block_table[rows], full.anchor_lens[rows])
         assert torch.equal(bl.cascade(*sub.args()), out[rows]), rows
+
+
+@pytest.mark.interpreted
+def test_fused_groups_interpreted():
+    """``fused_groups`` (Triton interpreter): the kernel given the shared-anchor groups of a decode
+    batch (two groups, a lone anchor, a sequence without) against the float64 reference; its
+    table lists exactly the sequences that share anchor pages."""
+    case = _shared_case(70, *GROUPED[0], dtype=torch.bfloat16, heads=(4, 2), head_dim=64, block_size=16)
+    assert bl.shared_anchor_sequences(case) == [[0, 2], [3, 4]]
+    setup, run = bl.REGISTRY["fused_groups"]
+    state = setup(case, bl.Scales())
+    assert state[-1].tolist() == [[0, 2], [3, 4]]
+    out = run(state)
+    want = reference_attention(case.q.double(), *(x.double() for x in case.args()[1:3]), *case.args()[3:])
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), want, rtol=2e-2, atol=2e-2)

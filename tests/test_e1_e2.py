@@ -66,16 +66,16 @@ def test_e1_shared_prefix_run_on_cpu():
     """The shared-prefix regime: two groups of two sequences share 24 anchors (not block-aligned);
     logical bytes count the anchors per sequence, unique bytes once per group."""
     cfg = e1.E1Config(decode_shapes=[], prefill_contexts=[], prefill_anchors=[],
-                      shared_shapes=[[4, 20, 24, 2]], impls=["fused", "cascade", "prefix_blocks"],
+                      shared_shapes=[[4, 20, 24, 2]], impls=["fused", "fused_groups", "cascade", "prefix_blocks"],
                       warmup_ms=1, rep_ms=1, device="cpu", seed=4)
     rows = e1.run(cfg)
     by = {r["impl"]: r for r in rows}
-    assert len(rows) == 3 and all(r["mode"] == "shared_decode" and r["share_group"] == 2 for r in rows)
+    assert len(rows) == 4 and all(r["mode"] == "shared_decode" and r["share_group"] == 2 for r in rows)
     token = 2 * 2 * 64 * 2  # K and V, 2 KV heads, D = 64, bf16
     io = 2 * 4 * 4 * 64 * 2
     assert by["fused"]["bytes"] == 4 * (24 + 20) * token + io
     assert by["fused"]["unique_bytes"] == (4 * 20 + 2 * 24) * token + io
-    for name in ("fused", "cascade"):
+    for name in ("fused", "fused_groups", "cascade"):
         r = by[name]
         assert r["skipped"] == "" and float(r["rel_err"]) < 2e-2, r
         ratio = float(r["unique_tbps"]) / float(r["tbps"])
@@ -90,6 +90,8 @@ def test_unfused_skip_reason_uses_memory_estimate():
     assert "GB" in e1._skip_reason("naive", "prefill", 64, "bf16", "cuda", 1, 32768, 32768, cfg)
     assert e1._skip_reason("naive", "decode", 64, "bf16", "cuda", 1, 1, 128, cfg) == ""
     assert e1._skip_reason("prefix_blocks", "decode", 5, "bf16", "cuda", 1, 1, 128, cfg)
+    assert e1._skip_reason("fused_groups", "decode", 64, "bf16", "cuda", 64, 1, 4096, cfg)
+    assert e1._skip_reason("fused_groups", "shared_decode", 64, "bf16", "cuda", 64, 1, 4096, cfg) == ""
 
 
 def _row(impl, ms, B=64, L=4096, A=64, kv="bf16", mode="decode", err=1e-3):

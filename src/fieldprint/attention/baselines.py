@@ -7,6 +7,8 @@ engine does once per batch (build a contiguous copy, a merged block table, a pla
 state; ``run(state)`` is exactly what E1 times.
 
 * ``fused``: the project's kernel, one online softmax over ``[anchors; context]``.
+* ``fused_groups``: the same kernel given the sequences that share anchor pages as
+  ``anchor_groups`` (decode only): each anchor tile is read once per tile of grouped query rows.
 * ``cudnn_sdpa``, ``flash_sdpa``: PyTorch SDPA on contiguous ``[B, Hkv, A+L, D]`` K/V gathered
   once in ``setup`` (no paging at all: the upper reference). Uniform batches only.
 * ``gather_sdpa``: gather pages + concatenate anchors + SDPA, all inside the timed region, as an
@@ -358,6 +360,20 @@ class CascadeState:
     prefix_attention: Callable = field(default=None, repr=False)
 
 
+def shared_anchor_sequences(case: PagedCase) -> list[list[int]]:
+    """Sequences (batch indices, ascending) in groups of >= 2 that have query tokens and
+    identical anchor pages and anchor length, in order of first appearance (host reads)."""
+    if case.anchor_lens is None:
+        return []
+    bs = case.k_cache.shape[1]
+    qsl = case.query_start_loc.tolist()
+    members: dict[tuple, list[int]] = {}
+    for b, a in enumerate(case.anchor_lens.tolist()):
+        if a and qsl[b + 1] > qsl[b]:
+            members.setdefault((a, *case.anchor_block_table[b, :-(-a // bs)].tolist()), []).append(b)
+    return [seqs for seqs in members.values() if len(seqs) >= 2]
+
+
 def _prefix_groups(case: PagedCase) -> tuple[list[PrefixGroup], torch.Tensor | None]:
     """Groups of >= 2 sequences with identical anchor pages and length, in order of first
     appearance, and each sequence's anchor length left for the paged call (None: no anchors).
@@ -367,17 +383,13 @@ def _prefix_groups(case: PagedCase) -> tuple[list[PrefixGroup], torch.Tensor | N
     launch and a merge for nothing."""
     if case.anchor_lens is None:
         return [], None
-    bs = case.k_cache.shape[1]
     qsl = case.query_start_loc.tolist()
     alens = case.anchor_lens.tolist()
-    members: dict[tuple, list[int]] = {}
-    for b, a in enumerate(alens):
-        if a and qsl[b + 1] > qsl[b]:
-            members.setdefault((a, *case.anchor_block_table[b, :-(-a // bs)].tolist()), []).append(b)
+    bs = case.k_cache.shape[1]
     groups, own_alens = [], list(alens)
-    for (a, *pages), seqs in members.items():
-        if len(seqs) < 2:
-            continue
+    for seqs in shared_anchor_sequences(case):
+        a = alens[seqs[0]]
+        pages = case.anchor_block_table[seqs[0], :-(-a // bs)].tolist()
         tok = [t for b in seqs for t in range(qsl[b], qsl[b + 1])]
         contiguous = tok == list(range(tok[0], tok[-1] + 1))
         index = slice(tok[0], tok[-1] + 1) if contiguous else torch.tensor(tok, device=case.q.device)
@@ -578,6 +590,21 @@ def _fused_run(state) -> torch.Tensor:
     return kernel(*case.args(), **scales.kwargs(), validate=False)
 
 
+def _groups_setup(case: PagedCase, scales: Scales):
+    """The fused kernel with read-once anchor groups: the sequences that share anchor pages
+    (`shared_anchor_sequences`) as its ``anchor_groups`` table [G, W] (-1 padded; decode only)."""
+    case, scales, kernel = _fused_setup(case, scales)
+    groups = shared_anchor_sequences(case)
+    width = max((len(g) for g in groups), default=1)
+    table = torch.tensor([g + [-1] * (width - len(g)) for g in groups], dtype=torch.int32).reshape(-1, width)
+    return case, scales, kernel, table.to(case.q.device)
+
+
+def _groups_run(state) -> torch.Tensor:
+    case, scales, kernel, table = state
+    return kernel(*case.args(), **scales.kwargs(), anchor_groups=table, validate=False)
+
+
 def _prefix_setup(case: PagedCase, scales: Scales):
     return _fused_setup(prefix_block_case(case), scales)
 
@@ -598,6 +625,7 @@ Run = Callable[[Any], torch.Tensor]
 
 REGISTRY: dict[str, tuple[Setup, Run]] = {
     "fused": (_fused_setup, _fused_run),
+    "fused_groups": (_groups_setup, _groups_run),
     "cudnn_sdpa": (_contiguous_setup("cudnn"), _run_contiguous),
     "flash_sdpa": (_contiguous_setup("flash"), _run_contiguous),
     "gather_sdpa": (_gather_setup, _gather_run),
@@ -610,4 +638,4 @@ REGISTRY: dict[str, tuple[Setup, Run]] = {
 """name -> (setup(case, scales) -> state, run(state) -> out [T, Hq, D]); E1 times ``run``."""
 
 # Baselines that read the paged cache through the project's kernel (need Triton on a CPU).
-USES_KERNEL = frozenset({"fused", "cascade", "prefix_blocks"})
+USES_KERNEL = frozenset({"fused", "fused_groups", "cascade", "prefix_blocks"})

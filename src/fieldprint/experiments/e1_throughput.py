@@ -40,10 +40,10 @@ from dataclasses import dataclass, field
 from fieldprint.experiments.common import ExperimentConfig, check, hydra_main, resolve_device
 from fieldprint.timing import bench
 
-IMPLS = ("fused", "cudnn_sdpa", "flash_sdpa", "gather_sdpa", "naive", "two_softmax", "cascade",
+IMPLS = ("fused", "fused_groups", "cudnn_sdpa", "flash_sdpa", "gather_sdpa", "naive", "two_softmax", "cascade",
          "prefix_blocks", "flex")
 KV_DTYPES = {"bf16": "bfloat16", "fp8": "float8_e4m3fn"}
-GRAPHABLE = {"fused", "cascade", "prefix_blocks", "cudnn_sdpa", "flash_sdpa", "gather_sdpa"}
+GRAPHABLE = {"fused", "fused_groups", "cascade", "prefix_blocks", "cudnn_sdpa", "flash_sdpa", "gather_sdpa"}
 FP8_SCALE = 0.5  # k_scale = v_scale for fp8 caches (values stored as x / 0.5)
 
 
@@ -214,6 +214,8 @@ def _skip_reason(name: str, mode: str, A: int, kv: str, device: str, B: int, q_l
             return f"materialized intermediates need ~{gb:.0f} GB > limit {cfg.unfused_limit_gb:g} GB"
     if name == "prefix_blocks" and A % cfg.block_size:
         return "anchors not block-aligned"
+    if name == "fused_groups" and mode != "shared_decode":
+        return "anchor groups: shared-prefix decode shapes only"
     return ""
 
 

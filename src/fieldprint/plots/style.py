@@ -57,10 +57,11 @@ class Impl(NamedTuple):
 # and E2), so that a form has the same name, colour and marker in every figure.
 IMPLEMENTATIONS = {
     "fused": Impl("fused kernel (ours)", "C0", "o"),
+    "fused_groups": Impl("fused, read-once anchor groups (ours)", "C8", "P"),
     "cudnn_sdpa": Impl("cuDNN SDPA (contiguous)", "k", "s"),
     "flash_sdpa": Impl("flash SDPA (contiguous)", "C7", "D"),
     "gather_sdpa": Impl("gather + SDPA", "C3", "v"),
-    "cascade": Impl("cascade", "C1", "^"),
+    "cascade": Impl("cascade (read-once prefix)", "C1", "^"),
     "prefix_blocks": Impl("prefix blocks", "C2", ">"),
     "flex": Impl("FlexAttention", "C4", "*"),
     "naive": Impl("naive (materialized)", "C5", "h"),
