@@ -269,13 +269,29 @@ def test_figure_draws_a_panel_per_batch_size(tmp_path, monkeypatch, rows, manife
     plot.draw(rows, manifest, tmp_path / "e6")
     assert (tmp_path / "e6.png").stat().st_size > 0 and (tmp_path / "e6.pdf").stat().st_size > 0
     axes = drawn["axes"]
-    assert len(axes) == panels
+    assert len(axes) == 2 * panels  # every mode above, the commit modes near the targets below
+    top, zoom = axes[:panels], axes[panels:]
     batches = sorted({r["batch"] for r in rows if r["kind"] == "timing"})
-    assert [ax.get_title() for ax in axes] == [f"batch {b}" for b in batches]
+    assert [ax.get_title() for ax in top] == [f"batch {b}" for b in batches]
     for ax in axes:
         assert ax.get_yscale() == "linear"
         lo, hi = ax.get_ylim()
         assert lo <= 0 and hi >= 3  # the targets are on the scale
+    assert all(ax.get_ylim() == plot.ZOOM_PCT for ax in zoom)
+
+
+def test_zoom_row_labels_points_above_its_range(tmp_path, monkeypatch):
+    """A commit overhead above the bottom row's range is a marker at its top edge with the value."""
+    texts, save = [], plot.save
+
+    def keep(fig, out_stem):
+        texts.extend(t.get_text() for ax in fig.axes[2:] for t in ax.texts)
+        save(fig, out_stem)
+
+    monkeypatch.setattr(plot, "save", keep)
+    plot.draw(new_rows(async_i1={16: 0.404, 64: 0.02}), H200, tmp_path / "e6")
+    assert "40%" in texts  # async at interval 1, batch 16
+    assert texts.count("40%") == 1
 
 
 def test_figure_names_per_step_modes_beyond_the_axis(tmp_path, monkeypatch):
@@ -284,8 +300,8 @@ def test_figure_names_per_step_modes_beyond_the_axis(tmp_path, monkeypatch):
     texts, limits, save = [], [], plot.save
 
     def keep(fig, out_stem):
-        texts.extend(t.get_text() for ax in fig.axes for t in ax.texts)
-        limits.extend(ax.get_ylim() for ax in fig.axes)
+        texts.extend(t.get_text() for ax in fig.axes[:2] for t in ax.texts)
+        limits.extend(ax.get_ylim() for ax in fig.axes[:2])
         save(fig, out_stem)
 
     monkeypatch.setattr(plot, "save", keep)
