@@ -7,9 +7,9 @@ mask (every query sees every prefix token), returning the output and its log-sum
 caller merges it with the attention over each sequence's own keys (:func:`fieldprint.attention.
 baselines.merge_states`).
 
-Grid: ``(row tiles, KV heads, prefix splits)``. The rows of KV head ``h`` are the ``T x GROUP`` pairs (token,
-query head of ``h``'s GQA group), flattened token-major; a program takes ``BLOCK_M`` consecutive
-rows, so the queries of many tokens (of many sequences) share one tile, as Hydragen batches them.
+Grid: ``(row tiles, KV heads, prefix splits)``. The rows of KV head ``h`` are the ``T x GROUP``
+pairs (token, query head of ``h``'s GQA group), flattened token-major; a program takes ``BLOCK_M``
+consecutive rows, so the queries of many tokens (of many sequences) share one tile, as Hydragen batches them.
 It streams the prefix in tiles of ``TILE_N`` tokens through one online softmax
 (:func:`fieldprint.attention.kernel._attend_tile`, the paged kernel's own step: the same page
 gather, fp8 handling and ``tl.dot`` products), so each prefix tile is loaded from memory once per
@@ -30,7 +30,9 @@ Split rule (:func:`prefix_split_tokens`, shapes only, no host synchronization): 
 heads and the KV tile (fixed per head dim), never the number of query rows, and its constants
 are fixed (not read from the device), so the split boundaries and the merge order of a row do
 not change with the batch or the GPU. At B = 32, Hq = 32, Hkv = 8, 8K prefix, D = 128: 16 splits
-of 512 tokens, 256 programs.
+of 512 tokens, 256 programs. The price: the partials cost ``T x Hq x splits x D`` fp32 words
+written and read again, which grows with the rows while the K/V bytes do not; where the row
+tiles alone fill the GPU (long prefill chunks), a caller can pass a longer ``split_tokens``.
 
 Row independence: a row's result depends only on its own query, the prefix, the tile sizes and
 the split length (the score row, its max and sum, its output row and its merge never mix rows),
