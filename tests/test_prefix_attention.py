@@ -1,11 +1,14 @@
 """The shared-prefix attention kernel (TRITON_INTERPRET=1 on the CPU) against a float64 reference:
 ragged prefix lengths (inside one page, block-aligned, 0), scrambled page tables over a pool whose
-other slots hold NaN, GQA / MQA / MHA, fp8 pools with scalar, tensor and per-head scales; row
-independence (bitwise); every bad argument named.
+other slots hold NaN, GQA / MQA / MHA, fp8 pools with scalar, tensor and per-head scales; splits
+along the prefix (ragged last split, split boundaries inside a page, a prefix shorter than one
+split, the default split rule); row independence (bitwise, with and without splits); every bad
+argument named.
 
 Tolerance: twice the error of the same math run in q's dtype by PyTorch (bf16/fp16 matmuls and
-softmax), both measured against float64. Every float buffer the wrapper allocates starts as NaN
-(``poisoned_empty``), so a row the kernel skips shows up.
+softmax), both measured against float64. Every float buffer the wrapper allocates (out, lse and
+the split partials) starts as NaN (``poisoned_empty``), so a row or a split the kernels skip
+shows up; the fixture also records the shapes allocated, so a test sees how many splits ran.
 """
 
 from __future__ import annotations
@@ -15,7 +18,13 @@ import os
 import pytest
 import torch
 
-from fieldprint.attention.prefix import prefix_config, shared_prefix_attention
+from fieldprint.attention.prefix import (
+    MAX_PREFIX_SPLITS,
+    MIN_SPLIT_TILES,
+    prefix_config,
+    prefix_split_tokens,
+    shared_prefix_attention,
+)
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 BF16, FP16, FP8 = torch.bfloat16, torch.float16, torch.float8_e4m3fn
@@ -24,13 +33,17 @@ SMALL = {"block_m": 16, "tile_n": 16}  # several row tiles and KV tiles at tiny 
 
 @pytest.fixture(autouse=True)
 def poisoned_empty(monkeypatch):
+    """torch.empty fills float tensors with NaN; returns the list of the shapes allocated."""
     empty = torch.empty
+    shapes = []
 
     def nan_empty(*size, **kwargs):
         x = empty(*size, **kwargs)
+        shapes.append(tuple(x.shape))
         return x.fill_(float("nan")) if x.is_floating_point() else x
 
     monkeypatch.setattr(torch, "empty", nan_empty)
+    return shapes
 
 
 def make_prefix(seed, T, Hq, Hkv, D, bs, prefix_len, dtype=BF16, kv_dtype=None, spare=3):
@@ -72,8 +85,9 @@ def attention_in(dtype, q, k, v, table, prefix_len, scale=None, k_scale=None, v_
     return out, torch.logsumexp(s.double(), -1).transpose(0, 1)
 
 
-def check(q, k, v, table, prefix_len, config=SMALL, **scales):
-    out, lse = shared_prefix_attention(q, k, v, table, prefix_len, config=config, **scales)
+def check(q, k, v, table, prefix_len, config=SMALL, split_tokens=None, **scales):
+    out, lse = shared_prefix_attention(q, k, v, table, prefix_len, config=config, split_tokens=split_tokens,
+                                       **scales)
     assert out.dtype == q.dtype and lse.dtype == torch.float32 and out.shape == q.shape
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     kw = {"scale": scales.get("softmax_scale"), "k_scale": scales.get("k_scale"),
@@ -104,6 +118,62 @@ def test_matches_float64_reference(T, Hq, Hkv, D, bs, prefix_len, dtype, config)
     check(q, k, v, table, prefix_len, config=config or {})
 
 
+SPLIT_CASES = [  # (T, Hq, Hkv, D, bs, prefix_len, split_tokens, splits): 16-token KV tiles
+    (5, 4, 2, 16, 16, 64, 16, 4),  # every split one full tile, the last one too
+    (6, 4, 2, 16, 16, 70, 32, 3),  # ragged last split: one tile, partial
+    (4, 6, 2, 16, 32, 90, 16, 6),  # split boundaries inside a page (32-token pages)
+    (3, 8, 1, 16, 4, 45, 32, 2),  # MQA, four pages per tile, last split 13 tokens
+    (4, 4, 2, 16, 16, 10, 32, 1),  # prefix shorter than one split: the direct path
+    (3, 4, 4, 16, 16, 300, None, 3),  # the default rule: 8 tiles (128 tokens) per split
+]
+
+
+@pytest.mark.parametrize("T,Hq,Hkv,D,bs,prefix_len,split_tokens,splits", SPLIT_CASES)
+def test_splits_match_float64_reference(poisoned_empty, T, Hq, Hkv, D, bs, prefix_len, split_tokens, splits):
+    """Split results against float64; the partial buffers [T, Hq, splits, D] and [T, Hq, splits]
+    exist exactly when there are several splits (and start as NaN: a skipped split shows up)."""
+    q, k, v, table = make_prefix(T * 7 + prefix_len, T, Hq, Hkv, D, bs, prefix_len)
+    poisoned_empty.clear()
+    check(q, k, v, table, prefix_len, split_tokens=split_tokens)
+    partials = [shape for shape in poisoned_empty if shape in ((T, Hq, splits, D), (T, Hq, splits))]
+    assert len(partials) == (2 if splits > 1 else 0), poisoned_empty
+    assert len(poisoned_empty) == 2 + len(partials), poisoned_empty  # out and lse, nothing else
+
+
+def test_one_split_is_the_direct_path():
+    """A split as long as the prefix (or longer) gives the same bits as no split at all, and
+    several splits give results that differ only by rounding from it."""
+    q, k, v, table = make_prefix(11, 5, 4, 2, 16, 16, 75)
+    whole = shared_prefix_attention(q, k, v, table, 75, config=SMALL, split_tokens=80)
+    for longer in (96, 1 << 20):
+        again = shared_prefix_attention(q, k, v, table, 75, config=SMALL, split_tokens=longer)
+        assert torch.equal(again[0], whole[0]) and torch.equal(again[1], whole[1])
+    split = shared_prefix_attention(q, k, v, table, 75, config=SMALL, split_tokens=16)
+    assert float((split[0].float() - whole[0].float()).abs().max()) < 2e-2
+    assert float((split[1] - whole[1]).abs().max()) < 1e-5
+
+
+def test_split_rule():
+    """The rule of the module docstring: 2 waves of 132 SMs per row tile, >= 8 tiles per split,
+    <= 64 splits; it reads the prefix length, KV heads and KV tile only."""
+    assert (MIN_SPLIT_TILES, MAX_PREFIX_SPLITS) == (8, 64)
+    assert prefix_split_tokens(8192, 8, 64) == 512  # B = 32 decode of the issue: 16 splits
+    assert prefix_split_tokens(65536, 8, 64) == 2048  # cdiv(264, 8) = 33 wanted: cdiv(1024 tiles, 33) = 32
+    assert prefix_split_tokens(64000, 8, 64) == 31 * 64  # 1000 tiles: 33 splits, the last one ragged
+    assert prefix_split_tokens(131072, 1, 64) == 2048  # MQA: capped at 64 splits
+    assert prefix_split_tokens(512, 8, 64) == 512  # <= 8 tiles: one split
+    assert prefix_split_tokens(0, 8, 64) == 512
+    assert prefix_split_tokens(8192, 8, 32) == 256  # D = 256 (32-token tiles): 32 splits
+    for prefix_len, hkv, tile in ((8192, 8, 64), (65536, 8, 64), (131072, 1, 64), (777, 2, 16)):
+        assert prefix_split_tokens(prefix_len, hkv, tile) % tile == 0
+
+
+def test_split_fp8_pool_per_head_scales():
+    q, k, v, table = make_prefix(12, 6, 4, 2, 16, 8, 83, FP16, kv_dtype=FP8)
+    check(q, k, v, table, 83, split_tokens=32, k_scale=torch.tensor([0.05, 0.3]), v_scale=torch.tensor([1.5, 0.2]))
+    check(q, k, v, table, 83, split_tokens=16, k_scale=0.2, v_scale=1.5)
+
+
 def test_softmax_scale_and_strided_q():
     q, k, v, table = make_prefix(2, 6, 4, 2, 16, 16, 29)
     wide = torch.cat([q, q], 1)[:, :4]  # token stride 8 heads, not 4: the kernel takes q's strides
@@ -119,12 +189,12 @@ def test_fp8_pool(q_dtype, scale_kind):
     check(q, k, v, table, 35, k_scale=scales[0], v_scale=scales[1])
 
 
-@pytest.mark.parametrize("empty_table", [False, True])
-def test_empty_prefix_gives_zero_and_minus_inf(empty_table):
+@pytest.mark.parametrize("empty_table,split_tokens", [(False, None), (True, None), (False, 16)])
+def test_empty_prefix_gives_zero_and_minus_inf(empty_table, split_tokens):
     q, k, v, table = make_prefix(4, 5, 4, 2, 16, 16, 20)
     if empty_table:
         table = table[:0]
-    out, lse = shared_prefix_attention(q, k, v, table, 0, config=SMALL)
+    out, lse = shared_prefix_attention(q, k, v, table, 0, config=SMALL, split_tokens=split_tokens)
     assert torch.equal(out, torch.zeros_like(out))
     assert bool((lse == float("-inf")).all())
 
@@ -135,17 +205,21 @@ def test_no_query_tokens():
     assert out.shape == (0, 4, 16) and lse.shape == (0, 4)
 
 
-def test_rows_are_independent_bitwise():
+@pytest.mark.parametrize("prefix_len,split_tokens", [(41, None), (41, 16), (300, None)])
+def test_rows_are_independent_bitwise(prefix_len, split_tokens):
     """A token's bits do not depend on the other tokens of the call nor on its place in a row
     tile: alone, in reverse order, with more tokens appended (T = 11, group 2: 22 rows in two
-    16-row tiles)."""
-    q, k, v, table = make_prefix(6, 11, 4, 2, 16, 16, 41)
-    out, lse = shared_prefix_attention(q, k, v, table, 41, config=SMALL)
-    again = shared_prefix_attention(q, k, v, table, 41, config=SMALL)
+    16-row tiles; 27 tokens: four). With splits (3 of 16 tokens; the default rule's 3 of 128 at
+    300 tokens, whatever the number of rows) the same holds: the split boundaries and the merge
+    order come from the prefix alone."""
+    q, k, v, table = make_prefix(6, 11, 4, 2, 16, 16, prefix_len)
+    kw = {"config": SMALL, "split_tokens": split_tokens}
+    out, lse = shared_prefix_attention(q, k, v, table, prefix_len, **kw)
+    again = shared_prefix_attention(q, k, v, table, prefix_len, **kw)
     assert torch.equal(out, again[0]) and torch.equal(lse, again[1])
-    extra = torch.randn(6, 4, 16, generator=torch.Generator().manual_seed(7)).to(BF16)
+    extra = torch.randn(16, 4, 16, generator=torch.Generator().manual_seed(7)).to(BF16)
     for rows, qq in (([3], q[3:4]), (list(range(10, -1, -1)), q.flip(0)), (list(range(11)), torch.cat([q, extra]))):
-        o, s = shared_prefix_attention(qq, k, v, table, 41, config=SMALL)
+        o, s = shared_prefix_attention(qq, k, v, table, prefix_len, **kw)
         assert torch.equal(o[:len(rows)], out[rows]) and torch.equal(s[:len(rows)], lse[rows]), rows
 
 
@@ -177,9 +251,16 @@ def test_bad_arguments_are_named():
         ({"k_scale": torch.tensor([1.0, 2.0, 3.0])}, ValueError, "k_scale"),
         ({"v_scale": torch.tensor([1.0, float("nan")])}, ValueError, "v_scale"),
         ({"config": {"tile_n": 8}}, ValueError, "tile_n"),
+        ({"split_tokens": 0}, ValueError, "split_tokens must be None or a positive multiple of the KV tile"),
+        ({"split_tokens": -16}, ValueError, "split_tokens"),
+        ({"split_tokens": 24}, ValueError, r"split_tokens .*\(16 tokens\), got 24"),
+        ({"split_tokens": 32, "config": {"tile_n": 64}}, ValueError, r"\(64 tokens\), got 32"),
+        ({"split_tokens": True}, ValueError, "split_tokens"),
+        ({"split_tokens": 16.0}, ValueError, "split_tokens"),
     ]
     args = {"q": q, "k_cache": k, "v_cache": v, "prefix_block_table": table, "prefix_len": 20}
     for change, err, match in bad:
+        change = {"config": SMALL, **change} if "split_tokens" in change else change
         kw = {key: change.get(key, val) for key, val in args.items()}
         extra = {key: val for key, val in change.items() if key not in args}
         with pytest.raises(err, match=match):

@@ -7,18 +7,38 @@ mask (every query sees every prefix token), returning the output and its log-sum
 caller merges it with the attention over each sequence's own keys (:func:`fieldprint.attention.
 baselines.merge_states`).
 
-Grid: ``(row tiles, KV heads)``. The rows of KV head ``h`` are the ``T x GROUP`` pairs (token,
-query head of ``h``'s GQA group), flattened token-major; a program takes ``BLOCK_M`` consecutive
-rows, so the queries of many tokens (of many sequences) share one tile, as Hydragen batches them.
+Grid: ``(row tiles, KV heads, prefix splits)``. The rows of KV head ``h`` are the ``T x GROUP``
+pairs (token, query head of ``h``'s GQA group), flattened token-major; a program takes ``BLOCK_M``
+consecutive rows, so the queries of many tokens (of many sequences) share one tile, as Hydragen batches them.
 It streams the prefix in tiles of ``TILE_N`` tokens through one online softmax
 (:func:`fieldprint.attention.kernel._attend_tile`, the paged kernel's own step: the same page
 gather, fp8 handling and ``tl.dot`` products), so each prefix tile is loaded from memory once per
 ``BLOCK_M`` query rows instead of once per sequence. Only the last, partial tile is masked.
 
-Row independence: a row's result depends only on its own query, the prefix and the tile sizes
-(the score row, its max and sum, and its output row never mix rows), never on which other rows
-share its tile or where in the tile it sits; tile sizes depend only on the head dim
-(:func:`prefix_config`), never on the number of rows.
+Split along the prefix: with few rows (decode: B = 32, Hq = 32, Hkv = 8 gives 128 rows per KV
+head, 2 row tiles, 16 programs) the grid would leave most of an H200's 132 SMs idle, so the
+prefix is cut into splits of ``split_tokens`` tokens (a multiple of ``TILE_N``; the last split
+ragged), one program per (row tile, KV head, split). With one split the program writes its
+output directly (the unsplit kernel, bit for bit); otherwise each writes an fp32 partial output
+and log-sum-exp and :func:`_merge_splits_kernel` merges them in split-index order in fp32, as
+the paged kernel's ``_combine_kernel`` does.
+
+Split rule (:func:`prefix_split_tokens`, shapes only, no host synchronization): aim for
+:data:`SPLIT_TARGET_PROGRAMS` programs (2 waves of an H200's 132 SMs) per row tile, i.e.
+``cdiv(264, Hkv)`` splits, at most :data:`MAX_PREFIX_SPLITS`, each at least
+:data:`MIN_SPLIT_TILES` KV tiles long. The rule reads only the prefix length, the number of KV
+heads and the KV tile (fixed per head dim), never the number of query rows, and its constants
+are fixed (not read from the device), so the split boundaries and the merge order of a row do
+not change with the batch or the GPU. At B = 32, Hq = 32, Hkv = 8, 8K prefix, D = 128: 16 splits
+of 512 tokens, 256 programs. The price: the partials cost ``T x Hq x splits x D`` fp32 words
+written and read again, which grows with the rows while the K/V bytes do not; where the row
+tiles alone fill the GPU (long prefill chunks), a caller can pass a longer ``split_tokens``.
+
+Row independence: a row's result depends only on its own query, the prefix, the tile sizes and
+the split length (the score row, its max and sum, its output row and its merge never mix rows),
+never on which other rows share its tile or where in the tile it sits; tile sizes depend only
+on the head dim (:func:`prefix_config`) and the split length only on the prefix length, the KV
+heads and the KV tile, never on the number of rows.
 """
 
 from __future__ import annotations
@@ -31,16 +51,33 @@ import triton
 import triton.language as tl
 
 from fieldprint.attention.inputs import _positive_number, _scale, _scale_values
-from fieldprint.attention.kernel import _attend_tile, _dot_fp16, _e4m3_asm, _kv_scale, _scale_arg
+from fieldprint.attention.kernel import (
+    _attend_tile,
+    _cdiv,
+    _dot_fp16,
+    _e4m3_asm,
+    _kv_scale,
+    _normalize,
+    _scale_arg,
+)
 
 _Q_DTYPES = (torch.float16, torch.bfloat16)
+
+SPLIT_TARGET_PROGRAMS = 264
+"""Programs per row tile the split rule aims for: 2 waves of an H200's 132 SMs (a fixed constant,
+not the device's SM count, so the split boundaries are the same on every GPU)."""
+MIN_SPLIT_TILES = 8
+"""Fewest KV tiles in a split: below it the fp32 partial (a [BLOCK_M, D] store and its merge)
+costs a sizeable fraction of the split's K/V loads."""
+MAX_PREFIX_SPLITS = 64
+"""Most splits the rule picks (bounds the partial buffers to 64 fp32 copies of the output)."""
 
 
 @triton.jit
 def _shared_prefix_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, table_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, table_ptr,
     k_scale_ptr, v_scale_ptr, k_scale_val, v_scale_val, sm_scale,
-    n_rows, prefix_len, num_q_heads,
+    n_rows, prefix_len, num_q_heads, split_tiles, n_splits,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BS: tl.constexpr,
     TILE_N: tl.constexpr, KS_MODE: tl.constexpr, VS_MODE: tl.constexpr, DOT_FP16: tl.constexpr,
@@ -49,10 +86,14 @@ def _shared_prefix_kernel(
     """q_ptr: [T, Hq, D] (strides stride_qt, stride_qh, 1); k_ptr, v_ptr: [num_blocks, BS, Hkv, D]
     (strides stride_kb / stride_vb, stride_ks / stride_vs, stride_kh / stride_vh, 1);
     out_ptr: [T, Hq, D] contiguous; lse_ptr: [T, Hq] fp32 contiguous, natural log;
+    part_out_ptr: [T, Hq, n_splits, D] fp32, part_lse_ptr: [T, Hq, n_splits] fp32 (log2 units),
+    both written only when ``n_splits > 1`` (program ``split`` takes KV tiles ``split *
+    split_tiles ..``, the last split ragged; one split writes out and lse directly);
     table_ptr: [cdiv(prefix_len, BS)] int32 page ids; k_scale_ptr, v_scale_ptr: [1] or [Hkv] fp32
     (read per KS_MODE / VS_MODE: 0 = the scalar argument, 1 = one element, 2 = per KV head).
     ``n_rows = T * GROUP``."""
     kvh = tl.program_id(1)
+    split = tl.program_id(2)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, TILE_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -73,26 +114,53 @@ def _shared_prefix_kernel(
     k_head = kvh.to(tl.int64) * stride_kh
     v_head = kvh.to(tl.int64) * stride_vh
     full_tiles = prefix_len // TILE_N
+    t_lo = split * split_tiles
+    t_hi = tl.minimum(t_lo + split_tiles, _cdiv(prefix_len, TILE_N))
     # The non-causal step ignores positions and the window: placeholders.
-    for t in range(0, full_tiles):
+    for t in range(t_lo, tl.minimum(t_hi, full_tiles)):
         acc, l_i, m_i = _attend_tile(
             acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, t, prefix_len, offs_m, 0, k_head, v_head,
             stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, 1.0, 1.0, offs_n, offs_d,
             BS, TILE_N, False, False, False, False, E4M3_ASM)
-    for t in range(full_tiles, tl.cdiv(prefix_len, TILE_N)):  # the partial last tile, if any
+    for t in range(tl.maximum(t_lo, full_tiles), t_hi):  # the partial last tile, if in this split
         acc, l_i, m_i = _attend_tile(
             acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, t, prefix_len, offs_m, 0, k_head, v_head,
             stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, 1.0, 1.0, offs_n, offs_d,
             BS, TILE_N, True, False, False, False, E4M3_ASM)
 
-    seen = l_i > 0.0  # false only for an empty prefix: out 0, lse -inf
-    l_safe = tl.where(seen, l_i, 1.0)
-    out = acc * (vs / l_safe)[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    out, lse2 = _normalize(acc, l_i, m_i, vs)  # an empty prefix (one split): out 0, lse -inf
     row_hd = tok * num_q_heads + head  # [T, Hq] index of each row
-    tl.store(out_ptr + row_hd[:, None] * HEAD_DIM + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None])
-    tl.store(lse_ptr + row_hd, lse, mask=row_ok)
+    if n_splits == 1:
+        tl.store(out_ptr + row_hd[:, None] * HEAD_DIM + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None])
+        tl.store(lse_ptr + row_hd, lse2 * 0.6931471805599453, mask=row_ok)
+    else:
+        part = row_hd * n_splits + split
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
+        tl.store(part_lse_ptr + part, lse2, mask=row_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, n_splits, HEAD_DIM: tl.constexpr):
+    """Merge the ``n_splits`` partials of one row (program ``r`` = token * Hq + head), splits in
+    index order, in fp32 (the paged kernel's ``_combine_kernel`` rule: max, then the weighted sum).
+    out_ptr: [T, Hq, D] contiguous; lse_ptr: [T, Hq] fp32 (natural log); part_out_ptr:
+    [T, Hq, n_splits, D] fp32; part_lse_ptr: [T, Hq, n_splits] fp32 (log2 units). Every split
+    holds at least one prefix token, so every partial lse is finite."""
+    row = tl.program_id(0).to(tl.int64)
+    base = row * n_splits
+    m = tl.full([], float("-inf"), tl.float32)
+    for s in range(0, n_splits):
+        m = tl.maximum(m, tl.load(part_lse_ptr + base + s))
+    offs_d = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    w_sum = tl.zeros([], dtype=tl.float32)
+    for s in range(0, n_splits):
+        w = tl.math.exp2(tl.load(part_lse_ptr + base + s) - m)
+        acc += w * tl.load(part_out_ptr + (base + s) * HEAD_DIM + offs_d)
+        w_sum += w
+    tl.store(out_ptr + row * HEAD_DIM + offs_d, (acc / w_sum).to(out_ptr.dtype.element_ty))
+    tl.store(lse_ptr + row, (m + tl.math.log2(w_sum)) * 0.6931471805599453)
 
 
 def prefix_config(head_dim: int, **overrides) -> dict:
@@ -113,6 +181,17 @@ def prefix_config(head_dim: int, **overrides) -> dict:
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ValueError(f"config: {key} must be a positive int, got {v!r}")
     return cfg
+
+
+def prefix_split_tokens(prefix_len: int, num_kv_heads: int, tile_n: int) -> int:
+    """Default split length in tokens (a multiple of ``tile_n``) for a prefix of ``prefix_len``
+    tokens read by ``num_kv_heads`` KV heads in tiles of ``tile_n`` tokens (the module's split
+    rule): ``cdiv(SPLIT_TARGET_PROGRAMS, num_kv_heads)`` splits, at most ``MAX_PREFIX_SPLITS``,
+    each at least ``MIN_SPLIT_TILES`` tiles. Independent of the number of query rows. A prefix of
+    at most ``MIN_SPLIT_TILES`` tiles is one split."""
+    n_tiles = -(-prefix_len // tile_n)
+    want = min(-(-SPLIT_TARGET_PROGRAMS // num_kv_heads), MAX_PREFIX_SPLITS)
+    return max(MIN_SPLIT_TILES, -(-n_tiles // want)) * tile_n
 
 
 def _check(q, k_cache, v_cache, prefix_block_table, prefix_len, softmax_scale, k_scale, v_scale):
@@ -158,6 +237,18 @@ def _check(q, k_cache, v_cache, prefix_block_table, prefix_len, softmax_scale, k
     _scale("v_scale", v_scale, k_cache.device, Hkv)
 
 
+def _split_tiles(split_tokens, prefix_len: int, num_kv_heads: int, tile_n: int) -> int:
+    """KV tiles per split: ``split_tokens`` (checked: a positive multiple of ``tile_n``) or the
+    default rule, clipped to the prefix's tile count (same splits, int32-sized)."""
+    if split_tokens is None:
+        split_tokens = prefix_split_tokens(prefix_len, num_kv_heads, tile_n)
+    elif (isinstance(split_tokens, bool) or not isinstance(split_tokens, int) or split_tokens <= 0
+          or split_tokens % tile_n):
+        raise ValueError(f"split_tokens must be None or a positive multiple of the KV tile ({tile_n} "
+                         f"tokens), got {split_tokens!r}")
+    return min(split_tokens // tile_n, max(1, -(-prefix_len // tile_n)))
+
+
 def _check_values(q, k_cache, prefix_block_table, prefix_len, k_scale, v_scale) -> None:
     """Checks that read tensors (host synchronizations): page ids inside the pool, scales, and
     |q| <= 65504 when the dots run in fp16."""
@@ -176,7 +267,7 @@ def _check_values(q, k_cache, prefix_block_table, prefix_len, k_scale, v_scale) 
 
 
 def shared_prefix_attention(q, k_cache, v_cache, prefix_block_table, prefix_len, *, softmax_scale=None,
-                            k_scale=None, v_scale=None, validate=True, config=None):
+                            k_scale=None, v_scale=None, validate=True, config=None, split_tokens=None):
     """Every query row attends to the first ``prefix_len`` tokens of one paged prefix (no mask).
 
     q: [T, Hq, D] fp16/bf16 (any tokens of any sequences); k_cache, v_cache:
@@ -185,10 +276,13 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_table, prefix_len,
     ``ceil(prefix_len / block_size)`` of them read; prefix_len: int (any, not block-aligned; 0
     gives out 0 and lse -inf). ``validate=False`` skips the checks that read tensors (no host
     synchronization, for CUDA-graph capture). ``config``: overrides of :func:`prefix_config`.
+    ``split_tokens``: tokens per prefix split, a multiple of the KV tile (default
+    :func:`prefix_split_tokens`; a value >= prefix_len gives one split, no partials, no merge).
     Returns out [T, Hq, D] in q's dtype and lse [T, Hq] float32 (natural log).
     """
     _check(q, k_cache, v_cache, prefix_block_table, prefix_len, softmax_scale, k_scale, v_scale)
     cfg = prefix_config(q.shape[2], **(config or {}))
+    split_tiles = _split_tiles(split_tokens, prefix_len, k_cache.shape[2], cfg["tile_n"])
     if validate:
         _check_values(q, k_cache, prefix_block_table, prefix_len, k_scale, v_scale)
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -201,22 +295,32 @@ def shared_prefix_attention(q, k_cache, v_cache, prefix_block_table, prefix_len,
     lse = torch.empty(T, Hq, dtype=torch.float32, device=q.device)
     if T == 0:
         return out, lse
+    tile_n = cfg["tile_n"]
+    n_splits = max(1, -(-prefix_len // (split_tiles * tile_n)))
+    if n_splits > 1:
+        part_out = torch.empty(T, Hq, n_splits, D, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(T, Hq, n_splits, dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = lse  # never written: one split stores out and lse directly
     ks_t, ks_f = _scale_arg(k_scale)
     vs_t, vs_f = _scale_arg(v_scale)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
-    grid = (triton.cdiv(T * group, cfg["block_m"]), Hkv)
+    grid = (triton.cdiv(T * group, cfg["block_m"]), Hkv, n_splits)
     _shared_prefix_kernel[grid](
-        q_ptr=q, k_ptr=k_cache, v_ptr=v_cache, out_ptr=out, lse_ptr=lse, table_ptr=prefix_block_table,
+        q_ptr=q, k_ptr=k_cache, v_ptr=v_cache, out_ptr=out, lse_ptr=lse, part_out_ptr=part_out,
+        part_lse_ptr=part_lse, table_ptr=prefix_block_table,
         k_scale_ptr=ks_t if ks_t is not None else lse, v_scale_ptr=vs_t if vs_t is not None else lse,
         k_scale_val=ks_f, v_scale_val=vs_f, sm_scale=scale,
-        n_rows=T * group, prefix_len=prefix_len, num_q_heads=Hq,
+        n_rows=T * group, prefix_len=prefix_len, num_q_heads=Hq, split_tiles=split_tiles, n_splits=n_splits,
         stride_qt=q.stride(0), stride_qh=q.stride(1),
         stride_kb=k_cache.stride(0), stride_ks=k_cache.stride(1), stride_kh=k_cache.stride(2),
         stride_vb=v_cache.stride(0), stride_vs=v_cache.stride(1), stride_vh=v_cache.stride(2),
-        GROUP=group, BLOCK_M=cfg["block_m"], HEAD_DIM=D, BS=BS, TILE_N=cfg["tile_n"],
+        GROUP=group, BLOCK_M=cfg["block_m"], HEAD_DIM=D, BS=BS, TILE_N=tile_n,
         KS_MODE=0 if ks_t is None else (2 if ks_t.numel() > 1 else 1),
         VS_MODE=0 if vs_t is None else (2 if vs_t.numel() > 1 else 1),
         DOT_FP16=_dot_fp16(q.dtype, k_cache.dtype), E4M3_ASM=_e4m3_asm(k_cache.dtype, q.device),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    if n_splits > 1:
+        _merge_splits_kernel[(T * Hq,)](out, lse, part_out, part_lse, n_splits, HEAD_DIM=D, num_warps=1)
     return out, lse
