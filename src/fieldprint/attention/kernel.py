@@ -461,6 +461,25 @@ def _paged_anchor_attn_kernel(
 
 
 @triton.jit
+def merge_split_partials(part_out_ptr, part_lse_ptr, base, n_splits, HEAD_DIM: tl.constexpr):
+    """One row's ``n_splits`` partials at ``base`` (partial ``s``: out [HEAD_DIM] fp32 at
+    ``part_out_ptr + (base + s) * HEAD_DIM``, lse in log2 units at ``part_lse_ptr + base + s``)
+    merged in split order in fp32: the largest lse first, then the weighted sum. Returns (out
+    [HEAD_DIM] fp32, lse in log2 units). At least one partial lse must be finite."""
+    m = tl.full([], float("-inf"), tl.float32)
+    for s in range(0, n_splits):
+        m = tl.maximum(m, tl.load(part_lse_ptr + base + s))
+    offs_d = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    w_sum = tl.zeros([], dtype=tl.float32)
+    for s in range(0, n_splits):
+        w = tl.math.exp2(tl.load(part_lse_ptr + base + s) - m)
+        acc += w * tl.load(part_out_ptr + (base + s) * HEAD_DIM + offs_d)
+        w_sum += w
+    return acc / w_sum, m + tl.math.log2(w_sum)
+
+
+@triton.jit
 def _combine_kernel(
     out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, seq_lens_ptr, qsl_ptr, anchor_lens_ptr,
     seq_grouped_ptr, num_seqs, tiles_per_split, max_splits, num_q_heads, stride_ot, stride_oh,
@@ -491,19 +510,10 @@ def _combine_kernel(
     if n_splits == 1:
         return
     base = (t.to(tl.int64) * num_q_heads + h) * max_splits
-    m = tl.full([], float("-inf"), tl.float32)
-    for s in range(0, n_splits):
-        m = tl.maximum(m, tl.load(part_lse_ptr + base + s))
-    offs_d = tl.arange(0, HEAD_DIM)
-    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    w_sum = tl.zeros([], dtype=tl.float32)
-    for s in range(0, n_splits):
-        w = tl.math.exp2(tl.load(part_lse_ptr + base + s) - m)
-        acc += w * tl.load(part_out_ptr + (base + s) * HEAD_DIM + offs_d)
-        w_sum += w
-    tl.store(out_ptr + t.to(tl.int64) * stride_ot + h * stride_oh + offs_d,
-             (acc / w_sum).to(out_ptr.dtype.element_ty))
-    tl.store(lse_ptr + t.to(tl.int64) * num_q_heads + h, (m + tl.math.log2(w_sum)) * 0.6931471805599453)
+    out, lse2 = merge_split_partials(part_out_ptr, part_lse_ptr, base, n_splits, HEAD_DIM)
+    tl.store(out_ptr + t.to(tl.int64) * stride_ot + h * stride_oh + tl.arange(0, HEAD_DIM),
+             out.to(out_ptr.dtype.element_ty))
+    tl.store(lse_ptr + t.to(tl.int64) * num_q_heads + h, lse2 * 0.6931471805599453)
 
 
 # ----------------------------------------------------------------------------------------------

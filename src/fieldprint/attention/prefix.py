@@ -59,6 +59,7 @@ from fieldprint.attention.kernel import (
     _kv_scale,
     _normalize,
     _scale_arg,
+    merge_split_partials,
 )
 
 _Q_DTYPES = (torch.float16, torch.bfloat16)
@@ -143,24 +144,14 @@ def _shared_prefix_kernel(
 @triton.jit
 def _merge_splits_kernel(out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, n_splits, HEAD_DIM: tl.constexpr):
     """Merge the ``n_splits`` partials of one row (program ``r`` = token * Hq + head), splits in
-    index order, in fp32 (the paged kernel's ``_combine_kernel`` rule: max, then the weighted sum).
+    index order, in fp32 (`fieldprint.attention.kernel.merge_split_partials`, as the paged kernel).
     out_ptr: [T, Hq, D] contiguous; lse_ptr: [T, Hq] fp32 (natural log); part_out_ptr:
     [T, Hq, n_splits, D] fp32; part_lse_ptr: [T, Hq, n_splits] fp32 (log2 units). Every split
     holds at least one prefix token, so every partial lse is finite."""
     row = tl.program_id(0).to(tl.int64)
-    base = row * n_splits
-    m = tl.full([], float("-inf"), tl.float32)
-    for s in range(0, n_splits):
-        m = tl.maximum(m, tl.load(part_lse_ptr + base + s))
-    offs_d = tl.arange(0, HEAD_DIM)
-    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    w_sum = tl.zeros([], dtype=tl.float32)
-    for s in range(0, n_splits):
-        w = tl.math.exp2(tl.load(part_lse_ptr + base + s) - m)
-        acc += w * tl.load(part_out_ptr + (base + s) * HEAD_DIM + offs_d)
-        w_sum += w
-    tl.store(out_ptr + row * HEAD_DIM + offs_d, (acc / w_sum).to(out_ptr.dtype.element_ty))
-    tl.store(lse_ptr + row, (m + tl.math.log2(w_sum)) * 0.6931471805599453)
+    out, lse2 = merge_split_partials(part_out_ptr, part_lse_ptr, row * n_splits, n_splits, HEAD_DIM)
+    tl.store(out_ptr + row * HEAD_DIM + tl.arange(0, HEAD_DIM), out.to(out_ptr.dtype.element_ty))
+    tl.store(lse_ptr + row, lse2 * 0.6931471805599453)
 
 
 def prefix_config(head_dim: int, **overrides) -> dict:
