@@ -1,8 +1,13 @@
 """E1 numbers for the paper and the kernel targets (claims) judged from the rows.
 
-Context-dominated decode (mode ``decode``): per shape of :data:`KEY_SHAPE`, ``e1.<name>_<shape>``;
-``e1.anchor_cost_b64l4k`` is time(1024 anchors) / time(0 anchors) of the fused kernel at B=64,
-L=4K (issue 12: <= :data:`ANCHOR_COST_TARGET`).
+Context-dominated decode (mode ``decode``): per shape of :data:`KEY_SHAPE`, ``e1.<name>_<shape>``.
+Issue 12's anchor-cost target, time(1024 anchors) / time(0 anchors) <= :data:`ANCHOR_COST_TARGET`
+at B=64, L=4K, is set for anchors shared by the batch (its premise: 0.4% more unique bytes), so
+``e1.anchor_cost_b64l4k`` takes the 1024 anchors from the shared-prefix row of
+:data:`ANCHOR_COST_SHAPE` (all 64 sequences share them; the faster fused variant) and the 0
+anchors from the decode row. In the decode rows every sequence owns its anchor pages (1024 of
+them add 25% of the bytes at this shape): their ratio is reported apart, not judged
+(``e1.anchor_cost_private_b64l4k``, with the bytes ratio ``e1.anchor_bytes_private_b64l4k``).
 
 Shared-prefix decode (mode ``shared_decode``, bf16 KV unless a key names fp8): per shape in the
 rows, keyed by :func:`shared_key` (``b32-l2k-a8k-g32``: B sequences, L own tokens, A shared
@@ -26,7 +31,8 @@ from fieldprint.report import Claim, latex_escape
 TARGETS = [(64, 4096, 0.9), (16, 32768, 0.9), (1, 131072, 0.85)]  # (B, L, min ratio to cuDNN)
 KEY_SHAPE = {(64, 4096): "b64l4k", (16, 32768): "b16l32k", (4, 131072): "b4l128k", (1, 131072): "b1l128k"}
 # issue 12's targets
-ANCHOR_COST_SHAPE = (64, 4096, 1024)  # (B, L, A): time(A anchors) / time(0 anchors) of fused ...
+# (B, L, A, group): time(A anchors shared by the batch) / time(0 anchors) of the best fused ...
+ANCHOR_COST_SHAPE = (64, 4096, 1024, 64)
 ANCHOR_COST_TARGET = 1.03  # ... at most this
 FUSED_VARIANTS = ("fused", "fused_groups")  # the best of them is judged against each baseline
 SHARED_TARGETS = {"cascade": 1.0, "prefix_blocks": 3.0}  # baseline -> min speed ratio of the best fused
@@ -112,10 +118,18 @@ def shared_ratios(rows, baseline: str) -> dict[tuple[int, int, int, int], float 
 
 
 def anchor_cost(rows) -> float | None:
-    """time(A anchors) / time(0 anchors) of the fused kernel at :data:`ANCHOR_COST_SHAPE`."""
-    B, L, A = ANCHOR_COST_SHAPE
-    return _ratio(_row(rows, "fused", batch=B, context=L, anchors=0),
-                  _row(rows, "fused", batch=B, context=L, anchors=A))
+    """time(A anchors shared by the batch, the faster fused variant) / time(0 anchors, fused) at
+    :data:`ANCHOR_COST_SHAPE` (None unless both ran)."""
+    B, L, _, _ = ANCHOR_COST_SHAPE
+    return _ratio(_row(rows, "fused", batch=B, context=L, anchors=0), best_fused(rows, ANCHOR_COST_SHAPE))
+
+
+def private_anchor_cost(rows) -> tuple[float | None, float | None]:
+    """(time ratio, bytes ratio) of the fused kernel's decode rows with A private anchors per
+    sequence over none at :data:`ANCHOR_COST_SHAPE`'s B and L: not the target's setting."""
+    B, L, A, _ = ANCHOR_COST_SHAPE
+    zero, private = (_row(rows, "fused", batch=B, context=L, anchors=a) for a in (0, A))
+    return _ratio(zero, private), _ratio(zero, private, col="bytes")
 
 
 def _shared_macros(rows) -> dict[str, str]:
@@ -141,7 +155,12 @@ def _shared_macros(rows) -> dict[str, str]:
         m[f"e1.target.shared_vs_{name}"] = f"{SHARED_TARGETS[base]:g}"
         m[f"e1.verdict.shared_vs_{name}"] = verdict(list(shared_ratios(rows, base).values()), SHARED_TARGETS[base])
     cost = anchor_cost(rows)
+    best = best_fused(rows, ANCHOR_COST_SHAPE)
     m["e1.anchor_cost_b64l4k"] = _fmt(cost, 3)
+    m["e1.anchor_cost_best"] = latex_escape(best["impl"]) if cost is not None else NA
+    time_private, bytes_private = private_anchor_cost(rows)
+    m["e1.anchor_cost_private_b64l4k"] = _fmt(time_private, 3)
+    m["e1.anchor_bytes_private_b64l4k"] = _fmt(bytes_private, 3)
     m["e1.target.anchor_cost"] = f"{ANCHOR_COST_TARGET:g}"
     m["e1.verdict.anchor_cost"] = verdict([cost], ANCHOR_COST_TARGET, at_most=True)
     return m
@@ -192,6 +211,23 @@ def _shared_claim(rows, base: str) -> Claim:
                  v == "met", f"target {v}: " + "; ".join(parts))
 
 
+def _anchor_cost_claim(rows) -> Claim:
+    B, L, A, group = ANCHOR_COST_SHAPE
+    cost = anchor_cost(rows)
+    v = verdict([cost], ANCHOR_COST_TARGET, at_most=True)
+    time_private, bytes_private = private_anchor_cost(rows)
+    if cost is None:
+        measured = f"no measured {shared_key(*ANCHOR_COST_SHAPE)} shared-prefix row with a 0-anchor decode row"
+    else:
+        best = best_fused(rows, ANCHOR_COST_SHAPE)["impl"]
+        measured = f"time({A} shared anchors, {best}) / time(0 anchors) = {cost:.3f}"
+    return Claim(f"e1.anchor_cost_b{B}_l{L}",
+                 f"Context-dominated decode: {A} anchors shared by all {group} sequences cost the faster fused "
+                 f"variant at most {100 * (ANCHOR_COST_TARGET - 1):.0f}% time over none at B={B}, L={L} (bf16 KV).",
+                 v == "met", f"target {v}: {measured}; not judged: {A} private anchors per sequence take "
+                 f"{_fmt(time_private, 3)}x the time for {_fmt(bytes_private, 3)}x the bytes")
+
+
 def claims(rows, manifest) -> list[Claim]:
     out = []
     for B, L, need in TARGETS:
@@ -237,13 +273,7 @@ def claims(rows, manifest) -> list[Claim]:
                          f"speed ratio min {_fmt(worst)}, max {_fmt(max(rs) if rs else None)} "
                          f"({'beats' if worst and worst > 1.05 else 'matches at best' if worst else '?'})"))
     out += [_shared_claim(rows, base) for base in SHARED_TARGETS]
-    B, L, A = ANCHOR_COST_SHAPE
-    cost = anchor_cost(rows)
-    v = verdict([cost], ANCHOR_COST_TARGET, at_most=True)
-    out.append(Claim(f"e1.anchor_cost_b{B}_l{L}",
-                     f"Context-dominated decode: {A} anchors cost the fused kernel at most "
-                     f"{100 * (ANCHOR_COST_TARGET - 1):.0f}% time over none at B={B}, L={L} (bf16 KV).",
-                     v == "met", f"target {v}: time({A} anchors) / time(0 anchors) = {_fmt(cost, 3)}"))
+    out.append(_anchor_cost_claim(rows))
     errs = [(r["impl"], r["rel_err"]) for r in rows if r["rel_err"] is not None]
     bad = [f"{i}: {e:.2e}" for i, e in errs if e > 3e-2]
     out.append(Claim("e1.correct", "Every timed implementation agrees with the reference (max rel. err <= 3e-2).",
