@@ -171,7 +171,7 @@ def test_shared_targets_met_with_the_faster_fused_variant():
     assert m[f"{k}.bf16.fused_groups.tbps"] == "2.00" and m[f"{k}.bf16.fused_groups.unique_tbps"] == "0.50"
     assert m[f"{k}.bf16.cascade.unique_tbps"] == f"{0.25 / 0.6:.2f}"
     assert m["e1.shared.shapes"] == "2" and m["e1.shared.dominated"] == "1"
-    assert m["e1.shared.vs_cascade_min"] == m["e1.shared.vs_cascade_max"] == "1.20"
+    assert m["e1.shared.vs_cascade"] == "1.20" and m["e1.shared.vs_cascade_tested"] == "1"
     assert m["e1.verdict.shared_vs_cascade"] == m["e1.verdict.shared_vs_prefix"] == "met"
     # the context-dominated shape (cascade 10x faster) has its macros but is not judged
     assert m["e1.shared.b4-l4k-a1k-g2.vs_cascade"] == "0.10"
@@ -183,8 +183,11 @@ def test_shared_targets_met_with_the_faster_fused_variant():
 
 def test_shared_targets_missed():
     rows = _shared_rows(fused=1.0, groups=0.5, cascade=0.4, prefix=1.0)  # 0.8x the cascade, 2x prefix blocks
+    other = (64, 512, 4096, 64)  # a second anchor-dominated shape, where the cascade is beaten
+    rows += [_shared("fused", 1.0, other), _shared("cascade", 1.3, other)]
     m = r1.macros(rows, GPU)
-    assert m["e1.shared.vs_cascade_min"] == "0.80" and m["e1.shared.vs_prefix_min"] == "2.00"
+    assert m["e1.shared.vs_cascade"] == "0.80--1.30" and m["e1.shared.vs_cascade_tested"] == "2"
+    assert m["e1.shared.vs_prefix"] == "2.00" and m["e1.shared.vs_prefix_tested"] == "1"
     assert m["e1.verdict.shared_vs_cascade"] == m["e1.verdict.shared_vs_prefix"] == "missed"
     got = {c.id: c for c in r1.claims(rows, GPU)}
     assert got["e1.shared_vs_cascade"].supported is False and "missed" in got["e1.shared_vs_cascade"].evidence
@@ -206,7 +209,7 @@ def test_shared_prefix_blocks_skipped_is_not_tested():
 def test_shared_targets_not_tested_without_shared_rows():
     rows = [_row("fused", 1.0), _row("cudnn_sdpa", 1.0)]
     m = r1.macros(rows, GPU)
-    assert m["e1.shared.shapes"] == "0" and m["e1.shared.vs_cascade_min"] == "n/a"
+    assert m["e1.shared.shapes"] == "0" and m["e1.shared.vs_cascade"] == "n/a"
     assert m["e1.verdict.shared_vs_cascade"] == m["e1.verdict.shared_vs_prefix"] == "not tested"
     assert m["e1.anchor_cost_b64l4k"] == "n/a" and m["e1.verdict.anchor_cost"] == "not tested"
     got = {c.id: c for c in r1.claims(rows, GPU)}

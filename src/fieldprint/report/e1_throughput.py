@@ -18,7 +18,8 @@ anchors, ``group`` sequences per anchor set)::
                                                         text) and its speed ratios
 
 and over the anchor-dominated shapes (:func:`anchor_dominated`, the one definition)
-``e1.shared.{shapes,dominated}`` (counts), ``e1.shared.vs_{cascade,prefix}_{min,max}`` and
+``e1.shared.{shapes,dominated}`` (counts), ``e1.shared.vs_{cascade,prefix}`` (the range of the speed
+ratios, "1.20" or "0.80--1.20"), ``e1.shared.vs_{cascade,prefix}_tested`` (shapes judged) and
 ``e1.verdict.shared_vs_{cascade,prefix}`` / ``e1.verdict.anchor_cost``: "met", "missed" or "not
 tested" (no shape where both sides ran; prefix blocks does not run where the anchors are not
 block-aligned). A value the rows lack prints as "n/a": the first H200 reference has no
@@ -65,6 +66,12 @@ def _ratio(a, b, col="ms") -> float | None:
 
 def _fmt(x: float | None, digits: int = 2) -> str:
     return NA if x is None else f"{x:.{digits}f}"
+
+
+def _span(xs: list[float]) -> str:
+    """'1.20' when all values print alike, '0.80--1.20' for a range, 'n/a' for none."""
+    lo, hi = (_fmt(min(xs)), _fmt(max(xs))) if xs else (NA, NA)
+    return lo if lo == hi else f"{lo}--{hi}"
 
 
 def verdict(values: list[float | None], target: float, at_most: bool = False) -> str:
@@ -151,8 +158,7 @@ def _shared_macros(rows) -> dict[str, str]:
     m["e1.shared.dominated"] = str(sum(anchor_dominated(s[1], s[2]) for s in shapes))
     for base, name in (("cascade", "cascade"), ("prefix_blocks", "prefix")):
         found = [x for x in shared_ratios(rows, base).values() if x is not None]
-        m[f"e1.shared.vs_{name}_min"] = _fmt(min(found) if found else None)
-        m[f"e1.shared.vs_{name}_max"] = _fmt(max(found) if found else None)
+        m[f"e1.shared.vs_{name}"] = _span(found)
         m[f"e1.shared.vs_{name}_tested"] = str(len(found))
         m[f"e1.target.shared_vs_{name}"] = f"{SHARED_TARGETS[base]:g}"
         m[f"e1.verdict.shared_vs_{name}"] = verdict(list(shared_ratios(rows, base).values()), SHARED_TARGETS[base])
