@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from fieldprint.experiments import e1_throughput as e1
 from fieldprint.experiments import e2_sram as e2
-from fieldprint.experiments.common import compose
+from fieldprint.experiments.common import REPO_ROOT, compose
 from fieldprint.report import e1_throughput as r1
 from fieldprint.report import e2_sram as r2
+from fieldprint.results import load_results
 
 
 @pytest.mark.parametrize("scale", ["smoke", "paper"])
@@ -96,7 +99,7 @@ def test_unfused_skip_reason_uses_memory_estimate():
 
 def _row(impl, ms, B=64, L=4096, A=64, kv="bf16", mode="decode", err=1e-3):
     return {"impl": impl, "mode": mode, "batch": B, "context": L, "anchors": A,
-            "kv_dtype": kv, "ms": ms, "tbps": 1 / ms, "tflops": 1 / ms,
+            "kv_dtype": kv, "ms": ms, "tbps": 1 / ms, "tflops": 1 / ms, "bytes": 1000,
             "rel_err": err, "skipped": None}
 
 
@@ -129,3 +132,128 @@ def test_e2_claims_and_hbm_rows():
     flat[1]["hash"] = "other"
     assert not {c.id: c.supported for c in r2.claims([var, *flat, *hbm], manifest)}["e2.flat"]
     assert "\\\\" in r2.macros([var, *flat, *hbm], manifest)["e2.table"]
+
+
+# ------------------------------------------------------------- shared-prefix regime (issue 12)
+
+DOMINATED = (32, 2048, 8192, 32)  # A >= L
+CONTEXT_HEAVY = (4, 4096, 1024, 2)  # A < L: shared, but not judged by the anchor-dominated targets
+GPU = {"gpu": "NVIDIA H200", "date": "2026-12-01"}
+
+
+def _shared(impl, ms, shape=DOMINATED, kv="bf16", unique_over_logical=0.25):
+    B, L, A, group = shape
+    tbps = None if ms is None else 1 / ms
+    return {"impl": impl, "mode": "shared_decode", "batch": B, "context": L, "anchors": A, "share_group": group,
+            "kv_dtype": kv, "ms": ms, "tbps": tbps, "unique_tbps": None if ms is None else tbps * unique_over_logical,
+            "tflops": tbps, "rel_err": None if ms is None else 1e-3,
+            "skipped": "anchors not block-aligned" if ms is None else None}
+
+
+def _shared_rows(fused=1.0, groups=0.5, cascade=0.6, prefix=2.0):
+    rows = [_shared("fused", fused), _shared("fused_groups", groups), _shared("cascade", cascade),
+            _shared("prefix_blocks", prefix)]
+    # a context-dominated shared shape where the fused kernel loses: outside the targets
+    return rows + [_shared("fused", 1.0, CONTEXT_HEAVY), _shared("cascade", 0.1, CONTEXT_HEAVY)]
+
+
+def test_shared_key_and_anchor_dominated():
+    assert r1.shared_key(*DOMINATED) == "b32-l2k-a8k-g32" and r1.shared_key(256, 128, 1024, 256) == "b256-l128-a1k-g256"
+    assert r1.anchor_dominated(2048, 8192) and r1.anchor_dominated(1024, 1024) and not r1.anchor_dominated(4096, 1024)
+
+
+def test_shared_targets_met_with_the_faster_fused_variant():
+    rows = _shared_rows()  # fused_groups 0.5 ms: 1.2x the cascade (0.6 ms), 4x prefix blocks (2.0 ms)
+    m = r1.macros(rows, GPU)
+    k = "e1.shared.b32-l2k-a8k-g32"
+    assert m[f"{k}.best"] == "read-once anchor groups"
+    assert m[f"{k}.vs_cascade"] == "1.20" and m[f"{k}.vs_prefix"] == "4.00"
+    assert m[f"{k}.bf16.fused_groups.tbps"] == "2.00" and m[f"{k}.bf16.fused_groups.unique_tbps"] == "0.50"
+    assert m[f"{k}.bf16.cascade.unique_tbps"] == f"{0.25 / 0.6:.2f}"
+    assert m["e1.shared.shapes"] == "2" and m["e1.shared.dominated"] == "1"
+    assert m["e1.shared.vs_cascade"] == "1.20" and m["e1.shared.vs_cascade_tested"] == "1"
+    assert m["e1.verdict.shared_vs_cascade"] == m["e1.verdict.shared_vs_prefix"] == "met"
+    # the context-dominated shape (cascade 10x faster) has its macros but is not judged
+    assert m["e1.shared.b4-l4k-a1k-g2.vs_cascade"] == "0.10"
+    got = {c.id: c for c in r1.claims(rows, GPU)}
+    for cid in ("e1.shared_vs_cascade", "e1.shared_vs_prefix_blocks"):
+        assert got[cid].supported is True and got[cid].evidence.startswith("target met")
+    assert "fused_groups" in got["e1.shared_vs_cascade"].evidence
+
+
+def test_shared_targets_missed():
+    rows = _shared_rows(fused=1.0, groups=0.5, cascade=0.4, prefix=1.0)  # 0.8x the cascade, 2x prefix blocks
+    other = (64, 512, 4096, 64)  # a second anchor-dominated shape, where the cascade is beaten
+    rows += [_shared("fused", 1.0, other), _shared("cascade", 1.3, other)]
+    m = r1.macros(rows, GPU)
+    assert m["e1.shared.vs_cascade"] == "0.80--1.30" and m["e1.shared.vs_cascade_tested"] == "2"
+    assert m["e1.shared.vs_prefix"] == "2.00" and m["e1.shared.vs_prefix_tested"] == "1"
+    assert m["e1.verdict.shared_vs_cascade"] == m["e1.verdict.shared_vs_prefix"] == "missed"
+    got = {c.id: c for c in r1.claims(rows, GPU)}
+    assert got["e1.shared_vs_cascade"].supported is False and "missed" in got["e1.shared_vs_cascade"].evidence
+    assert got["e1.shared_vs_prefix_blocks"].supported is False
+
+
+def test_shared_prefix_blocks_skipped_is_not_tested():
+    rows = _shared_rows(prefix=None)  # anchors not block-aligned: prefix blocks did not run
+    m = r1.macros(rows, GPU)
+    k = "e1.shared.b32-l2k-a8k-g32"
+    assert m[f"{k}.bf16.prefix_blocks.unique_tbps"] == m[f"{k}.vs_prefix"] == "n/a"
+    assert m["e1.verdict.shared_vs_prefix"] == "not tested" and m["e1.shared.vs_prefix_tested"] == "0"
+    assert m["e1.verdict.shared_vs_cascade"] == "met"
+    got = {c.id: c for c in r1.claims(rows, GPU)}
+    assert got["e1.shared_vs_prefix_blocks"].supported is False
+    assert got["e1.shared_vs_prefix_blocks"].evidence == "target not tested: b32-l2k-a8k-g32: not tested"
+
+
+def test_shared_targets_not_tested_without_shared_rows():
+    rows = [_row("fused", 1.0), _row("cudnn_sdpa", 1.0)]
+    m = r1.macros(rows, GPU)
+    assert m["e1.shared.shapes"] == "0" and m["e1.shared.vs_cascade"] == "n/a"
+    assert m["e1.verdict.shared_vs_cascade"] == m["e1.verdict.shared_vs_prefix"] == "not tested"
+    assert m["e1.anchor_cost_b64l4k"] == "n/a" and m["e1.verdict.anchor_cost"] == "not tested"
+    got = {c.id: c for c in r1.claims(rows, GPU)}
+    assert not got["e1.shared_vs_cascade"].supported and "not tested" in got["e1.shared_vs_cascade"].evidence
+    assert not got["e1.anchor_cost_b64_l4096"].supported
+
+
+@pytest.mark.parametrize("ms_groups, want", [(1.02, "met"), (1.10, "missed"), (None, "missed")])
+def test_anchor_cost_target_with_anchors_shared_by_the_batch(ms_groups, want):
+    """time(1024 anchors shared by all 64 sequences, faster fused variant) / time(0 anchors); the
+    decode rows' private anchors (here 1.2x the time) are reported beside it, not judged."""
+    shape = (64, 4096, 1024, 64)
+    rows = [dict(_row("fused", 1.0, A=0), bytes=100), dict(_row("fused", 1.2, A=1024), bytes=125),
+            _shared("fused", 1.3, shape), _shared("fused_groups", ms_groups, shape),
+            _shared("fused", 0.5, (32, 4096, 1024, 32))]  # another batch: not the target's shape
+    m = r1.macros(rows, GPU)
+    assert m["e1.verdict.anchor_cost"] == want
+    assert m["e1.anchor_cost_private_b64l4k"] == "1.200" and m["e1.anchor_bytes_private_b64l4k"] == "1.250"
+    # without fused_groups (None: it did not run) the fused kernel's 1.3x is the best: missed, not untested
+    assert m["e1.anchor_cost_b64l4k"] == f"{ms_groups or 1.3:.3f}"
+    assert m["e1.anchor_cost_best"] == ("read-once anchor groups" if ms_groups else "the plain kernel")
+    claim = {c.id: c for c in r1.claims(rows, GPU)}["e1.anchor_cost_b64_l4096"]
+    assert claim.supported is (want == "met") and claim.evidence.startswith(f"target {want}")
+    assert "1.200x the time for 1.250x the bytes" in claim.evidence
+
+
+def test_anchor_cost_not_tested_without_the_shared_row():
+    rows = [_row("fused", 1.0, A=0), _row("fused", 1.0, A=1024)]  # private anchors only: not the target's setting
+    m = r1.macros(rows, GPU)
+    assert m["e1.verdict.anchor_cost"] == "not tested" and m["e1.anchor_cost_b64l4k"] == "n/a"
+
+
+def _paper_keys() -> set[str]:
+    """Every \\fp{e1.*} key the paper's sources use."""
+    found = set()
+    for tex in (REPO_ROOT / "paper").rglob("*.tex"):
+        if "generated" not in tex.parts and "build" not in tex.parts:
+            found |= set(re.findall(r"\\fp\{(e1\.[^}]*)\}", tex.read_text()))
+    return found
+
+
+def test_paper_e1_keys_defined_for_the_reference_and_with_shared_rows():
+    keys = _paper_keys()
+    assert {"e1.verdict.shared_vs_cascade", "e1.anchor_cost_b64l4k"} <= keys  # the paper quotes the targets
+    ref = load_results("e1_throughput", REPO_ROOT / "data" / "reference" / "h200" / "e1_throughput.csv")
+    assert keys - set(r1.macros(ref.rows, ref.manifest)) == set()
+    assert keys - set(r1.macros(ref.rows + _shared_rows(), ref.manifest)) == set()

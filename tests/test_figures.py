@@ -78,7 +78,10 @@ def test_e1_categories_unjoined_axes_from_zero_legend_complete(tmp_path, monkeyp
     figs = _capture(monkeypatch, e1_throughput)
     e1_throughput.draw(res.rows, res.manifest, tmp_path / "e1")
     (fig,) = figs
-    by_shape, *vs_anchors = fig.get_axes()
+    by_shape, *vs_anchors, shared = fig.get_axes()
+    # the reference predates the shared-prefix regime: its panel says so and shows nothing
+    assert not shared.axison and not shared.patches
+    assert [t.get_text() for t in shared.texts] == ["no shared-prefix rows in these results (not measured)"]
     # shapes are categories: a line may only be one point or a vertical separator between them
     for line in by_shape.get_lines():
         xs = list(line.get_xdata())
@@ -89,7 +92,7 @@ def test_e1_categories_unjoined_axes_from_zero_legend_complete(tmp_path, monkeyp
         assert len(ax.patches) == 4 * 3  # fused, cascade, prefix blocks, cuDNN at 0 / 64 / 1K anchors
     shown = {r["impl"] for r in res.rows if r["mode"] == "decode" and r["kv_dtype"] == "bf16"
              and r["tbps"] is not None}
-    want = {style.implementation(i).label for i in shown} | {"cuDNN SDPA level (left)"}
+    want = {style.implementation(i).label for i in shown} | {"cuDNN SDPA level (top left)"}
     assert _legend_labels(fig) == want
     _check_printed(fig, tmp_path / "e1.pdf", style.TEXT_WIDTH)
 
@@ -100,11 +103,52 @@ def test_e1_one_shape_one_anchor_count(tmp_path, monkeypatch):
              "tbps": tbps} for impl, tbps in (("fused", 0.002), ("cascade", 0.001), ("naive", 0.0005))]
     figs = _capture(monkeypatch, e1_throughput)
     e1_throughput.draw(rows, MANIFEST, tmp_path / "e1")
-    by_shape, vs_anchors = figs[0].get_axes()
+    by_shape, vs_anchors, shared = figs[0].get_axes()
+    assert not shared.patches
     assert len(vs_anchors.patches) == 2  # fused and cascade at 16 anchors; naive is not a strong baseline
     assert _legend_labels(figs[0]) == {style.implementation(r["impl"]).label for r in rows}  # no ceiling
     with pytest.raises(ValueError, match="no measured decode rows"):
         e1_throughput.draw([dict(r, tbps=None) for r in rows], MANIFEST, tmp_path / "none")
+
+
+def _shared_row(impl, shape, unique, logical):
+    B, L, A, group = shape
+    return {"mode": "shared_decode", "kv_dtype": "bf16", "impl": impl, "batch": B, "context": L, "anchors": A,
+            "share_group": group, "unique_tbps": unique, "tbps": logical}
+
+
+def test_e1_shared_prefix_panel(tmp_path, monkeypatch):
+    """Shared-prefix rows: per shape one bar per implementation at its unique TB/s, rising from the
+    log axis' floor, and a tick at its logical TB/s; skipped and non-shared rows are not drawn."""
+    res = load_results("e1_throughput", REFERENCE / "e1_throughput.csv")
+    a, b = (32, 2048, 8192, 32), (128, 1024, 2048, 16)
+    rows = res.rows + [
+        _shared_row("fused", a, 1.0, 4.4), _shared_row("fused_groups", a, 3.0, 13.2),
+        _shared_row("cascade", a, 2.5, 11.0), _shared_row("prefix_blocks", a, None, None),  # skipped
+        _shared_row("fused", b, 1.5, 4.0), _shared_row("cascade", b, 3.5, 9.3),
+        _shared_row("cudnn_sdpa", b, 4.0, 10.6),  # not among the shared panel's implementations
+        dict(_shared_row("fused", b, 0.7, 1.4), kv_dtype="fp8")]  # fp8: not in the bf16 panel
+    figs = _capture(monkeypatch, e1_throughput)
+    e1_throughput.draw(rows, res.manifest, tmp_path / "e1")
+    (fig,) = figs
+    shared = fig.get_axes()[-1]
+    assert shared.get_yscale() == "log"
+    floor = shared.get_ylim()[0]
+    assert floor <= 0.7
+    tops = sorted((round(p.get_x() + p.get_width() / 2, 3), round(p.get_y() + p.get_height(), 6))
+                  for p in shared.patches)
+    # left to right: shape b (fewer anchors): fused, cascade; shape a: fused, fused_groups, cascade
+    assert [y for _, y in tops] == [1.5, 3.5, 1.0, 3.0, 2.5]
+    assert all(p.get_y() == floor for p in shared.patches)
+    ticks = sorted((x, y) for line in shared.get_lines() if line.get_marker() == "_"
+                   for x, y in zip(line.get_xdata(), line.get_ydata(), strict=True))
+    assert [y for _, y in ticks] == [4.0, 9.3, 4.4, 13.2, 11.0]
+    assert [round(x, 3) for x, _ in ticks] == [x for x, _ in tops]  # each tick sits on its bar
+    assert [t.get_text() for t in shared.get_xticklabels()] == ["B=128, L=1K\nA=2K, 16 per prefix",
+                                                               "B=32, L=2K\nA=8K, 32 per prefix"]
+    labels = _legend_labels(fig)
+    assert {style.implementation("fused_groups").label, "over logical bytes (bottom)"} <= labels
+    _check_printed(fig, tmp_path / "e1.pdf", style.TEXT_WIDTH)
 
 
 E0_ROWS = [{"form": f, "context": c, "intermediate_bytes": b, "ms": ms}
