@@ -81,6 +81,17 @@ def paper_source(exp):
     return reference if os.path.exists(reference) else result(exp, "smoke")
 
 
+def report_code(exp):
+    """The modules that turn ``exp``'s results into macros and claims: a change to them remakes
+    the generated LaTeX (the shell command alone does not name them)."""
+    return [f"src/fieldprint/report/{exp}.py", "src/fieldprint/report/__init__.py"]
+
+
+def plot_code(exp):
+    """The modules that draw ``exp``'s figure (the figure labels come from its report module)."""
+    return [f"src/fieldprint/plots/{exp}.py", "src/fieldprint/plots/style.py", *report_code(exp)]
+
+
 def hydra_inputs(exp, scale):
     """The YAML files a Hydra run of ``exp`` at ``scale`` composes."""
     return [

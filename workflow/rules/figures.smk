@@ -5,6 +5,7 @@ rule figure:
     input:
         csv=lambda wc: paper_source(wc.exp),
         manifest=lambda wc: manifest(paper_source(wc.exp)),
+        code=lambda wc: plot_code(wc.exp),
     output:
         pdf="figures/{exp}.pdf",
         png="figures/{exp}.png",
@@ -27,6 +28,7 @@ rule smoke_figure:
     input:
         csv=lambda wc: result(wc.exp, "smoke"),
         manifest=lambda wc: manifest(result(wc.exp, "smoke")),
+        code=lambda wc: plot_code(wc.exp),
     output:
         pdf="figures/smoke/{exp}.pdf",
         png="figures/smoke/{exp}.png",

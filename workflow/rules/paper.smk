@@ -5,6 +5,7 @@ rule macros:
     input:
         csv=lambda wc: paper_source(wc.exp),
         manifest=lambda wc: manifest(paper_source(wc.exp)),
+        code=lambda wc: report_code(wc.exp),
     output:
         "paper/generated/{exp}.tex",
     wildcard_constraints:

@@ -61,7 +61,7 @@ IMPLEMENTATIONS = {
     "cudnn_sdpa": Impl("cuDNN SDPA (contiguous)", "k", "s"),
     "flash_sdpa": Impl("flash SDPA (contiguous)", "C7", "D"),
     "gather_sdpa": Impl("gather + SDPA", "C3", "v"),
-    "cascade": Impl("cascade (read-once prefix)", "C1", "^"),
+    "cascade": Impl("cascade", "C1", "^"),
     "prefix_blocks": Impl("prefix blocks", "C2", ">"),
     "flex": Impl("FlexAttention", "C4", "*"),
     "naive": Impl("naive (materialized)", "C5", "h"),
