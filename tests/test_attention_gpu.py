@@ -1,7 +1,8 @@
 """The fused kernel on a CUDA GPU at realistic shapes (Hq=32, Hkv=8, D=128, pages of 16): long
 split-KV decode, fp8 KV, a 1K-token prefill chunk mixed with decode tokens, D=256 with window and
-softcap, bitwise determinism and batch invariance, CUDA-graph capture with ``validate=False``, and
-torch.compile. Skipped without CUDA (run on the H200: ``pytest -m gpu tests/test_attention_gpu.py``).
+softcap, bitwise determinism and batch invariance, CUDA-graph capture with ``validate=False``,
+torch.compile; read-once anchor groups and the shared-prefix kernel with splits (not yet run on a
+GPU when written). Skipped without CUDA (run on the H200: ``pytest -m gpu tests/test_attention_gpu.py``).
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 from test_attention_kernel import make_case
+from test_prefix_attention import attention_in, make_prefix
 
 from fieldprint.attention import paged_anchor_attention, reference_attention
+from fieldprint.attention.prefix import shared_prefix_attention
 
 pytestmark = pytest.mark.gpu
 BF16, FP8 = torch.bfloat16, torch.float8_e4m3fn
@@ -112,3 +115,32 @@ def test_fp8_inline_conversion_matches_the_plain_cast(monkeypatch):
     plain = [paged_anchor_attention(**c) for c in (decode, prefill)]
     for a, b in zip(fast, plain, strict=True):
         torch.testing.assert_close(a, b)  # bf16 tolerances: within a rounding of each other
+
+
+def test_anchor_groups_match_reference_and_do_not_depend_on_the_grouping():
+    """Read-once anchor groups on the GPU: 16 sequences share 1000 anchor tokens, 4 share 37, 4
+    have none; against float64, and bitwise the same when the 16 are listed as two groups of 8 in
+    another order (a row's bits must not depend on its tile mates: tensor-core row independence)."""
+    a_lens = [1000] * 16 + [37] * 4 + [0] * 4
+    case = cuda(make_case(8, [1] * 24, [300 + 97 * i for i in range(24)], a_lens, Hq=32, Hkv=8, D=128))
+    one = torch.tensor([list(range(16)), list(range(16, 20)) + [-1] * 12], dtype=torch.int32, device="cuda")
+    two = torch.tensor([list(range(15, 7, -1)), list(range(8)), list(range(16, 20)) + [-1] * 4],
+                       dtype=torch.int32, device="cuda")
+    out, lse = paged_anchor_attention(**case, return_lse=True, anchor_groups=one)
+    ref, ref_lse = reference(case)
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse.double(), ref_lse.double(), atol=2e-3, rtol=1e-4)
+    assert torch.equal(out, paged_anchor_attention(**case, anchor_groups=two))
+
+
+def test_shared_prefix_attention_with_splits():
+    """The shared-prefix kernel on the GPU (an 8K-token prefix: 16 splits by the default rule)
+    against float64, and a token's bits the same alone and among 256 tokens."""
+    q, k, v, table = make_prefix(9, 256, 32, 8, 128, 16, 8_000)
+    q, k, v, table = q.cuda(), k.cuda(), v.cuda(), table.cuda()
+    out, lse = shared_prefix_attention(q, k, v, table, 8_000)
+    ref, ref_lse = attention_in(torch.float64, q.cpu(), k.cpu(), v.cpu(), table.cpu(), 8_000)
+    torch.testing.assert_close(out.double().cpu(), ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse.double().cpu(), ref_lse, atol=2e-3, rtol=1e-4)
+    alone, _ = shared_prefix_attention(q[5:6].contiguous(), k, v, table, 8_000)
+    assert torch.equal(alone[0], out[5])
