@@ -18,26 +18,14 @@ import types
 import numpy as np
 import pytest
 import torch
+from test_attention_kernel import BF16, FP8, FP16, TOL, poisoned_empty  # noqa: F401 (an autouse fixture)
 
 from fieldprint.attention import paged_anchor_attention, paged_inputs, reference_attention
 from fieldprint.cache import PagedKVCache
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
-BF16, FP16, FP8 = torch.bfloat16, torch.float16, torch.float8_e4m3fn
-TOL = {BF16: 2e-2, FP16: 5e-3}
 # 16-token KV tiles and 32-token splits: anchors of up to 3 splits at these tiny lengths.
 SMALL = {"kv_split_tokens": 32, "config": {"tile_n": 16}}
-
-
-@pytest.fixture(autouse=True)
-def poisoned_empty(monkeypatch):
-    empty = torch.empty
-
-    def nan_empty(*size, **kwargs):
-        x = empty(*size, **kwargs)
-        return x.fill_(float("nan")) if x.is_floating_point() else x
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
 
 
 def grouped_case(seed, lens, groups, anchor_lens, *, q_lens=None, Hq=4, Hkv=1, D=64, bs=16,
