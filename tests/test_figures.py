@@ -79,9 +79,8 @@ def test_e1_categories_unjoined_axes_from_zero_legend_complete(tmp_path, monkeyp
     e1_throughput.draw(res.rows, res.manifest, tmp_path / "e1")
     (fig,) = figs
     by_shape, *vs_anchors, shared = fig.get_axes()
-    # the reference predates the shared-prefix regime: its panel says so and shows nothing
-    assert not shared.axison and not shared.patches
-    assert [t.get_text() for t in shared.texts] == ["no shared-prefix rows in these results (not measured)"]
+    # one bar per measured bf16 shared-prefix row of the panel's implementations
+    assert len(shared.patches) == len(e1_throughput.shared_bandwidth(res.rows)) > 0
     # shapes are categories: a line may only be one point or a vertical separator between them
     for line in by_shape.get_lines():
         xs = list(line.get_xdata())
@@ -90,9 +89,10 @@ def test_e1_categories_unjoined_axes_from_zero_legend_complete(tmp_path, monkeyp
     for ax in vs_anchors:
         assert ax.get_ylim()[0] == 0
         assert len(ax.patches) == 4 * 3  # fused, cascade, prefix blocks, cuDNN at 0 / 64 / 1K anchors
-    shown = {r["impl"] for r in res.rows if r["mode"] == "decode" and r["kv_dtype"] == "bf16"
+    shown = {r["impl"] for r in res.rows if r["mode"] in ("decode", "shared_decode") and r["kv_dtype"] == "bf16"
              and r["tbps"] is not None}
-    want = {style.implementation(i).label for i in shown} | {"cuDNN SDPA level (top left)"}
+    want = {style.implementation(i).label for i in shown} | {"cuDNN SDPA level (top left)",
+                                                             "over logical bytes (bottom)"}
     assert _legend_labels(fig) == want
     _check_printed(fig, tmp_path / "e1.pdf", style.TEXT_WIDTH)
 
@@ -122,7 +122,7 @@ def test_e1_shared_prefix_panel(tmp_path, monkeypatch):
     log axis' floor, and a tick at its logical TB/s; skipped and non-shared rows are not drawn."""
     res = load_results("e1_throughput", REFERENCE / "e1_throughput.csv")
     a, b = (32, 2048, 8192, 32), (128, 1024, 2048, 16)
-    rows = res.rows + [
+    rows = [r for r in res.rows if r["mode"] != "shared_decode"] + [
         _shared_row("fused", a, 1.0, 4.4), _shared_row("fused_groups", a, 3.0, 13.2),
         _shared_row("cascade", a, 2.5, 11.0), _shared_row("prefix_blocks", a, None, None),  # skipped
         _shared_row("fused", b, 1.5, 4.0), _shared_row("cascade", b, 3.5, 9.3),
@@ -144,8 +144,8 @@ def test_e1_shared_prefix_panel(tmp_path, monkeypatch):
                    for x, y in zip(line.get_xdata(), line.get_ydata(), strict=True))
     assert [y for _, y in ticks] == [4.0, 9.3, 4.4, 13.2, 11.0]
     assert [round(x, 3) for x, _ in ticks] == [x for x, _ in tops]  # each tick sits on its bar
-    assert [t.get_text() for t in shared.get_xticklabels()] == ["B=128, L=1K\nA=2K, 16 per prefix",
-                                                               "B=32, L=2K\nA=8K, 32 per prefix"]
+    assert [t.get_text() for t in shared.get_xticklabels()] == ["B=128, L=1K\nA=2K\n16 per prefix",
+                                                               "B=32, L=2K\nA=8K\n32 per prefix"]
     labels = _legend_labels(fig)
     assert {style.implementation("fused_groups").label, "over logical bytes (bottom)"} <= labels
     _check_printed(fig, tmp_path / "e1.pdf", style.TEXT_WIDTH)

@@ -142,7 +142,8 @@ def _shared(ax, sbw) -> list[str]:
         ax.plot(xs, [lg for _, (_, lg) in at], **LOGICAL_MARK)
     for g in range(1, len(shapes)):
         ax.axvline(g - 0.5, color="0.85", linewidth=0.6)
-    ax.set_xticks(range(len(shapes)), [f"B={b}, L={tokens_label(c)}\nA={tokens_label(a)}, {g} per prefix"
+    # three short lines: seven shapes share the text width, and one line each overran its neighbours
+    ax.set_xticks(range(len(shapes)), [f"B={b}, L={tokens_label(c)}\nA={tokens_label(a)}\n{g} per prefix"
                                        for b, c, a, g in shapes])
     ax.set_xlim(-0.5, len(shapes) - 0.5)
     ax.set_yscale("log")
