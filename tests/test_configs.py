@@ -8,6 +8,7 @@ import sys
 import pytest
 from hydra.errors import ConfigCompositionException
 
+from fieldprint.experiments import common
 from fieldprint.experiments.common import CONFIG_DIR, ExperimentConfig, compose
 
 EXPERIMENTS = sorted(p.stem for p in CONFIG_DIR.glob("e*.yaml"))
@@ -78,3 +79,16 @@ def test_empty_out_dir_stops_the_command_line_before_it_runs(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode != 0 and "out_dir must name a directory" in done.stderr
     assert list(tmp_path.iterdir()) == []  # no CSV, manifest or Hydra folder in the current directory
+
+
+def test_cpu_model_names_the_processor(monkeypatch, tmp_path):
+    """The manifest's ``cpu`` is the model name from /proc/cpuinfo (host-bound rows depend on it),
+    else what ``platform`` knows when the file is missing."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9654 96-Core Processor\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda f, *a, **k: real_open(cpuinfo if f == "/proc/cpuinfo" else f, *a, **k))
+    assert common.cpu_model() == "AMD EPYC 9654 96-Core Processor"
+    cpuinfo.unlink()
+    monkeypatch.setattr(common.platform, "processor", lambda: "")
+    assert common.cpu_model() == common.platform.machine()

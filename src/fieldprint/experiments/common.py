@@ -108,6 +108,20 @@ def _git_commit() -> dict[str, Any]:
     return {"commit": git("rev-parse", "HEAD") or "unknown", "dirty": bool(git("status", "--porcelain"))}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what ``platform`` knows. Host-bound rows
+    (CPU hashing, E6's copy-and-hash mode) move by tens of percent between leased machines of one
+    GPU type whose CPUs differ; ``platform`` alone says only "x86_64"."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict[str, Any]:
     """Where a result came from: host, GPU, driver, library versions."""
     import torch
@@ -118,7 +132,7 @@ def environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "host": platform.node(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "gpu": None,
         "driver": None,
