@@ -1,7 +1,9 @@
 """Read-once anchor groups (``paged_anchor_attention(..., anchor_groups=...)``, decode mode) in
-the Triton interpreter: against the float64 reference and the ungrouped kernel, bitwise
-independence of a sequence's output from its group, the fallback of grouped sequences whose
-query count is not 1, argument errors, and the groups a PagedKVCache builds.
+the Triton interpreter: against the float64 reference and the ungrouped kernel at the default
+group tile (64 rows: 16 sequences at GQA 4, 8 at GQA 8), with groups narrower and wider than
+one tile; bitwise independence of a sequence's output from its group and its slot and tile in
+it, at 64-row and 16-row group tiles; the fallback of grouped sequences whose query count is
+not 1, argument errors (``group_block_m`` included), and the groups a PagedKVCache builds.
 
 Every float buffer the kernel allocates is filled with NaN first (``poisoned_empty``), so a
 partial that no program writes (an anchor split a group tile skipped) shows up as NaN.
@@ -21,11 +23,15 @@ import torch
 from test_attention_kernel import BF16, FP8, FP16, TOL, poisoned_empty  # noqa: F401 (an autouse fixture)
 
 from fieldprint.attention import paged_anchor_attention, paged_inputs, reference_attention
+from fieldprint.attention.kernel import kernel_config
 from fieldprint.cache import PagedKVCache
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 # 16-token KV tiles and 32-token splits: anchors of up to 3 splits at these tiny lengths.
 SMALL = {"kv_split_tokens": 32, "config": {"tile_n": 16}}
+# The same with group tiles of 16 rows (the query tiles' size in decode mode): 16 // GP
+# sequences per tile, 2 at GQA 8.
+SMALL_GROUP_TILES = {"kv_split_tokens": 32, "config": {"tile_n": 16, "group_block_m": 16}}
 
 
 def grouped_case(seed, lens, groups, anchor_lens, *, q_lens=None, Hq=4, Hkv=1, D=64, bs=16,
@@ -71,9 +77,9 @@ def check(case, groups, **kw):
     return out, lse
 
 
-# Ten decode sequences, GROUP 4: a group of five (two tiles of four sequences; 37 anchor tokens,
-# not page-aligned, 3 splits), a group of two with a 9-token anchor (shorter than a page), an
-# empty group row, and ungrouped sequences with (1, 7) and without (4) anchors.
+# Ten decode sequences, GROUP 4: a group of five (37 anchor tokens, not page-aligned, 3 splits;
+# narrower than one 64-row group tile), a group of two with a 9-token anchor (shorter than a
+# page), an empty group row, and ungrouped sequences with (1, 7) and without (4) anchors.
 LENS = [40, 5, 34, 1, 20, 17, 45, 12, 30, 3]
 ANCHORS = [37, 20, 9, 11, 0, 23, 30, 50, 8, 2]
 GROUPS = [[5, 0, 3, 8, 9], [2, 6], []]
@@ -94,6 +100,17 @@ def test_groups_window_and_softcap():
     """A window limits the context only: a grouped sequence keeps every anchor token."""
     case, groups = grouped_case(3, LENS, GROUPS, ANCHORS)
     check(case, groups, sliding_window=6, logit_softcap=2.0, **SMALL)
+
+
+def test_group_wider_than_one_default_tile():
+    """At GQA 8 a 64-row group tile holds 8 sequences: a group of 10 spans two tiles (8 + 2);
+    its anchor (45 tokens) ends inside a page and inside a KV tile; a group of two and an
+    ungrouped sequence share the launch."""
+    lens = [3, 9, 1, 14, 6, 2, 11, 5, 8, 1, 4, 13, 7]
+    anchors = [45] * 10 + [21, 30, 21]
+    groups = [[9, 0, 3, 1, 8, 5, 6, 2, 4, 7], [10, 12]]
+    case, table = grouped_case(14, lens, groups, anchors, Hq=8, Hkv=1)
+    check(case, table, **SMALL)
 
 
 def test_groups_fp8_kv():
@@ -167,24 +184,30 @@ def test_rowwise_dot_is_row_invariant():
         assert np.array_equal(np.einsum("ik,kj->ij", moved, b)[row], want), row
 
 
-def test_output_bits_do_not_depend_on_the_group(rowwise_interpreter_dot):
-    """Sequence X's output and lse bits are the same when its group holds 1, 3 or 8 sequences,
-    at different slots and tiles, in batches of different sizes and table widths (fixed tile
+@pytest.mark.parametrize("tiles", [SMALL, SMALL_GROUP_TILES], ids=["group_tile_64", "group_tile_16"])
+def test_output_bits_do_not_depend_on_the_group(rowwise_interpreter_dot, tiles):
+    """Sequence X's output and lse bits are the same when its group holds 1, 3, 8 or 10
+    sequences, at different slots and tiles (GQA 8: a 64-row group tile holds 8 sequences, so
+    slot 9 is the second tile's slot 1; a 16-row tile holds 2, so slots 2, 6 and 9 lie in the
+    second, fourth and fifth tile), in batches of different sizes and table widths (fixed tile
     shapes and split length)."""
-    lens = [50, 7, 90, 33, 64, 18, 41, 77, 26, 12]
-    case, _ = grouped_case(8, lens, [list(range(10))], [45] * 10)
+    lens = [30, 7, 40, 3, 37, 1, 21, 9, 5, 12]
+    n = len(lens)
+    case, _ = grouped_case(8, lens, [list(range(n))], [45] * n, Hq=8, Hkv=1)
     X = 4
     layouts = [  # (batch rows, groups as batch positions, X's position in the batch)
         ([X], [[0]], 0),
-        ([1, X, 8], [[2, 0, 1]], 1),  # X at slot 2 of a tile
-        (list(range(10)), [[0, 1, 2, 3, 5, 6, X, 7]], X),  # slot 6: second tile, slot 2
+        ([1, X, 8], [[2, 0, 1]], 1),  # X at slot 2
+        (list(range(n)), [[0, 1, 2, 3, 5, 6, X, 7]], X),  # slot 6
+        (list(range(n)), [[0, 1, 2, 3, 5, 6, 7, 8, 9, X]], X),  # slot 9
         ([9, 3, X, 0, 2], [[0, 1], [4, 2, 3]], 2),
     ]
     results = []
     for rows, g, pos in layouts:
-        sub = _subset(case, rows) if rows != list(range(10)) else case
+        sub = _subset(case, rows) if rows != list(range(n)) else case
+        width = max(len(m) for m in g) + 2
         out, lse = paged_anchor_attention(**sub, anchor_groups=torch.tensor(
-            [m + [-1] * (8 - len(m)) for m in g], dtype=torch.int32), return_lse=True, **SMALL)
+            [m + [-1] * (width - len(m)) for m in g], dtype=torch.int32), return_lse=True, **tiles)
         results.append((out[pos], lse[pos]))
     for out, lse in results[1:]:
         assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1])
@@ -225,6 +248,23 @@ def test_group_with_other_anchor_pages_is_refused():
     case["anchor_block_table"][1, 2] = case["anchor_block_table"][0, 2]
     case["anchor_block_table"][1, 3] = 12345
     paged_anchor_attention(**case, anchor_groups=groups)
+
+
+@pytest.mark.parametrize("rows", [24, 8, -64, 32.0, "64"])
+def test_bad_group_block_m(rows):
+    case, groups = grouped_case(15, [10, 12], [[0, 1]], [5, 5])
+    with pytest.raises(ValueError, match=r"group_block_m must be a power of two >= max\(16, group rows 4\)"):
+        paged_anchor_attention(**case, anchor_groups=groups, config={"group_block_m": rows})
+
+
+def test_group_block_m_covers_the_padded_gqa_group():
+    """Default: 64 rows, or the padded GQA group when that is larger (one sequence per tile);
+    an override smaller than the padded group is refused."""
+    assert kernel_config(128, 16, 4, "decode", BF16)["group_block_m"] == 64
+    assert kernel_config(128, 16, 4, "decode", BF16, group_block_m=32)["group_block_m"] == 32
+    assert kernel_config(64, 16, 96, "decode", FP8)["group_block_m"] == 128
+    with pytest.raises(ValueError, match=r"group_block_m must .* group rows 32\), got 16"):
+        kernel_config(64, 16, 32, "decode", BF16, group_block_m=16)
 
 
 def test_groups_need_anchors_and_decode():
@@ -272,21 +312,25 @@ def test_custom_op_accepts_groups():
 
 
 def test_groups_variant_compiles_for_sm90():
-    """The launch with anchor_groups builds for sm_90 without spills (fresh process: no interpreter)."""
+    """The launch with anchor_groups (attention at the default 64-row group tiles, and the
+    split combine) builds for sm_90 without spills at head dim 128 with bf16 and fp8 KV (fresh
+    process: no interpreter)."""
     code = (
         "import torch\n"
         "from fieldprint.attention.kernel import sm90_compile_specs\n"
         "from fieldprint.sram import compile_resources\n"
-        "for s in sm90_compile_specs(64, 16, torch.bfloat16, 4, 'decode', anchor_groups=True):\n"
-        "    r = compile_resources(*s, attrs=s.attrs)\n"
-        "    print(s.fn.__name__, r['registers'], r['spill_stores'], r['spill_loads'])\n"
+        "for kv in (torch.bfloat16, torch.float8_e4m3fn):\n"
+        "    for s in sm90_compile_specs(128, 16, kv, 4, 'decode', anchor_groups=True):\n"
+        "        r = compile_resources(*s, attrs=s.attrs)\n"
+        "        print(s.fn.__name__, s.constexprs.get('GROUP_BLOCK_M', '-'), r['spill_stores'],\n"
+        "              r['spill_loads'])\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [line.split() for line in res.stdout.strip().split("\n")]
-    assert [r[0] for r in rows] == ["_paged_anchor_attn_kernel", "_combine_kernel"]
-    assert all(r[2] == "0" and r[3] == "0" for r in rows), rows
+    assert [r[:2] for r in rows] == [["_paged_anchor_attn_kernel", "64"], ["_combine_kernel", "-"]] * 2, rows
+    assert all(r[2:] == ["0", "0"] for r in rows), rows
 
 
 def test_groups_compile_spec_needs_decode_with_anchors():

@@ -26,16 +26,18 @@ Grid: ``(query tiles, KV heads, KV splits)``.
   lengths, never on the batch, so a sequence's output bits do not depend on its neighbours.
 * Read-once anchor groups (decode mode, optional ``anchor_groups [G, W]``): sequences that share
   one anchor are listed in a group row. Extra programs along axis 0 (after the query tiles, a
-  shape-only count ``G * cdiv(W, BLOCK_M // GP)``) each take ``BLOCK_M // GP`` sequences of a
-  group times the ``GP`` heads of one KV head as rows, and one anchor split (axis 2): every
-  anchor KV tile is gathered once and multiplied with all of those rows (``_anchor_group_tile``).
-  A grouped sequence's splits are its anchor splits (written by the group tiles) followed by
-  its context splits (its own programs), the anchor and context ranges cut separately
-  (``_split_plan``); the combine kernel merges them in index order as any other splits. With
-  fixed tile shapes (``BLOCK_M``, ``TILE_N``, ``num_warps``, never chosen from the groups) and
-  split length, a sequence's bits do not depend on which sequences share its group or tile:
-  ``tl.dot`` and the online softmax are row-wise, the anchor split boundaries come from the
-  anchor length only.
+  shape-only count ``G * cdiv(W, GROUP_BLOCK_M // GP)``) each take ``GROUP_BLOCK_M // GP``
+  sequences of a group times the ``GP`` heads of one KV head as rows, and one anchor split
+  (axis 2): every anchor KV tile is gathered once and multiplied with all of those rows
+  (``_anchor_group_tile``). ``GROUP_BLOCK_M`` is the group tiles' own row count (default 64: 16
+  sequences at GQA 4), separate from the query tiles' ``BLOCK_M`` (16 in decode mode, which
+  would hold only 4 such sequences). A grouped sequence's splits are its anchor splits (written
+  by the group tiles) followed by its context splits (its own programs), the anchor and context
+  ranges cut separately (``_split_plan``); the combine kernel merges them in index order as any
+  other splits. With fixed tile shapes (``GROUP_BLOCK_M``, ``BLOCK_M``, ``TILE_N``,
+  ``num_warps``: chosen from shapes only, never from the groups) and split length, a
+  sequence's bits do not depend on which sequences share its group or tile: ``tl.dot`` and the
+  online softmax are row-wise, the anchor split boundaries come from the anchor length only.
 
 Mode rule (shape-only, no host synchronization): *decode* when ``T == B`` (one query row per
 token, split-KV on), otherwise *prefill* (``BLOCK_Q`` tokens per tile, one split, enough
@@ -239,7 +241,7 @@ def _anchor_group_tile(
     groups_ptr, gtile, kvh, split, num_seqs, group_width, tiles_per_split, max_splits, num_q_heads,
     qk_scale, cap_mul, softcap, vs,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_at, stride_g,
-    GROUP: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+    GROUP: tl.constexpr, GP: tl.constexpr, GROUP_BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     BS: tl.constexpr, TILE_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_FP16: tl.constexpr,
     E4M3_ASM: tl.constexpr,
 ):
@@ -247,8 +249,8 @@ def _anchor_group_tile(
     every row of the tile.
 
     A group row ``g`` of ``anchor_groups [G, group_width]`` lists sequences that share one anchor
-    (same anchor pages, same length); it is cut into tiles of ``BLOCK_M // GP`` sequences, and a
-    tile's rows are (sequence slot) x (the ``GP`` padded query heads of KV head ``kvh``). Each
+    (same anchor pages, same length); it is cut into tiles of ``GROUP_BLOCK_M // GP`` sequences,
+    and a tile's rows are (sequence slot) x (the ``GP`` padded query heads of KV head ``kvh``). Each
     anchor KV tile of the split is gathered once (through the first member's anchor table) and
     applied to all rows with ``tl.dot`` (queries batched across sequences, as in Hydragen); each
     row then writes its partial at split index ``split`` of its own sequence, which the
@@ -256,7 +258,7 @@ def _anchor_group_tile(
     whose query count is not 1 (they take the ungrouped path) and padded heads are computed on
     zeros and never stored. Every row's arithmetic is its own (``tl.dot`` and the online softmax
     are row-wise), so with fixed tile shapes a sequence's bits do not depend on its group."""
-    seqs_per_tile: tl.constexpr = BLOCK_M // GP
+    seqs_per_tile: tl.constexpr = GROUP_BLOCK_M // GP
     tiles_per_group = _cdiv(group_width, seqs_per_tile)
     g = (gtile // tiles_per_group).to(tl.int64)
     slot0 = (gtile % tiles_per_group) * seqs_per_tile
@@ -265,7 +267,7 @@ def _anchor_group_tile(
     n_a = _cdiv(A, TILE_N)
     t_lo = split * tiles_per_split
     if (leader >= 0) & (t_lo < n_a):
-        offs_m = tl.arange(0, BLOCK_M)
+        offs_m = tl.arange(0, GROUP_BLOCK_M)
         offs_n = tl.arange(0, TILE_N)
         offs_d = tl.arange(0, HEAD_DIM)
         slot = slot0 + offs_m // GP
@@ -282,9 +284,9 @@ def _anchor_group_tile(
                     mask=row_ok[:, None], other=0.0)
         if DOT_FP16:
             q = q.to(tl.float16)  # as in the sequence programs (exactness: see there)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        acc = tl.zeros([GROUP_BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        l_i = tl.zeros([GROUP_BLOCK_M], dtype=tl.float32)
+        m_i = tl.full([GROUP_BLOCK_M], -1.0e30, dtype=tl.float32)
         k_head = kvh.to(tl.int64) * stride_kh
         v_head = kvh.to(tl.int64) * stride_vh
         a_row = anchor_table_ptr + leader.to(tl.int64) * stride_at
@@ -316,7 +318,7 @@ def _paged_anchor_attn_kernel(
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_ot, stride_oh, stride_bt, stride_at, stride_g,
     GROUP: tl.constexpr, GP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BS: tl.constexpr, TILE_N: tl.constexpr,
+    GROUP_BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BS: tl.constexpr, TILE_N: tl.constexpr,
     HAS_ANCHORS: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, KS_MODE: tl.constexpr, VS_MODE: tl.constexpr, DOT_FP16: tl.constexpr,
     E4M3_ASM: tl.constexpr,
@@ -345,7 +347,7 @@ def _paged_anchor_attn_kernel(
                 anchor_lens_ptr, groups_ptr, tile_idx - num_seq_tiles, kvh, split, num_seqs,
                 group_width, tiles_per_split, max_splits, num_q_heads, qk_scale, cap_mul, softcap, vs,
                 stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                stride_at, stride_g, GROUP, GP, BLOCK_M, HEAD_DIM, BS, TILE_N, HAS_SOFTCAP, DOT_FP16,
+                stride_at, stride_g, GROUP, GP, GROUP_BLOCK_M, HEAD_DIM, BS, TILE_N, HAS_SOFTCAP, DOT_FP16,
                 E4M3_ASM)
             return
 
@@ -534,11 +536,16 @@ def kernel_config(head_dim: int, block_size: int, group: int, mode: str, kv_dtyp
     4 warps, 2 pipeline stages. prefill: 128 rows (64 at D=256) = ``128 / group`` tokens x
     group heads, KV tiles of 128 (32 at D=256), 8 warps, 3 stages (2 at D=256). Chosen by timing
     variants on the H200 at the E1 shapes.
-    Overrides: ``tile_n``, ``block_m``, ``num_warps``, ``num_stages`` (for tuning and tests).
+    ``group_block_m``: rows of an anchor-group tile (decode launches with ``anchor_groups``
+    only), 64 = ``64 / group_pad`` sequences x their padded heads (16 sequences at GQA 4), so an
+    anchor KV tile is read once per 16 sequences instead of once per ``block_m / group_pad``; it
+    compiles for sm_90 at D=128 with bf16 and fp8 KV without spills at the decode ``num_warps``.
+    Overrides: ``tile_n``, ``block_m``, ``group_block_m``, ``num_warps``, ``num_stages`` (for
+    tuning and tests; 0 keeps the heuristic).
     """
     if mode not in ("decode", "prefill"):
         raise ValueError(f"mode must be 'decode' or 'prefill', got {mode!r}")
-    unknown = set(overrides) - {"tile_n", "block_m", "num_warps", "num_stages"}
+    unknown = set(overrides) - {"tile_n", "block_m", "group_block_m", "num_warps", "num_stages"}
     if unknown:
         raise ValueError(f"unknown kernel config overrides {sorted(unknown)}")
     gp = _next_pow2(group)
@@ -551,15 +558,17 @@ def kernel_config(head_dim: int, block_size: int, group: int, mode: str, kv_dtyp
         block_m = max(64 if head_dim > 128 else 128, gp)
         tile_n = 32 if head_dim > 128 else 128
         num_warps, num_stages = 8, (2 if head_dim > 128 else 3)
-    cfg = {"tile_n": tile_n, "block_m": block_m, "num_warps": num_warps, "num_stages": num_stages}
+    cfg = {"tile_n": tile_n, "block_m": block_m, "group_block_m": max(64, gp), "num_warps": num_warps,
+           "num_stages": num_stages}
     cfg.update({k: v for k, v in overrides.items() if v})
-    block_m = cfg["block_m"]
-    if block_m < max(16, gp) or block_m & (block_m - 1):
-        raise ValueError(f"block_m must be a power of two >= max(16, group rows {gp}), got {block_m}")
+    for key in ("block_m", "group_block_m"):
+        rows = cfg[key]
+        if not isinstance(rows, int) or rows < max(16, gp) or rows & (rows - 1):
+            raise ValueError(f"{key} must be a power of two >= max(16, group rows {gp}), got {rows!r}")
     if cfg["tile_n"] < 16 or cfg["tile_n"] & (cfg["tile_n"] - 1):
         raise ValueError(f"tile_n must be a power of two >= 16, got {cfg['tile_n']}")
     cfg["group_pad"] = gp
-    cfg["block_q"] = 1 if mode == "decode" else block_m // gp
+    cfg["block_q"] = 1 if mode == "decode" else cfg["block_m"] // gp
     return cfg
 
 
@@ -601,7 +610,8 @@ def _grouped_sequences(anchor_groups: torch.Tensor, num_seqs: int) -> torch.Tens
 
 def _launch(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_block_table,
             anchor_lens, k_scale_t, v_scale_t, softmax_scale, k_scale_f, v_scale_f, sliding_window,
-            logit_softcap, kv_split_tokens, tile_n, block_m, num_warps, num_stages, anchor_groups=None):
+            logit_softcap, kv_split_tokens, tile_n, block_m, num_warps, num_stages, anchor_groups=None,
+            group_block_m=0):
     T, Hq, D = q.shape
     _, BS, Hkv, _ = k_cache.shape
     B, max_blocks = block_table.shape
@@ -612,7 +622,7 @@ def _launch(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_
         return out, lse
     mode = "decode" if T == B else "prefill"
     cfg = kernel_config(D, BS, group, mode, k_cache.dtype, tile_n=tile_n, block_m=block_m,
-                        num_warps=num_warps, num_stages=num_stages)
+                        group_block_m=group_block_m, num_warps=num_warps, num_stages=num_stages)
     TN = cfg["tile_n"]
     has_anchors = anchor_block_table is not None
     has_groups = anchor_groups is not None
@@ -642,8 +652,8 @@ def _launch(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_
     if has_groups:
         G, group_width = anchor_groups.shape
         seq_grouped = _grouped_sequences(anchor_groups, B)
-        # Shape-only: every group row is cut into tiles of block_m // group_pad sequences.
-        group_tiles = G * -(-group_width // (cfg["block_m"] // cfg["group_pad"]))
+        # Shape-only: every group row is cut into tiles of group_block_m // group_pad sequences.
+        group_tiles = G * -(-group_width // (cfg["group_block_m"] // cfg["group_pad"]))
         groups, stride_g = anchor_groups, anchor_groups.stride(0)
     else:
         group_width = group_tiles = stride_g = 0
@@ -660,7 +670,8 @@ def _launch(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1), block_table.stride(0), atab.stride(0), stride_g,
         GROUP=group, GP=cfg["group_pad"], BLOCK_Q=cfg["block_q"], BLOCK_M=cfg["block_m"],
-        HEAD_DIM=D, BS=BS, TILE_N=TN, HAS_ANCHORS=has_anchors, HAS_GROUPS=has_groups,
+        GROUP_BLOCK_M=cfg["group_block_m"], HEAD_DIM=D, BS=BS, TILE_N=TN, HAS_ANCHORS=has_anchors,
+        HAS_GROUPS=has_groups,
         HAS_WINDOW=bool(sliding_window), HAS_SOFTCAP=bool(logit_softcap),
         KS_MODE=ks_mode, VS_MODE=vs_mode, DOT_FP16=_dot_fp16(q.dtype, k_cache.dtype),
         E4M3_ASM=_e4m3_asm(k_cache.dtype, q.device),
@@ -682,20 +693,20 @@ def _paged_anchor_attention_op(
     anchor_lens: torch.Tensor | None, k_scale_t: torch.Tensor | None, v_scale_t: torch.Tensor | None,
     softmax_scale: float, k_scale_f: float, v_scale_f: float, sliding_window: int,
     logit_softcap: float, kv_split_tokens: int, tile_n: int, block_m: int, num_warps: int,
-    num_stages: int, anchor_groups: torch.Tensor | None = None,
+    num_stages: int, anchor_groups: torch.Tensor | None = None, group_block_m: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The launch as a torch custom op (opaque to torch.compile, capturable in CUDA graphs).
     Arguments are already checked; 0 means "none" / "heuristic" for the int and float knobs."""
     return _launch(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_block_table,
                    anchor_lens, k_scale_t, v_scale_t, softmax_scale, k_scale_f, v_scale_f,
                    sliding_window, logit_softcap, kv_split_tokens, tile_n, block_m, num_warps,
-                   num_stages, anchor_groups)
+                   num_stages, anchor_groups, group_block_m)
 
 
 @_paged_anchor_attention_op.register_fake
 def _(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_block_table, anchor_lens,
       k_scale_t, v_scale_t, softmax_scale, k_scale_f, v_scale_f, sliding_window, logit_softcap,
-      kv_split_tokens, tile_n, block_m, num_warps, num_stages, anchor_groups=None):
+      kv_split_tokens, tile_n, block_m, num_warps, num_stages, anchor_groups=None, group_block_m=0):
     T, Hq, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((T, Hq), dtype=torch.float32)
 
@@ -803,15 +814,16 @@ def paged_anchor_attention(
     ``anchor_groups`` (optional, decode batches only, T == B): int32 ``[G, W]``, each row the
     indices of up to ``W`` sequences that share one anchor (identical ``anchor_lens`` and anchor
     pages), then -1 padding (a row of -1 is an empty group). In the same launch each group's
-    anchor pages are read once per tile of ``block_m // group_pad`` sequences and applied to all
-    their query rows as one matrix product (read-once anchors); the grouped sequences' own
-    programs walk only their context, and the split combine merges both. Sequences in no group
-    (and grouped sequences whose query count is not 1) take the ungrouped path. Checked when
-    ``validate`` (host reads); with ``validate=False`` a group that breaks these rules gives
-    undefined results. A grouped sequence's output bits do not depend on which or how many
-    other sequences share its group or its tile, provided the tile shapes (``block_m``,
-    ``tile_n``, ``num_warps``) and ``kv_split_tokens`` stay fixed (they never depend on the group
-    sizes); they may differ in the last bits from the same sequence ungrouped (different splits).
+    anchor pages are read once per tile of ``group_block_m // group_pad`` sequences (16 at GQA 4
+    by default, see :func:`kernel_config`) and applied to all their query rows as one matrix
+    product (read-once anchors); the grouped sequences' own programs walk only their context,
+    and the split combine merges both. Sequences in no group (and grouped sequences whose query
+    count is not 1) take the ungrouped path. Checked when ``validate`` (host reads); with
+    ``validate=False`` a group that breaks these rules gives undefined results. A grouped
+    sequence's output bits do not depend on which or how many other sequences share its group
+    or its tile, provided the tile shapes (``group_block_m``, ``block_m``, ``tile_n``,
+    ``num_warps``) and ``kv_split_tokens`` stay fixed (they never depend on the group sizes);
+    they may differ in the last bits from the same sequence ungrouped (different splits).
     Returns out [T, Hq, D] in q's dtype, and lse [T, Hq] float32 (natural log) if ``return_lse``.
     """
     shapes = check_shapes(q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
@@ -848,7 +860,8 @@ def paged_anchor_attention(
         q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_block_table, anchor_lens,
         ks_t, vs_t, scale, ks_f, vs_f, int(sliding_window or 0), float(logit_softcap or 0.0),
         int(kv_split_tokens), int(cfg.get("tile_n", 0)), int(cfg.get("block_m", 0)),
-        int(cfg.get("num_warps", 0)), int(cfg.get("num_stages", 0)), anchor_groups)
+        int(cfg.get("num_warps", 0)), int(cfg.get("num_stages", 0)), anchor_groups,
+        int(cfg.get("group_block_m", 0)))
     return (out, lse) if return_lse else out
 
 
@@ -900,7 +913,8 @@ def sm90_compile_specs(head_dim: int, block_size: int, kv_dtype: torch.dtype, gr
            "groups_ptr": "i32", "seq_grouped_ptr": "i32", "k_scale_ptr": "fp32", "v_scale_ptr": "fp32"}
     floats = ("k_scale_val", "v_scale_val", "sm_scale", "softcap")
     constexprs = {"GROUP": group, "GP": cfg["group_pad"], "BLOCK_Q": cfg["block_q"],
-                  "BLOCK_M": cfg["block_m"], "HEAD_DIM": head_dim, "BS": block_size,
+                  "BLOCK_M": cfg["block_m"], "GROUP_BLOCK_M": cfg["group_block_m"],
+                  "HEAD_DIM": head_dim, "BS": block_size,
                   "TILE_N": cfg["tile_n"], "HAS_ANCHORS": anchors, "HAS_GROUPS": anchor_groups,
                   "HAS_WINDOW": sliding_window,
                   "HAS_SOFTCAP": logit_softcap, "KS_MODE": scale_mode, "VS_MODE": scale_mode,
