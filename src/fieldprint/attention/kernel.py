@@ -39,6 +39,12 @@ Grid: ``(query tiles, KV heads, KV splits)``.
   sequence's bits do not depend on which sequences share its group or tile: ``tl.dot`` and the
   online softmax are row-wise, the anchor split boundaries come from the anchor length only.
 
+* Pipelined decode (opt-in, ``config={"pipelined": True}``): a split's tiles are walked in one
+  loop with runtime masks and the next tile's page ids loaded one iteration ahead, which Triton
+  multi-buffers (``num_stages - 1`` K/V tiles through cp.async; see
+  :func:`_attend_split_one_loop`); same per-tile arithmetic as the default four-loop walk, whose
+  compiled code it leaves unchanged.
+
 Mode rule (shape-only, no host synchronization): *decode* when ``T == B`` (one query row per
 token, split-KV on), otherwise *prefill* (``BLOCK_Q`` tokens per tile, one split, enough
 parallelism from query tiles). Batch invariance holds between calls of the same mode; a token's
@@ -149,6 +155,7 @@ def _attend_tile(
     offs_n, offs_d,
     BS: tl.constexpr, TILE_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, E4M3_ASM: tl.constexpr,
+    pages=0, GIVEN_PAGES: tl.constexpr = False,
 ):
     """One online-softmax step over KV tile ``tile`` of a block table row.
 
@@ -159,7 +166,13 @@ def _attend_tile(
     start = tile * TILE_N
     tok = start + offs_n
     tok_ok = tok < n_tokens
-    if TILE_N <= BS:
+    if GIVEN_PAGES:
+        page = pages.to(tl.int64)
+        if TILE_N <= BS:
+            slot = (start % BS + offs_n).to(tl.int64)
+        else:
+            slot = (tok % BS).to(tl.int64)
+    elif TILE_N <= BS:
         # The tile lies inside one page: one page id.
         page = tl.load(table_row + start // BS).to(tl.int64)
         slot = (start % BS + offs_n).to(tl.int64)
@@ -200,6 +213,75 @@ def _attend_tile(
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc)
     return acc, l_i, m_new
+
+
+@triton.jit
+def _tile_pages(table_row, tile, n_tokens, offs_n, BS: tl.constexpr, TILE_N: tl.constexpr):
+    """Page ids of KV tile ``tile`` of a block table row: a scalar when the tile lies inside
+    one page (``TILE_N <= BS``), else [TILE_N] (one per token). Entries of tokens ``>=
+    n_tokens`` are not read (0), so a tile past the end of the row reads nothing."""
+    start = tile * TILE_N
+    if TILE_N <= BS:
+        page = tl.load(table_row + start // BS, mask=start < n_tokens, other=0)
+    else:
+        tok = start + offs_n
+        page = tl.load(table_row + tok // BS, mask=tok < n_tokens, other=0)
+    return page
+
+
+@triton.jit
+def _nth_split_tile(i, t_lo, n_anchor, c_lo, a_row, c_row, A, L):
+    """Tile ``i`` of a split walked as one sequence (anchor tiles ``t_lo ..`` first, then
+    context tiles ``c_lo ..``): ``(in_anchor, table row, tile index in that row, token count of
+    that row)``."""
+    in_anchor = i < n_anchor
+    return (in_anchor, tl.where(in_anchor, a_row, c_row), tl.where(in_anchor, t_lo + i, c_lo + i - n_anchor),
+            tl.where(in_anchor, A, L))
+
+
+@triton.jit
+def _attend_split_one_loop(
+    acc, l_i, m_i, q, k_ptr, v_ptr, a_row, c_row, t_lo, a_hi, c_lo, c_hi, A, L, pos, window,
+    k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_mul, softcap,
+    offs_n, offs_d,
+    BS: tl.constexpr, TILE_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    E4M3_ASM: tl.constexpr,
+):
+    """The pipelined walk of one split (decode, ``kernel_config(pipelined=True)``): anchor tiles
+    ``[t_lo, a_hi)`` then context tiles ``[c_lo, c_hi)`` in ONE loop, so that Triton's software
+    pipeliner multi-buffers the K/V gather (``num_stages - 1`` tiles of K and V in flight
+    through cp.async). Two things make that happen, checked on the compiled sm_90 code:
+
+    * one loop instead of the default path's four (anchors, masked head, unmasked middle,
+      masked tail): every tile is masked by runtime predicates;
+    * the page ids of tile ``i + 1`` are loaded in iteration ``i`` and carried to the next
+      iteration. With the page ids loaded in the same iteration as the K/V tile, the pipeliner
+      counts the gather as an indirect load and gives it ``(num_stages - 1) // 2`` stages of
+      lead in a single buffer; carried, the K/V loads get ``num_stages - 1`` stages and as many
+      buffers.
+
+    Anchor tiles are masked as context tiles of a row that sees every token (position and
+    window pushed out of reach), so one mask expression serves both. The arithmetic of every
+    tile is that of :func:`_attend_tile` in the same order, so with the same tile shapes the
+    result equals the default path's bit for bit. acc: [BLOCK_M, D] fp32; l_i, m_i: [BLOCK_M];
+    pos: [BLOCK_M]."""
+    n_anchor = tl.maximum(a_hi - t_lo, 0)
+    n_iter = n_anchor + tl.maximum(c_hi - c_lo, 0)
+    sees_all = tl.full(pos.shape, 1 << 30, tl.int32)  # position of a row that sees every anchor token
+    _, row, tile, n_tok = _nth_split_tile(0, t_lo, n_anchor, c_lo, a_row, c_row, A, L)
+    pages = _tile_pages(row, tile, n_tok, offs_n, BS, TILE_N)
+    for i in range(0, n_iter):
+        in_anchor, row, tile, n_tok = _nth_split_tile(i, t_lo, n_anchor, c_lo, a_row, c_row, A, L)
+        _, next_row, next_tile, next_n_tok = _nth_split_tile(i + 1, t_lo, n_anchor, c_lo, a_row, c_row, A, L)
+        next_pages = _tile_pages(next_row, next_tile, next_n_tok, offs_n, BS, TILE_N)
+        row_pos = tl.where(in_anchor, sees_all, pos)
+        row_window = tl.where(in_anchor, (1 << 31) - 1, window)  # row_pos - row_window < 0
+        acc, l_i, m_i = _attend_tile(
+            acc, l_i, m_i, q, k_ptr, v_ptr, row, tile, n_tok, row_pos, row_window, k_head, v_head,
+            stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_mul, softcap, offs_n, offs_d,
+            BS, TILE_N, True, True, HAS_WINDOW, HAS_SOFTCAP, E4M3_ASM, pages, True)
+        pages = next_pages
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -321,7 +403,7 @@ def _paged_anchor_attn_kernel(
     GROUP_BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BS: tl.constexpr, TILE_N: tl.constexpr,
     HAS_ANCHORS: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, KS_MODE: tl.constexpr, VS_MODE: tl.constexpr, DOT_FP16: tl.constexpr,
-    E4M3_ASM: tl.constexpr,
+    E4M3_ASM: tl.constexpr, PIPELINED: tl.constexpr,
 ):
     """q: [T, Hq, D]; k/v: [num_blocks, BS, Hkv, D]; out: [T, Hq, D]; lse: [T, Hq] fp32;
     part_out: [T, Hq, max_splits, D] fp32; part_lse: [T, Hq, max_splits] fp32 (log2 units).
@@ -414,41 +496,58 @@ def _paged_anchor_attn_kernel(
     k_head = kvh.to(tl.int64) * stride_kh
     v_head = kvh.to(tl.int64) * stride_vh
 
-    if HAS_ANCHORS:
+    if PIPELINED:
         a_row = anchor_table_ptr + b.to(tl.int64) * stride_at
-        for t in range(t_lo, tl.minimum(t_hi, n_a)):
-            acc, l_i, m_i = _attend_tile(
-                acc, l_i, m_i, q, k_ptr, v_ptr, a_row, t, A, pos, window, k_head, v_head,
-                stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_mul, softcap, offs_n, offs_d,
-                BS, TILE_N, True, False, False, HAS_SOFTCAP, E4M3_ASM)
-
-    # Context tiles of this split, clipped to what the tile's rows can see.
-    c_lo = tl.maximum(t_lo - n_a, 0)
-    c_hi = tl.minimum(t_hi - n_a, _cdiv(p_hi + 1, TILE_N))
-    if HAS_WINDOW:
-        c_lo = tl.maximum(c_lo, tl.maximum(p_lo - window + 1, 0) // TILE_N)
-        full_lo = _cdiv(tl.maximum(p_hi - window + 1, 0), TILE_N)
+        c_row = block_table_ptr + b.to(tl.int64) * stride_bt
+        if HAS_ANCHORS:
+            a_hi = tl.minimum(t_hi, n_a)
+        else:
+            a_hi = t_lo
+        # The context tiles the rows can see, clipped as in the default path below (kept apart:
+        # hoisting the shared lines out of the branch changes the default path's compiled code).
+        c_lo = tl.maximum(t_lo - n_a, 0)
+        c_hi = tl.minimum(t_hi - n_a, _cdiv(p_hi + 1, TILE_N))
+        if HAS_WINDOW:
+            c_lo = tl.maximum(c_lo, tl.maximum(p_lo - window + 1, 0) // TILE_N)
+        acc, l_i, m_i = _attend_split_one_loop(
+            acc, l_i, m_i, q, k_ptr, v_ptr, a_row, c_row, t_lo, a_hi, c_lo, c_hi, A, L, pos, window,
+            k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_mul, softcap,
+            offs_n, offs_d, BS, TILE_N, HAS_WINDOW, HAS_SOFTCAP, E4M3_ASM)
     else:
-        full_lo = 0
-    full_hi = (p_lo + 1) // TILE_N  # tiles ending at or before the first row's position
-    mid_lo = tl.maximum(c_lo, tl.minimum(full_lo, c_hi))
-    mid_hi = tl.maximum(mid_lo, tl.minimum(full_hi, c_hi))
-    c_row = block_table_ptr + b.to(tl.int64) * stride_bt
-    for t in range(c_lo, mid_lo):
-        acc, l_i, m_i = _attend_tile(
-            acc, l_i, m_i, q, k_ptr, v_ptr, c_row, t, L, pos, window, k_head, v_head,
-            stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_mul, softcap, offs_n, offs_d,
-            BS, TILE_N, True, True, HAS_WINDOW, HAS_SOFTCAP, E4M3_ASM)
-    for t in range(mid_lo, mid_hi):
-        acc, l_i, m_i = _attend_tile(
-            acc, l_i, m_i, q, k_ptr, v_ptr, c_row, t, L, pos, window, k_head, v_head,
-            stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_mul, softcap, offs_n, offs_d,
-            BS, TILE_N, False, False, False, HAS_SOFTCAP, E4M3_ASM)
-    for t in range(mid_hi, c_hi):
-        acc, l_i, m_i = _attend_tile(
-            acc, l_i, m_i, q, k_ptr, v_ptr, c_row, t, L, pos, window, k_head, v_head,
-            stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_mul, softcap, offs_n, offs_d,
-            BS, TILE_N, True, True, HAS_WINDOW, HAS_SOFTCAP, E4M3_ASM)
+        if HAS_ANCHORS:
+            a_row = anchor_table_ptr + b.to(tl.int64) * stride_at
+            for t in range(t_lo, tl.minimum(t_hi, n_a)):
+                acc, l_i, m_i = _attend_tile(
+                    acc, l_i, m_i, q, k_ptr, v_ptr, a_row, t, A, pos, window, k_head, v_head,
+                    stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_mul, softcap, offs_n, offs_d,
+                    BS, TILE_N, True, False, False, HAS_SOFTCAP, E4M3_ASM)
+        # Context tiles of this split, clipped to what the tile's rows can see.
+        c_lo = tl.maximum(t_lo - n_a, 0)
+        c_hi = tl.minimum(t_hi - n_a, _cdiv(p_hi + 1, TILE_N))
+        if HAS_WINDOW:
+            c_lo = tl.maximum(c_lo, tl.maximum(p_lo - window + 1, 0) // TILE_N)
+            full_lo = _cdiv(tl.maximum(p_hi - window + 1, 0), TILE_N)
+        else:
+            full_lo = 0
+        full_hi = (p_lo + 1) // TILE_N  # tiles ending at or before the first row's position
+        mid_lo = tl.maximum(c_lo, tl.minimum(full_lo, c_hi))
+        mid_hi = tl.maximum(mid_lo, tl.minimum(full_hi, c_hi))
+        c_row = block_table_ptr + b.to(tl.int64) * stride_bt
+        for t in range(c_lo, mid_lo):
+            acc, l_i, m_i = _attend_tile(
+                acc, l_i, m_i, q, k_ptr, v_ptr, c_row, t, L, pos, window, k_head, v_head,
+                stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_mul, softcap, offs_n, offs_d,
+                BS, TILE_N, True, True, HAS_WINDOW, HAS_SOFTCAP, E4M3_ASM)
+        for t in range(mid_lo, mid_hi):
+            acc, l_i, m_i = _attend_tile(
+                acc, l_i, m_i, q, k_ptr, v_ptr, c_row, t, L, pos, window, k_head, v_head,
+                stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_mul, softcap, offs_n, offs_d,
+                BS, TILE_N, False, False, False, HAS_SOFTCAP, E4M3_ASM)
+        for t in range(mid_hi, c_hi):
+            acc, l_i, m_i = _attend_tile(
+                acc, l_i, m_i, q, k_ptr, v_ptr, c_row, t, L, pos, window, k_head, v_head,
+                stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_mul, softcap, offs_n, offs_d,
+                BS, TILE_N, True, True, HAS_WINDOW, HAS_SOFTCAP, E4M3_ASM)
 
     out, lse2 = _normalize(acc, l_i, m_i, vs)
     row_hd = tok_row * num_q_heads + head
@@ -540,17 +639,31 @@ def kernel_config(head_dim: int, block_size: int, group: int, mode: str, kv_dtyp
     only), 64 = ``64 / group_pad`` sequences x their padded heads (16 sequences at GQA 4), so an
     anchor KV tile is read once per 16 sequences instead of once per ``block_m / group_pad``; it
     compiles for sm_90 at D=128 with bf16 and fp8 KV without spills at the decode ``num_warps``.
+    ``pipelined`` (bool, decode launches only; prefill launches ignore it): the decode walk of
+    :func:`_attend_split_one_loop`, whose K/V gather Triton multi-buffers. Its tiles are sized
+    for 4 programs per SM on the H200 (<= 128 registers and <= 56 KB of shared memory at 4
+    warps, as compiled for sm_90): ``tile_n = 4096 // head_dim`` tokens (32 at D=128: a 16 KB
+    K+V tile in bf16), ``num_stages`` 4 (a ring of 3 K/V tiles) with 2-byte KV, 6 (5 tiles of
+    half the bytes) with fp8.
     Overrides: ``tile_n``, ``block_m``, ``group_block_m``, ``num_warps``, ``num_stages`` (for
-    tuning and tests; 0 keeps the heuristic).
+    tuning and tests; 0 keeps the heuristic), ``pipelined``.
     """
     if mode not in ("decode", "prefill"):
         raise ValueError(f"mode must be 'decode' or 'prefill', got {mode!r}")
-    unknown = set(overrides) - {"tile_n", "block_m", "group_block_m", "num_warps", "num_stages"}
+    unknown = set(overrides) - {"tile_n", "block_m", "group_block_m", "num_warps", "num_stages", "pipelined"}
     if unknown:
         raise ValueError(f"unknown kernel config overrides {sorted(unknown)}")
+    pipelined = overrides.pop("pipelined", False)
+    if not isinstance(pipelined, bool):
+        raise ValueError(f"pipelined must be a bool, got {pipelined!r}")
+    pipelined = pipelined and mode == "decode"
     gp = _next_pow2(group)
     fp8 = kv_dtype == torch.float8_e4m3fn
-    if mode == "decode":
+    if pipelined:
+        block_m = max(16, gp)
+        tile_n = 4096 // head_dim
+        num_warps, num_stages = 4, (6 if fp8 else 4)
+    elif mode == "decode":
         block_m = max(16, gp)
         tile_n = 32 if head_dim > 128 else (128 if fp8 else 64)
         num_warps, num_stages = 4, 2
@@ -567,6 +680,7 @@ def kernel_config(head_dim: int, block_size: int, group: int, mode: str, kv_dtyp
             raise ValueError(f"{key} must be a power of two >= max(16, group rows {gp}), got {rows!r}")
     if cfg["tile_n"] < 16 or cfg["tile_n"] & (cfg["tile_n"] - 1):
         raise ValueError(f"tile_n must be a power of two >= 16, got {cfg['tile_n']}")
+    cfg["pipelined"] = pipelined
     cfg["group_pad"] = gp
     cfg["block_q"] = 1 if mode == "decode" else cfg["block_m"] // gp
     return cfg
@@ -611,7 +725,7 @@ def _grouped_sequences(anchor_groups: torch.Tensor, num_seqs: int) -> torch.Tens
 def _launch(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_block_table,
             anchor_lens, k_scale_t, v_scale_t, softmax_scale, k_scale_f, v_scale_f, sliding_window,
             logit_softcap, kv_split_tokens, tile_n, block_m, num_warps, num_stages, anchor_groups=None,
-            group_block_m=0):
+            group_block_m=0, pipelined=False):
     T, Hq, D = q.shape
     _, BS, Hkv, _ = k_cache.shape
     B, max_blocks = block_table.shape
@@ -622,7 +736,8 @@ def _launch(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_
         return out, lse
     mode = "decode" if T == B else "prefill"
     cfg = kernel_config(D, BS, group, mode, k_cache.dtype, tile_n=tile_n, block_m=block_m,
-                        group_block_m=group_block_m, num_warps=num_warps, num_stages=num_stages)
+                        group_block_m=group_block_m, num_warps=num_warps, num_stages=num_stages,
+                        pipelined=pipelined)
     TN = cfg["tile_n"]
     has_anchors = anchor_block_table is not None
     has_groups = anchor_groups is not None
@@ -674,7 +789,7 @@ def _launch(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_
         HAS_GROUPS=has_groups,
         HAS_WINDOW=bool(sliding_window), HAS_SOFTCAP=bool(logit_softcap),
         KS_MODE=ks_mode, VS_MODE=vs_mode, DOT_FP16=_dot_fp16(q.dtype, k_cache.dtype),
-        E4M3_ASM=_e4m3_asm(k_cache.dtype, q.device),
+        E4M3_ASM=_e4m3_asm(k_cache.dtype, q.device), PIPELINED=cfg["pipelined"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if max_splits > 1:
@@ -694,19 +809,21 @@ def _paged_anchor_attention_op(
     softmax_scale: float, k_scale_f: float, v_scale_f: float, sliding_window: int,
     logit_softcap: float, kv_split_tokens: int, tile_n: int, block_m: int, num_warps: int,
     num_stages: int, anchor_groups: torch.Tensor | None = None, group_block_m: int = 0,
+    pipelined: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The launch as a torch custom op (opaque to torch.compile, capturable in CUDA graphs).
     Arguments are already checked; 0 means "none" / "heuristic" for the int and float knobs."""
     return _launch(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_block_table,
                    anchor_lens, k_scale_t, v_scale_t, softmax_scale, k_scale_f, v_scale_f,
                    sliding_window, logit_softcap, kv_split_tokens, tile_n, block_m, num_warps,
-                   num_stages, anchor_groups, group_block_m)
+                   num_stages, anchor_groups, group_block_m, pipelined)
 
 
 @_paged_anchor_attention_op.register_fake
 def _(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_block_table, anchor_lens,
       k_scale_t, v_scale_t, softmax_scale, k_scale_f, v_scale_f, sliding_window, logit_softcap,
-      kv_split_tokens, tile_n, block_m, num_warps, num_stages, anchor_groups=None, group_block_m=0):
+      kv_split_tokens, tile_n, block_m, num_warps, num_stages, anchor_groups=None, group_block_m=0,
+      pipelined=False):
     T, Hq, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((T, Hq), dtype=torch.float32)
 
@@ -861,7 +978,7 @@ def paged_anchor_attention(
         ks_t, vs_t, scale, ks_f, vs_f, int(sliding_window or 0), float(logit_softcap or 0.0),
         int(kv_split_tokens), int(cfg.get("tile_n", 0)), int(cfg.get("block_m", 0)),
         int(cfg.get("num_warps", 0)), int(cfg.get("num_stages", 0)), anchor_groups,
-        int(cfg.get("group_block_m", 0)))
+        int(cfg.get("group_block_m", 0)), cfg.get("pipelined", False))
     return (out, lse) if return_lse else out
 
 
@@ -918,7 +1035,8 @@ def sm90_compile_specs(head_dim: int, block_size: int, kv_dtype: torch.dtype, gr
                   "TILE_N": cfg["tile_n"], "HAS_ANCHORS": anchors, "HAS_GROUPS": anchor_groups,
                   "HAS_WINDOW": sliding_window,
                   "HAS_SOFTCAP": logit_softcap, "KS_MODE": scale_mode, "VS_MODE": scale_mode,
-                  "DOT_FP16": _dot_fp16(q_dtype, kv_dtype), "E4M3_ASM": kv_dtype == torch.float8_e4m3fn}
+                  "DOT_FP16": _dot_fp16(q_dtype, kv_dtype), "E4M3_ASM": kv_dtype == torch.float8_e4m3fn,
+                  "PIPELINED": cfg["pipelined"]}
     fn = _paged_anchor_attn_kernel
     sig = {}
     for name in fn.arg_names:
