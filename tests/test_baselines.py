@@ -269,3 +269,17 @@ def test_fused_groups_interpreted():
     want = reference_attention(case.q.double(), *(x.double() for x in case.args()[1:3]), *case.args()[3:])
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_fused_pipelined_interpreted():
+    """``fused_pipelined`` (Triton interpreter): the fused kernel's opt-in pipelined decode walk
+    through E1's registry, against the float64 reference and bitwise equal to ``fused`` (same tile
+    order and arithmetic; the default decode tile is the pipelined one here: 4096 // 64 = 64)."""
+    case = _shared_case(71, *GROUPED[0], dtype=torch.bfloat16, heads=(4, 2), head_dim=64, block_size=16)
+    setup, run = bl.REGISTRY["fused_pipelined"]
+    out = run(setup(case, bl.Scales()))
+    want = reference_attention(case.q.double(), *(x.double() for x in case.args()[1:3]), *case.args()[3:])
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), want, rtol=2e-2, atol=2e-2)
+    fused_setup, fused_run = bl.REGISTRY["fused"]
+    assert torch.equal(out, fused_run(fused_setup(case, bl.Scales())))

@@ -590,6 +590,12 @@ def _fused_run(state) -> torch.Tensor:
     return kernel(*case.args(), **scales.kwargs(), validate=False)
 
 
+def _pipelined_run(state) -> torch.Tensor:
+    """The fused kernel's opt-in pipelined decode walk (``config={"pipelined": True}``)."""
+    case, scales, kernel = state
+    return kernel(*case.args(), **scales.kwargs(), config={"pipelined": True}, validate=False)
+
+
 def _groups_setup(case: PagedCase, scales: Scales):
     """The fused kernel with read-once anchor groups: the sequences that share anchor pages
     (`shared_anchor_sequences`) as its ``anchor_groups`` table [G, W] (-1 padded; decode only)."""
@@ -626,6 +632,7 @@ Run = Callable[[Any], torch.Tensor]
 REGISTRY: dict[str, tuple[Setup, Run]] = {
     "fused": (_fused_setup, _fused_run),
     "fused_groups": (_groups_setup, _groups_run),
+    "fused_pipelined": (_fused_setup, _pipelined_run),
     "cudnn_sdpa": (_contiguous_setup("cudnn"), _run_contiguous),
     "flash_sdpa": (_contiguous_setup("flash"), _run_contiguous),
     "gather_sdpa": (_gather_setup, _gather_run),
@@ -638,4 +645,4 @@ REGISTRY: dict[str, tuple[Setup, Run]] = {
 """name -> (setup(case, scales) -> state, run(state) -> out [T, Hq, D]); E1 times ``run``."""
 
 # Baselines that read the paged cache through the project's kernel (need Triton on a CPU).
-USES_KERNEL = frozenset({"fused", "fused_groups", "cascade", "prefix_blocks"})
+USES_KERNEL = frozenset({"fused", "fused_groups", "fused_pipelined", "cascade", "prefix_blocks"})

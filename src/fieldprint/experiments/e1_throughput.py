@@ -40,10 +40,11 @@ from dataclasses import dataclass, field
 from fieldprint.experiments.common import ExperimentConfig, check, hydra_main, resolve_device
 from fieldprint.timing import bench
 
-IMPLS = ("fused", "fused_groups", "cudnn_sdpa", "flash_sdpa", "gather_sdpa", "naive", "two_softmax", "cascade",
-         "prefix_blocks", "flex")
+IMPLS = ("fused", "fused_groups", "fused_pipelined", "cudnn_sdpa", "flash_sdpa", "gather_sdpa", "naive",
+         "two_softmax", "cascade", "prefix_blocks", "flex")
 KV_DTYPES = {"bf16": "bfloat16", "fp8": "float8_e4m3fn"}
-GRAPHABLE = {"fused", "fused_groups", "cascade", "prefix_blocks", "cudnn_sdpa", "flash_sdpa", "gather_sdpa"}
+GRAPHABLE = {"fused", "fused_groups", "fused_pipelined", "cascade", "prefix_blocks", "cudnn_sdpa", "flash_sdpa",
+             "gather_sdpa"}
 FP8_SCALE = 0.5  # k_scale = v_scale for fp8 caches (values stored as x / 0.5)
 
 
@@ -216,6 +217,8 @@ def _skip_reason(name: str, mode: str, A: int, kv: str, device: str, B: int, q_l
         return "anchors not block-aligned"
     if name == "fused_groups" and mode != "shared_decode":
         return "anchor groups: shared-prefix decode shapes only"
+    if name == "fused_pipelined" and mode == "prefill":
+        return "pipelined walk: decode only"
     return ""
 
 
