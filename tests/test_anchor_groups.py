@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
-import sys
 import types
 
 import numpy as np
 import pytest
 import torch
-from test_attention_kernel import BF16, FP8, FP16, TOL, poisoned_empty  # noqa: F401 (an autouse fixture)
+from test_attention_kernel import BF16, FP8, FP16, TOL, poisoned_empty, reference, run_compiled  # noqa: F401 (an autouse fixture)
 
 from fieldprint.attention import paged_anchor_attention, paged_inputs, reference_attention
 from fieldprint.attention.kernel import kernel_config
@@ -49,14 +47,6 @@ def grouped_case(seed, lens, groups, anchor_lens, *, q_lens=None, Hq=4, Hkv=1, D
     width = max(len(g) for g in groups)
     table = torch.tensor([g + [-1] * (width - len(g)) for g in groups], dtype=torch.int32)
     return kw, table
-
-
-def reference(case, **kw):
-    c = dict(case)
-    c["q"] = c["q"].double()
-    if c["k_cache"].dtype != FP8:
-        c["k_cache"], c["v_cache"] = c["k_cache"].double(), c["v_cache"].double()
-    return reference_attention(**c, return_lse=True, **kw)
 
 
 def check(case, groups, **kw):
@@ -318,10 +308,8 @@ def test_groups_variant_compiles_for_sm90():
         "    r = compile_resources(*s, attrs=s.attrs)\n"
         "    print(s.fn.__name__, s.constexprs.get('GROUP_BLOCK_M', '-'), r['spill_stores'], r['spill_loads'])\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = [line.split() for line in res.stdout.strip().split("\n")]
+    stdout = run_compiled(code)
+    rows = [line.split() for line in stdout.strip().split("\n")]
     assert [r[:2] for r in rows] == [["_paged_anchor_attn_kernel", "64"], ["_combine_kernel", "-"]], rows
     assert all(r[2:] == ["0", "0"] for r in rows), rows
 

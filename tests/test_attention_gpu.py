@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_attention_kernel import make_case
+from test_attention_kernel import make_case, reference
 from test_prefix_attention import attention_in, make_prefix
 
-from fieldprint.attention import paged_anchor_attention, reference_attention
+from fieldprint.attention import paged_anchor_attention
 from fieldprint.attention.prefix import shared_prefix_attention
 
 pytestmark = pytest.mark.gpu
@@ -21,13 +21,6 @@ BF16, FP8 = torch.bfloat16, torch.float8_e4m3fn
 
 def cuda(case):
     return {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
-
-
-def reference(case, **kw):
-    c = dict(case, q=case["q"].double())
-    if c["k_cache"].dtype != FP8:
-        c["k_cache"], c["v_cache"] = c["k_cache"].double(), c["v_cache"].double()
-    return reference_attention(**c, return_lse=True, **kw)
 
 
 def check(case, tol=2e-2, **kw):

@@ -51,6 +51,15 @@ def make_case(seed, q_lens, lens, a_lens, *, Hq=4, Hkv=2, D=64, bs=16, q_dtype=B
     return {f.name: getattr(case, f.name) for f in dataclasses.fields(case)}
 
 
+def run_compiled(code: str) -> str:
+    """stdout of Python ``code`` run in a fresh process without the interpreter (offline sm_90
+    compiles need the real @triton.jit functions, which TRITON_INTERPRET=1 replaces at import)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
 def reference(case, **kw):
     """float64 reference on the same inputs (fp8 caches stay fp8: the reference widens them)."""
     c = dict(case)
@@ -214,10 +223,8 @@ def test_sm90_compile_specs_compile():
         "                       target=GPUTarget('cuda', 90, 32), options=s.options)\n"
         "    print(s.fn.__name__, k.metadata.shared, k.metadata.num_warps)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    lines = res.stdout.split("\n")
+    stdout = run_compiled(code)
+    lines = stdout.split("\n")
     assert lines[0].startswith("_paged_anchor_attn_kernel") and int(lines[0].split()[1]) > 0
 
 

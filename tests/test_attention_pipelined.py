@@ -14,25 +14,15 @@ tiles in flight) within 4 programs per SM (<= 128 registers, <= 56 KB of shared 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from test_attention_kernel import BF16, FP8, FP16, TOL, make_case, poisoned_empty  # noqa: F401 (an autouse fixture)
+from test_attention_kernel import BF16, FP8, FP16, TOL, make_case, poisoned_empty, reference, run_compiled  # noqa: F401 (an autouse fixture)
 
-from fieldprint.attention import paged_anchor_attention, reference_attention
+from fieldprint.attention import paged_anchor_attention
 from fieldprint.attention.kernel import kernel_config
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
-
-
-def reference(case, **kw):
-    c = dict(case)
-    c["q"] = c["q"].double()
-    if c["k_cache"].dtype != FP8:
-        c["k_cache"], c["v_cache"] = c["k_cache"].double(), c["v_cache"].double()
-    return reference_attention(**c, return_lse=True, **kw)
 
 
 def check_pipelined(case, config, **kw):
@@ -138,11 +128,9 @@ def test_pipelined_sm90_multibuffers_within_four_programs_per_sm():
         "            line += [res['registers'], res['spill_stores']]\n"
         "        print(*line)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = [line.split() for line in res.stdout.strip().split("\n")]
-    assert len(rows) == 4, res.stdout
+    stdout = run_compiled(code)
+    rows = [line.split() for line in stdout.strip().split("\n")]
+    assert len(rows) == 4, stdout
     for fewer, full in (rows[0:2], rows[2:4]):
         kv_bytes = 1 if "float8" in full[0] else 2
         tile_bytes = 2 * int(full[2]) * 128 * kv_bytes  # one K tile and one V tile
