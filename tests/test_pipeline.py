@@ -179,14 +179,19 @@ def test_interrupted_latex_build_recovers(pipeline):
     (paper / "build" / "main.fdb_latexmk").write_text("# Fdb version 4\n[\"pdflatex\"] 0 \"main.tex\"")
     with open(paper / "sections" / "conclusion.tex", "a") as f:  # new content: the PDF is out of date
         f.write("% edited\n")
+    # SIGINT back to its default in the child: a test run started in the background (nohup, `&` in
+    # a script) ignores SIGINT, snakemake would inherit that and finish the build (seen in CI runs
+    # started with nohup); a terminal's Ctrl-C reaches a foreground run that does not ignore it.
     job = subprocess.Popen([str(SNAKEMAKE), "--cores", "2", *CONFIG], cwd=pipeline, env=user_env(pipeline),
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not any(paper.glob(".latex-??????/main.log")):
         assert job.poll() is None and time.monotonic() < deadline, "the LaTeX build did not start"
         time.sleep(0.02)
     os.killpg(job.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole process group
-    assert job.wait(timeout=120) != 0, "interrupted too late: the build had finished"
+    code = job.wait(timeout=120)
+    assert code != 0, "interrupted too late: the build had finished\n" + job.stdout.read().decode()[-4000:]
     done = snakemake(pipeline)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (paper / "main.pdf").read_bytes().startswith(b"%PDF")
