@@ -256,8 +256,10 @@ def _fp8_ratios(rows, shapes) -> list[float]:
     return [x for x in got if x is not None]
 
 
-def _prefill_ratio(rows, L: int) -> float | None:
-    return _ratio(_row(rows, "fused", mode="prefill", context=L), _row(rows, "flash_sdpa", mode="prefill", context=L))
+def _prefill_claim(rows, claim_id: str, L: int, need: float) -> Claim:
+    r = _ratio(_row(rows, "fused", mode="prefill", context=L), _row(rows, "flash_sdpa", mode="prefill", context=L))
+    return Claim(claim_id, f"Prefill with 64 anchors reaches >= {need}x causal flash SDPA TFLOP/s at {L // 1024}K.",
+                 r is not None and r >= need, f"{_fmt(r)}x")
 
 
 def _kernel_target_claims(rows) -> list[Claim]:
@@ -270,11 +272,8 @@ def _kernel_target_claims(rows) -> list[Claim]:
                      f"at every batched shape ({', '.join(f'B={B}, L={L}' for B, L in batched)}).",
                      len(fp8) == len(batched) and min(fp8) >= KERNEL_FP8_TARGET,
                      f"{', '.join(_fmt(x) for x in fp8) or 'not measured'}"))
-    for L in (8192, 32768):
-        r = _prefill_ratio(rows, L)
-        out.append(Claim(f"e1.kernel_target.prefill_{L // 1024}k", f"Prefill with 64 anchors reaches >= "
-                         f"{KERNEL_PREFILL_TARGET}x causal flash SDPA TFLOP/s at {L // 1024}K.",
-                         r is not None and r >= KERNEL_PREFILL_TARGET, f"{_fmt(r)}x"))
+    out += [_prefill_claim(rows, f"e1.kernel_target.prefill_{L // 1024}k", L, KERNEL_PREFILL_TARGET)
+            for L in (8192, 32768)]
     return out
 
 
@@ -297,10 +296,7 @@ def claims(rows, manifest) -> list[Claim]:
     fp8 = _fp8_ratios(rows, KEY_SHAPE)
     out.append(Claim("e1.fp8_1p7x", "fp8 KV decode reaches >= 1.7x the bf16 tokens/s.",
                      bool(fp8) and min(fp8) >= 1.7, f"{', '.join(_fmt(x) for x in fp8) or 'not measured'}"))
-    for L in (8192, 32768):
-        r = _prefill_ratio(rows, L)
-        out.append(Claim(f"e1.prefill_{L // 1024}k", f"Prefill with 64 anchors reaches >= 0.8x causal flash "
-                         f"SDPA TFLOP/s at {L // 1024}K.", r is not None and r >= 0.8, f"{_fmt(r)}x"))
+    out += [_prefill_claim(rows, f"e1.prefill_{L // 1024}k", L, 0.8) for L in (8192, 32768)]
     for base in ("cascade", "prefix_blocks"):
         rs = [_ratio(_row(rows, "fused", batch=B, context=L, anchors=A),
                      _row(rows, base, batch=B, context=L, anchors=A))
