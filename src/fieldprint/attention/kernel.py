@@ -268,11 +268,12 @@ def _attend_split_one_loop(
     n_anchor = tl.maximum(a_hi - t_lo, 0)
     n_iter = n_anchor + tl.maximum(c_hi - c_lo, 0)
     sees_all = tl.full(pos.shape, 1 << 30, tl.int32)  # position of a row that sees every anchor token
-    _, row, tile, n_tok = _nth_split_tile(0, t_lo, n_anchor, c_lo, a_row, c_row, A, L)
+    in_anchor, row, tile, n_tok = _nth_split_tile(0, t_lo, n_anchor, c_lo, a_row, c_row, A, L)
     pages = _tile_pages(row, tile, n_tok, offs_n, BS, TILE_N)
     for i in range(0, n_iter):
-        in_anchor, row, tile, n_tok = _nth_split_tile(i, t_lo, n_anchor, c_lo, a_row, c_row, A, L)
-        _, next_row, next_tile, next_n_tok = _nth_split_tile(i + 1, t_lo, n_anchor, c_lo, a_row, c_row, A, L)
+        # tile i + 1 located and its page ids loaded here, all carried into the next iteration
+        next_in_anchor, next_row, next_tile, next_n_tok = _nth_split_tile(
+            i + 1, t_lo, n_anchor, c_lo, a_row, c_row, A, L)
         next_pages = _tile_pages(next_row, next_tile, next_n_tok, offs_n, BS, TILE_N)
         row_pos = tl.where(in_anchor, sees_all, pos)
         row_window = tl.where(in_anchor, (1 << 31) - 1, window)  # row_pos - row_window < 0
@@ -280,7 +281,7 @@ def _attend_split_one_loop(
             acc, l_i, m_i, q, k_ptr, v_ptr, row, tile, n_tok, row_pos, row_window, k_head, v_head,
             stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_mul, softcap, offs_n, offs_d,
             BS, TILE_N, True, True, HAS_WINDOW, HAS_SOFTCAP, E4M3_ASM, pages, True)
-        pages = next_pages
+        in_anchor, row, tile, n_tok, pages = next_in_anchor, next_row, next_tile, next_n_tok, next_pages
     return acc, l_i, m_i
 
 
