@@ -9,12 +9,20 @@
 # Each call waits up to WAIT seconds (default 560) for the next experiment that finished and was
 # not yet handed back, copies its results.tar.gz and log into $OUT and returns; otherwise it
 # prints where the chain is. Every experiment runs through gpu_run.sh (one at a time: timings
-# never share the GPU). The chain lives in /tmp/gpu_chain of this machine: a fresh machine
-# starts it again.
+# never share the GPU). The chain lives in CHAIN_STATE (default /tmp/gpu_chain) of this machine:
+# a fresh machine starts it again.
+#
+# NEEDS (read when the chain starts) names files that later calls bring (gpu_stage.sh), as
+# "EXPERIMENT=PATH ...": the chain waits before EXPERIMENT until PATH exists, at most NEEDS_WAIT
+# seconds (default 900), then runs it either way (the log says which), so that the experiments
+# that need nothing staged run while the parts travel:
+#
+#   NEEDS="e4_recompute=models/SmolLM2-135M-Instruct.Q4_1.gguf" workflow/scripts/gpu_chain.sh \
+#     e5_accuracy e4_recompute
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 [ $# -ge 1 ] || { echo "usage: $0 EXPERIMENT..."; exit 2; }
-state=/tmp/gpu_chain
+state=${CHAIN_STATE:-/tmp/gpu_chain}
 mkdir -p "$state"
 if [ ! -e "$state/started" ]; then
   date +%s > "$state/started"
@@ -23,6 +31,13 @@ if [ ! -e "$state/started" ]; then
   setsid nohup bash -c '
     state=$1; shift
     for exp in "$@"; do
+      for need in $NEEDS; do
+        [ "${need%%=*}" = "$exp" ] || continue
+        t=0
+        while [ ! -e "${need#*=}" ] && [ $t -lt "${NEEDS_WAIT:-900}" ]; do sleep 2; t=$((t + 2)); done
+        [ -e "${need#*=}" ] && echo "$exp: ${need#*=} came after $t s" >> "$state/needs.log" \
+          || echo "$exp: ${need#*=} missing after $t s; running without it" >> "$state/needs.log"
+      done
       mkdir -p "$state/out_$exp"
       OUT="$state/out_$exp" workflow/scripts/gpu_run.sh "$exp" > "$state/$exp.log" 2>&1
       echo $? > "$state/$exp.rc"
@@ -49,5 +64,6 @@ while [ $(( $(date +%s) - t0 )) -lt "${WAIT:-560}" ]; do
   sleep 3
 done
 echo "== still running at +$(( $(date +%s) - started )) s"
+cat "$state/needs.log" 2>/dev/null
 tail -n 4 "$(cat "$state/cwd")"/results/logs/*.paper.log 2>/dev/null
 exit 0

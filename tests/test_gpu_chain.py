@@ -1,0 +1,75 @@
+"""workflow/scripts/gpu_chain.sh: experiments run one after another in a background chain that
+outlives the call that started it; an experiment named in NEEDS waits for a file that a later
+call brings, while the experiments before it run. gpu_run.sh is replaced by a stub that records
+the order of the runs and whether the needed file was there when its experiment started."""
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+STUB = """#!/usr/bin/env bash
+echo "$1 model=$([ -e models/w.gguf ] && echo yes || echo no)" >> runs.txt
+echo "result of $1" > "$OUT/result.txt"
+"""
+
+
+def _checkout(root: Path) -> Path:
+    (root / "workflow" / "scripts").mkdir(parents=True)
+    shutil.copy(REPO / "workflow" / "scripts" / "gpu_chain.sh", root / "workflow" / "scripts")
+    stub = root / "workflow" / "scripts" / "gpu_run.sh"
+    stub.write_text(STUB)
+    stub.chmod(0o755)
+    return root
+
+
+def _chain(checkout: Path, state: Path, out: Path, *exps: str, **env: str) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["bash", "workflow/scripts/gpu_chain.sh", *exps], cwd=checkout,
+                          env={**os.environ, "CHAIN_STATE": str(state), "OUT": str(out), **env},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_needed_file_is_waited_for_while_the_others_run(tmp_path):
+    here = _checkout(tmp_path / "repo")
+    state = tmp_path / "state"
+    exps = ("e2_sram", "e4_recompute", "e5_accuracy")
+    first = _chain(here, state, tmp_path / "out1", *exps, WAIT="20",
+                   NEEDS="e4_recompute=models/w.gguf", NEEDS_WAIT="40")
+    assert "== e2_sram: exit 0" in first
+    assert (tmp_path / "out1" / "e2_sram" / "result.txt").read_text() == "result of e2_sram\n"
+    # e4_recompute holds the chain: nothing after e2_sram has run
+    waiting = _chain(here, state, tmp_path / "out2", *exps, WAIT="3")
+    assert "still running" in waiting
+    assert (here / "runs.txt").read_text() == "e2_sram model=no\n"
+    (here / "models").mkdir()
+    (here / "models" / "w.gguf").write_text("weights")
+    delivered = [_chain(here, state, tmp_path / f"out{k}", *exps, WAIT="20") for k in (3, 4)]
+    assert "== e4_recompute: exit 0" in delivered[0] and "== e5_accuracy: exit 0" in delivered[1]
+    assert (here / "runs.txt").read_text() == "e2_sram model=no\ne4_recompute model=yes\ne5_accuracy model=yes\n"
+    assert "e4_recompute: models/w.gguf came after" in (state / "needs.log").read_text()
+
+
+def test_missing_file_runs_the_experiment_anyway_after_the_wait(tmp_path):
+    here = _checkout(tmp_path / "repo")
+    state = tmp_path / "state"
+    t0 = time.time()
+    out = _chain(here, state, tmp_path / "out", "e4_recompute", WAIT="30",
+                 NEEDS="e4_recompute=models/w.gguf", NEEDS_WAIT="4")
+    assert "== e4_recompute: exit 0" in out and time.time() - t0 >= 4
+    assert (here / "runs.txt").read_text() == "e4_recompute model=no\n"
+    assert "missing after 4 s; running without it" in (state / "needs.log").read_text()
+
+
+def test_a_second_chain_of_other_experiments_is_refused(tmp_path):
+    here = _checkout(tmp_path / "repo")
+    state = tmp_path / "state"
+    _chain(here, state, tmp_path / "out1", "e2_sram", WAIT="20")
+    proc = subprocess.run(["bash", "workflow/scripts/gpu_chain.sh", "e3_hash"], cwd=here,
+                          env={**os.environ, "CHAIN_STATE": str(state), "OUT": str(tmp_path / "out2")},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "a chain of other experiments runs here: e2_sram" in proc.stdout
