@@ -194,6 +194,20 @@ def test_shared_targets_missed():
     assert got["e1.shared_vs_prefix_blocks"].supported is False
 
 
+def test_flashinfer_cascade_target_judged_where_it_ran():
+    rows = _shared_rows()  # fused_groups 0.5 ms
+    m = r1.macros(rows, GPU)  # FlashInfer not installed: its target is not tested, the others judged
+    assert m["e1.shared.b32-l2k-a8k-g32.vs_flashinfer"] == "n/a" and m["e1.shared.vs_flashinfer_tested"] == "0"
+    assert m["e1.verdict.shared_vs_flashinfer"] == "not tested" and m["e1.verdict.shared_vs_cascade"] == "met"
+    rows.append(_shared("flashinfer_cascade", 0.4))  # 0.8x: FlashInfer's cascade is faster
+    m = r1.macros(rows, GPU)
+    assert m["e1.shared.b32-l2k-a8k-g32.vs_flashinfer"] == "0.80" and m["e1.shared.vs_flashinfer"] == "0.80"
+    assert m["e1.target.shared_vs_flashinfer"] == "1" and m["e1.verdict.shared_vs_flashinfer"] == "missed"
+    got = {c.id: c for c in r1.claims(rows, GPU)}
+    assert got["e1.shared_vs_flashinfer_cascade"].supported is False
+    assert got["e1.shared_vs_cascade"].supported is True
+
+
 def test_shared_prefix_blocks_skipped_is_not_tested():
     rows = _shared_rows(prefix=None)  # anchors not block-aligned: prefix blocks did not run
     m = r1.macros(rows, GPU)

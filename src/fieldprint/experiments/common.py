@@ -16,6 +16,7 @@ through :mod:`fieldprint.results`. Timing helpers are in :mod:`fieldprint.timing
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.metadata
 import json
 import os
 import platform
@@ -122,6 +123,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _installed_version(dist: str) -> str | None:
+    """The installed version of distribution ``dist``, None when it is not installed."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def environment() -> dict[str, Any]:
     """Where a result came from: host, GPU, driver, library versions."""
     import torch
@@ -137,6 +146,8 @@ def environment() -> dict[str, Any]:
         "gpu": None,
         "driver": None,
         "cuda": torch.version.cuda,
+        # E1's external baseline, when installed (its version decides what its rows measured)
+        "flashinfer": _installed_version("flashinfer-python"),
     }
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)

@@ -22,11 +22,12 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from fieldprint.plots.style import implementation, printed_figure, save, source_label, tokens_label
 
-ORDER = ["fused", "fused_groups", "fused_pipelined", "cudnn_sdpa", "flash_sdpa", "gather_sdpa", "cascade",
-         "prefix_blocks", "flex", "naive", "two_softmax"]
-VS_ANCHORS = ["fused", "cascade", "prefix_blocks", "cudnn_sdpa"]
+ORDER = ["fused", "fused_groups", "fused_pipelined", "cudnn_sdpa", "flash_sdpa", "flashinfer_decode", "gather_sdpa",
+         "cascade", "flashinfer_cascade", "prefix_blocks", "flex", "naive", "two_softmax"]
+VS_ANCHORS = ["fused", "cascade", "prefix_blocks", "flashinfer_decode", "cudnn_sdpa"]
 # what issue 12's shared targets compare
-SHARED = ["fused", "fused_groups", "fused_pipelined", "cascade", "prefix_blocks"]
+SHARED = ["fused", "fused_groups", "fused_pipelined", "cascade", "flashinfer_cascade", "prefix_blocks",
+          "flashinfer_decode"]
 LOGICAL_MARK = {"marker": "_", "color": "k", "markersize": 7, "markeredgewidth": 1.2, "linestyle": "none"}
 CEILING = "cudnn_sdpa"
 GROUP_WIDTH = 0.8  # of the unit spacing between two categories

@@ -63,6 +63,8 @@ IMPLEMENTATIONS = {
     "flash_sdpa": Impl("flash SDPA (contiguous)", "C7", "D"),
     "gather_sdpa": Impl("gather + SDPA", "C3", "v"),
     "cascade": Impl("cascade", "C1", "^"),
+    "flashinfer_decode": Impl("FlashInfer paged decode", "m", "<"),
+    "flashinfer_cascade": Impl("FlashInfer cascade", "saddlebrown", "X"),
     "prefix_blocks": Impl("prefix blocks", "C2", ">"),
     "flex": Impl("FlexAttention", "C4", "*"),
     "naive": Impl("naive (materialized)", "C5", "h"),

@@ -14,16 +14,16 @@ rows, keyed by :func:`shared_key` (``b32-l2k-a8k-g32``: B sequences, L own token
 anchors, ``group`` sequences per anchor set)::
 
     e1.shared.<shape>.<kv>.<impl>.{unique_tbps,tbps}   TB/s over unique / logical bytes
-    e1.shared.<shape>.{best,vs_cascade,vs_prefix}      the faster fused variant (its name in the
+    e1.shared.<shape>.{best,vs_cascade,vs_flashinfer,vs_prefix}  the faster fused variant (its name in the
                                                         text) and its speed ratios
 
 and over the anchor-dominated shapes (:func:`anchor_dominated`, the one definition)
-``e1.shared.{shapes,dominated}`` (counts), ``e1.shared.vs_{cascade,prefix}`` (the range of the speed
-ratios, "1.20" or "0.80--1.20"), ``e1.shared.vs_{cascade,prefix}_tested`` (shapes judged) and
-``e1.verdict.shared_vs_{cascade,prefix}`` / ``e1.verdict.anchor_cost``: "met", "missed" or "not
-tested" (no shape where both sides ran; prefix blocks does not run where the anchors are not
-block-aligned). A value the rows lack prints as "n/a": the first H200 reference has no
-shared-prefix rows, and the paper builds from it.
+``e1.shared.{shapes,dominated}`` (counts), ``e1.shared.vs_<name>`` (the range of the speed ratios,
+"1.20" or "0.80--1.20"; ``<name>`` from :data:`SHARED_NAMES`), ``e1.shared.vs_<name>_tested``
+(shapes judged) and ``e1.verdict.shared_vs_<name>`` / ``e1.verdict.anchor_cost``: "met", "missed"
+or "not tested" (no shape where both sides ran; prefix blocks does not run where the anchors are
+not block-aligned, FlashInfer only where it is installed). A value the rows lack prints as "n/a"
+(results without the shared-prefix regime or without FlashInfer rows).
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ ANCHOR_COST_TARGET = 1.03  # ... at most this
 # the fused variants (the best of them is judged against each baseline) and their names in the text
 FUSED_VARIANTS = {"fused": "the plain kernel", "fused_groups": "read-once anchor groups",
                   "fused_pipelined": "the pipelined gather"}
-SHARED_TARGETS = {"cascade": 1.0, "prefix_blocks": 3.0}  # baseline -> min speed ratio of the best fused
+# baseline -> min speed ratio of the best fused variant; its macro name
+SHARED_TARGETS = {"cascade": 1.0, "flashinfer_cascade": 1.0, "prefix_blocks": 3.0}
+SHARED_NAMES = {"cascade": "cascade", "flashinfer_cascade": "flashinfer", "prefix_blocks": "prefix"}
 SHARED_KV = "bf16"  # the shared-prefix targets are judged with bf16 KV
 NA = "n/a"
 NOT_TESTED = "not tested"
@@ -157,11 +159,11 @@ def _shared_macros(rows) -> dict[str, str]:
                     m[f"{key}.{r['kv_dtype']}.{r['impl']}.{col}"] = _fmt(_value(r, col))
         best = best_fused(rows, s)
         m[f"{key}.best"] = FUSED_VARIANTS[best["impl"]] if best else NA
-        m[f"{key}.vs_cascade"] = _fmt(_ratio(best, _shared_row(rows, "cascade", s)))
-        m[f"{key}.vs_prefix"] = _fmt(_ratio(best, _shared_row(rows, "prefix_blocks", s)))
+        for base, name in SHARED_NAMES.items():
+            m[f"{key}.vs_{name}"] = _fmt(_ratio(best, _shared_row(rows, base, s)))
     m["e1.shared.shapes"] = str(len(shapes))
     m["e1.shared.dominated"] = str(sum(anchor_dominated(s[1], s[2]) for s in shapes))
-    for base, name in (("cascade", "cascade"), ("prefix_blocks", "prefix")):
+    for base, name in SHARED_NAMES.items():
         found = [x for x in shared_ratios(rows, base).values() if x is not None]
         m[f"e1.shared.vs_{name}"] = _span(found)
         m[f"e1.shared.vs_{name}_tested"] = str(len(found))
@@ -191,6 +193,7 @@ def macros(rows, manifest) -> dict[str, str]:
         m[f"e1.ratio_gather_{key}"] = _fmt(_ratio(fused, _row(rows, "gather_sdpa", batch=B, context=L)), 1)
         m[f"e1.ratio_cascade_{key}"] = _fmt(_ratio(fused, _row(rows, "cascade", batch=B, context=L)))
         m[f"e1.ratio_prefix_{key}"] = _fmt(_ratio(fused, _row(rows, "prefix_blocks", batch=B, context=L)))
+        m[f"e1.ratio_flashinfer_{key}"] = _fmt(_ratio(fused, _row(rows, "flashinfer_decode", batch=B, context=L)))
         m[f"e1.ratio_flex_{key}"] = _fmt(_ratio(fused, _row(rows, "flex", batch=B, context=L)), 1)
         fp8 = _row(rows, "fused", batch=B, context=L, kv="fp8")
         m[f"e1.fp8_speedup_{key}"] = _fmt(_ratio(fp8, fused))
