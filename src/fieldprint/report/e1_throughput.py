@@ -183,7 +183,10 @@ def _shared_macros(rows) -> dict[str, str]:
 
 def macros(rows, manifest) -> dict[str, str]:
     m: dict[str, str] = {"e1.gpu": latex_escape(manifest["gpu"] or "CPU"),
-                         "e1.date": latex_escape(manifest["date"][:10])}
+                         "e1.date": latex_escape(manifest["date"][:10]),
+                         # older manifests predate the field: FlashInfer was not measured then
+                         "e1.flashinfer": latex_escape(f"version {manifest['flashinfer']}" if manifest.get("flashinfer")
+                                                      else "not installed in this run")}
     for (B, L), key in KEY_SHAPE.items():
         fused = _row(rows, "fused", batch=B, context=L)
         cudnn = _row(rows, "cudnn_sdpa", batch=B, context=L)
