@@ -228,6 +228,40 @@ def test_sm90_compile_specs_compile():
     assert lines[0].startswith("_paged_anchor_attn_kernel") and int(lines[0].split()[1]) > 0
 
 
+def test_register_cap_only_for_decode_without_anchors():
+    """kernel_config caps registers for the one launch that needs it (decode, no anchors, 2-byte
+    KV, head dim <= 128, default walk); every other launch keeps the compiler's choice."""
+    from fieldprint.attention.kernel import NO_ANCHOR_DECODE_MAXNREG, kernel_config
+
+    assert kernel_config(128, 16, 4, "decode", BF16, anchors=False)["maxnreg"] == NO_ANCHOR_DECODE_MAXNREG
+    assert kernel_config(64, 16, 8, "decode", FP16, anchors=False)["maxnreg"] == NO_ANCHOR_DECODE_MAXNREG
+    for kw in ({"anchors": True}, {"anchors": False, "pipelined": True}):
+        assert kernel_config(128, 16, 4, "decode", BF16, **kw)["maxnreg"] is None, kw
+    assert kernel_config(128, 16, 4, "decode", FP8, anchors=False)["maxnreg"] is None
+    assert kernel_config(256, 16, 4, "decode", BF16, anchors=False)["maxnreg"] is None
+    assert kernel_config(128, 16, 4, "prefill", BF16, anchors=False)["maxnreg"] is None
+
+
+def test_decode_without_anchors_fits_four_programs_per_sm():
+    """Compiled for sm_90 at D=128 with bf16 KV, the capped launch without anchors uses at most
+    128 registers and does not spill: 4 programs of 4 warps fit an SM's 64K registers (uncapped it
+    took 146, 3 per SM); the launch with anchors stays uncapped (fresh process: no interpreter)."""
+    code = (
+        "import torch\n"
+        "from fieldprint.attention.kernel import sm90_compile_specs\n"
+        "from fieldprint.sram import compile_resources\n"
+        "for anchors in (False, True):\n"
+        "    s = sm90_compile_specs(128, 16, torch.bfloat16, 4, 'decode', anchors=anchors)[0]\n"
+        "    r = compile_resources(*s, attrs=s.attrs)\n"
+        "    print(anchors, s.options.get('maxnreg'), r['registers'], r['num_warps'], r['spill_stores'])\n"
+    )
+    rows = [line.split() for line in run_compiled(code).strip().split("\n")]
+    (cap, regs, warps, spills), anchored = rows[0][1:], rows[1][1:]
+    assert int(cap) == 128 and int(spills) == 0, rows
+    assert 4 * int(regs) * 32 * int(warps) <= 65536, rows
+    assert anchored[0] == "None" and anchored[3] == "0", rows
+
+
 def test_compile_specs_refuse_interpreter():
     from fieldprint.attention.kernel import sm90_compile_specs
 

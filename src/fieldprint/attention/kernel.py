@@ -622,12 +622,16 @@ def _combine_kernel(
 # Heuristics
 
 
+# kernel_config's register cap for decode without anchors (see there)
+NO_ANCHOR_DECODE_MAXNREG = 128
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
 def kernel_config(head_dim: int, block_size: int, group: int, mode: str, kv_dtype: torch.dtype,
-                  **overrides) -> dict:
+                  anchors: bool = True, **overrides) -> dict:
     """Tile sizes and launch options of one call (a fixed heuristic, no autotuning, so the
     reduction order never changes between runs).
 
@@ -646,6 +650,12 @@ def kernel_config(head_dim: int, block_size: int, group: int, mode: str, kv_dtyp
     warps, as compiled for sm_90): ``tile_n = 4096 // head_dim`` tokens (32 at D=128: a 16 KB
     K+V tile in bf16), ``num_stages`` 4 (a ring of 3 K/V tiles) with 2-byte KV, 6 (5 tiles of
     half the bytes) with fp8.
+    ``maxnreg``: a register cap, set for one launch only: decode without anchors (``anchors``
+    False), 2-byte KV, ``head_dim`` <= 128 (at 256 the cap spills), the default walk. Compiled
+    for sm_90 at D=128 that specialization takes 146 registers (3 programs per SM at 4 warps)
+    where the launch with anchors takes 122 (4 per SM), and E1 timed it 6-9% slower than with 64
+    anchors; capped at 128 it compiles without spills and fits 4 per SM (with tile overrides it
+    may spill: E2 reports spills). None (the compiler's choice) everywhere else.
     Overrides: ``tile_n``, ``block_m``, ``group_block_m``, ``num_warps``, ``num_stages`` (for
     tuning and tests; 0 keeps the heuristic), ``pipelined``.
     """
@@ -682,6 +692,8 @@ def kernel_config(head_dim: int, block_size: int, group: int, mode: str, kv_dtyp
     if cfg["tile_n"] < 16 or cfg["tile_n"] & (cfg["tile_n"] - 1):
         raise ValueError(f"tile_n must be a power of two >= 16, got {cfg['tile_n']}")
     cfg["pipelined"] = pipelined
+    cfg["maxnreg"] = (NO_ANCHOR_DECODE_MAXNREG if mode == "decode" and not anchors and not pipelined
+                      and kv_dtype.itemsize == 2 and head_dim <= 128 else None)
     cfg["group_pad"] = gp
     cfg["block_q"] = 1 if mode == "decode" else cfg["block_m"] // gp
     return cfg
@@ -737,8 +749,8 @@ def _launch(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_
         return out, lse
     mode = "decode" if T == B else "prefill"
     cfg = kernel_config(D, BS, group, mode, k_cache.dtype, tile_n=tile_n, block_m=block_m,
-                        group_block_m=group_block_m, num_warps=num_warps, num_stages=num_stages,
-                        pipelined=pipelined)
+                        anchors=anchor_block_table is not None, group_block_m=group_block_m,
+                        num_warps=num_warps, num_stages=num_stages, pipelined=pipelined)
     TN = cfg["tile_n"]
     has_anchors = anchor_block_table is not None
     has_groups = anchor_groups is not None
@@ -791,7 +803,7 @@ def _launch(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_
         HAS_WINDOW=bool(sliding_window), HAS_SOFTCAP=bool(logit_softcap),
         KS_MODE=ks_mode, VS_MODE=vs_mode, DOT_FP16=_dot_fp16(q.dtype, k_cache.dtype),
         E4M3_ASM=_e4m3_asm(k_cache.dtype, q.device), PIPELINED=cfg["pipelined"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"],
     )
     if max_splits > 1:
         _combine_kernel[(T, Hq)](
@@ -1023,7 +1035,7 @@ def sm90_compile_specs(head_dim: int, block_size: int, kv_dtype: torch.dtype, gr
     if not isinstance(_paged_anchor_attn_kernel, triton.runtime.jit.JITFunction):
         raise RuntimeError("sm90_compile_specs needs compiled kernels: unset TRITON_INTERPRET (the "
                            "interpreter replaces @triton.jit functions) and run it in a fresh process")
-    cfg = kernel_config(head_dim, block_size, group, mode, kv_dtype, **overrides)
+    cfg = kernel_config(head_dim, block_size, group, mode, kv_dtype, anchors=anchors, **overrides)
     qt, kt = _TRITON_DTYPES[q_dtype], _TRITON_DTYPES[kv_dtype]
     ptr = {"q_ptr": qt, "k_ptr": kt, "v_ptr": kt, "out_ptr": qt, "lse_ptr": "fp32",
            "part_out_ptr": "fp32", "part_lse_ptr": "fp32", "block_table_ptr": "i32",
@@ -1050,6 +1062,8 @@ def sm90_compile_specs(head_dim: int, block_size: int, kv_dtype: torch.dtype, gr
         else:
             sig[name] = "i32"
     options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    if cfg["maxnreg"] is not None:
+        options["maxnreg"] = cfg["maxnreg"]
     specs = [CompileSpec(fn, sig, constexprs, options)]
     if mode == "decode":
         cfn = _combine_kernel
