@@ -22,8 +22,8 @@ leaves of 17 chunks), in three phases separated by block barriers:
 1. Quantize. The G pages are visited PG at a time as coalesced [PG, TILE] tiles (each lane
    loading consecutive elements, 16-byte loads of bf16). A page that fits one tile is read once:
    its largest magnitude (`scale_exponent_bits`; NaN/Inf clear the finite flag) and its codes
-   (`fieldprint.quant_kernels.quant_code_fast`; two_grid: the integer `quant_code` for codes and
-   helper bits) come from the same registers. A larger page (16K elements: 4 tiles of 4096) is
+   (`fieldprint.quant_kernels.quant_code_fast`, the hardware fp8 path on sm_89+ for every
+   rounding but stochastic) come from the same registers. A larger page (16K elements: 4 tiles of 4096) is
    read twice, tile by tile, the amax pass then the codes pass (its tiles would not fit a lane's
    registers); the second read is of the page just read (32 KiB of bf16 apart), meant to hit L1
    or L2 so that the pool is read from memory once (not measured on a GPU yet). Every byte of the leaf rows is written
@@ -89,15 +89,20 @@ def scale_exponent_bits(a, SIG: tl.constexpr, EXP: tl.constexpr, SCALED: tl.cons
 def _codes(x, elem, k, key0, key1, MBITS: tl.constexpr, EMIN: tl.constexpr, CMAX: tl.constexpr,
            SIGN_SHIFT: tl.constexpr, TWOS: tl.constexpr, ROUNDING: tl.constexpr, HW: tl.constexpr):
     """Codes and helper bits (int32, x's shape) of float32 values ``x`` at page positions ``elem``.
-    two_grid takes the integer path (`quant_code`) for both: with the hardware path the helper bits
-    of a [BLOCK, 32] block were wrong on an H200 (Triton 3.6; its codes were exact), and the integer
-    path gives the codes in the same pass, cheaper than a second, hardware quantization for them."""
+    Stochastic rounding takes the integer path with its counter bits; the others `quant_code_fast`
+    (hardware fp8 path where ``HW``). two_grid once took the integer path here because the hardware
+    path's helper bits of a [BLOCK, 32] block were wrong on an H200; that run predates the fix
+    that decodes v(n) from the code's bits instead of Triton's fp8 -> f32 conversion (the same
+    run's trunc codes, which also read v(n), were wrong the same way), and tests/test_fused_hash.py
+    on the GPU is the judge. The integer path costs two_grid leaves about a third more registers
+    and instructions in this kernel (sm_90 compile), and E3 measured it at a quarter of hashing
+    alone."""
     if ROUNDING == 2:
         return quant_code(x, k, counter_bits(elem.to(tl.int64), key0, key1), 0,
                           MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, False)
     else:
         return quant_code_fast(x, k, MBITS=MBITS, EMIN=EMIN, CMAX=CMAX, SIGN_SHIFT=SIGN_SHIFT, TWOS=TWOS,
-                               ROUNDING=ROUNDING, HW=HW and ROUNDING != 3)
+                               ROUNDING=ROUNDING, HW=HW)
 
 
 @triton.jit
