@@ -25,7 +25,7 @@ def cuda(case):
 
 def check(case, tol=2e-2, **kw):
     out, lse = paged_anchor_attention(**case, return_lse=True, **kw)
-    ref, ref_lse = reference(case, **kw)
+    ref, ref_lse = reference(case, **{k: v for k, v in kw.items() if k != "config"})
     assert out.isfinite().all() and lse.isfinite().all()
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
     torch.testing.assert_close(lse.double(), ref_lse.double(), atol=2e-3, rtol=1e-4)
@@ -54,6 +54,31 @@ def test_head_dim_256_pages_128_window_softcap():
     check(case, sliding_window=512, logit_softcap=30.0)
     decode = cuda(make_case(5, [1, 1], [6_000, 200], [64, 130], Hq=16, Hkv=2, D=256, bs=128))
     check(decode, sliding_window=512, logit_softcap=30.0)
+
+
+def test_decode_without_anchors_register_capped():
+    """The launch without anchors (no anchor tables) compiles under kernel_config's register cap
+    (bf16) or without it (fp8); both against float64, long contexts with splits."""
+    for seed, kv_dtype in ((9, BF16), (10, FP8)):
+        case = cuda(make_case(seed, [1] * 5, [33_000, 4_096, 2_049, 17, 700], None, Hq=32, Hkv=8, D=128,
+                              kv_dtype=kv_dtype))
+        assert case["anchor_block_table"] is None
+        check(case)
+
+
+@pytest.mark.parametrize("kv_dtype", [BF16, FP8])
+def test_pipelined_decode_walk(kv_dtype):
+    """The opt-in pipelined walk (multi-buffered gather) against float64 and bitwise the same for a
+    sequence alone as in the batch (its split boundaries depend on the sequence only)."""
+    case = cuda(make_case(11, [1] * 6, [20_000, 4_096, 2_049, 31, 700, 9_000], [64, 64, 0, 100, 1000, 17],
+                          Hq=32, Hkv=8, D=128, kv_dtype=kv_dtype))
+    out, _ = check(case, config={"pipelined": True})
+    b = 5
+    one = dict(case, q=case["q"][b:b + 1], block_table=case["block_table"][b:b + 1],
+               seq_lens=case["seq_lens"][b:b + 1],
+               query_start_loc=torch.tensor([0, 1], dtype=torch.int32, device="cuda"),
+               anchor_block_table=case["anchor_block_table"][b:b + 1], anchor_lens=case["anchor_lens"][b:b + 1])
+    assert torch.equal(paged_anchor_attention(**one, config={"pipelined": True}), out[b:b + 1])
 
 
 @pytest.mark.parametrize("kv_dtype", [BF16, FP8])
