@@ -7,8 +7,9 @@
 * ``flashinfer_cascade``: ``MultiLevelCascadeAttentionWrapper``. Level 0 holds the anchor pages,
   one request per run of consecutive sequences that read the same anchor pages (a shared prefix
   read once per run, its last page may be partial); level 1 holds each sequence's own pages. A
-  sequence whose anchors no other sequence shares keeps block-aligned anchors in level 1 (like
-  ``cascade``), so a batch without shared or unaligned anchors is one level. bf16 KV only.
+  batch without shared or unaligned anchors is one level, its private anchors kept with their
+  context (like ``cascade``); once there is a level 0 it holds every sequence's anchors (it must
+  cover every query token). bf16 KV only (on sm_90 the levels run FlashInfer's fa3 kernel).
 
 The index arrays (FlashInfer's ``indptr`` / ``indices`` / ``last_page_len``) are built on the
 host by the pure functions :func:`decode_level` and :func:`cascade_levels` (tested on a CPU
