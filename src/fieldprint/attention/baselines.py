@@ -22,6 +22,8 @@ state; ``run(state)`` is exactly what E1 times.
 * ``prefix_blocks``: the kernel with the anchor block ids prepended to every block table and
   ``seq_lens += A`` (what prefix caching does; block-aligned anchors only).
 * ``flex``: FlexAttention over the paged pool with a mask_mod that reads the block tables.
+* ``flashinfer_decode``: FlashInfer's paged decode, anchor pages prepended (:mod:`.flashinfer_baselines`).
+* ``flashinfer_cascade``: FlashInfer's two-level cascade, shared anchor pages as level 0 (same module).
 
 Causal alignment: query j of sequence b sits at ``p = L - q_len + j`` and sees anchors plus
 context ``0..p``; in the concatenated key order ``[A; L]`` that is the *lower-right* causal mask
@@ -40,6 +42,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from fieldprint.attention import flashinfer_baselines as fib
 from fieldprint.attention.inputs import FP8_DTYPES, check_shapes, check_values
 from fieldprint.attention.paged_inputs import PagedCase
 from fieldprint.attention.reference import naive_attention, two_softmax_attention
@@ -641,6 +644,8 @@ REGISTRY: dict[str, tuple[Setup, Run]] = {
     "cascade": (cascade_setup, cascade_run),
     "prefix_blocks": (_prefix_setup, _fused_run),
     "flex": (flex_setup, flex_run),
+    "flashinfer_decode": (fib.flashinfer_decode_setup, fib.flashinfer_decode_run),
+    "flashinfer_cascade": (fib.flashinfer_cascade_setup, fib.flashinfer_cascade_run),
 }
 """name -> (setup(case, scales) -> state, run(state) -> out [T, Hq, D]); E1 times ``run``."""
 

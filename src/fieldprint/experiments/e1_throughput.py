@@ -23,6 +23,10 @@ Prefill: one sequence, the whole prompt as one chunk (``prefill_chunk = 0``: ``q
 ``A + L``, lower-right causal), so its TFLOP/s compare directly with causal flash SDPA; a
 positive ``prefill_chunk`` times the last chunk of that size instead.
 
+FlashInfer (``flashinfer_decode``, ``flashinfer_cascade``: decode shapes, CUDA) is optional: where
+it is not importable their rows are skipped with that reason (workflow/scripts/flashinfer_bundle.sh
+builds an offline bundle of it).
+
 Bandwidth counts the bytes an ideal kernel moves once, in two ways: ``bytes`` / ``tbps`` are
 logical (K and V of every sequence's anchor and context tokens in the stored dtype, plus q and
 out: a shared anchor page counted once per sequence that reads it); ``unique_bytes`` /
@@ -41,10 +45,11 @@ from fieldprint.experiments.common import ExperimentConfig, check, hydra_main, r
 from fieldprint.timing import bench
 
 IMPLS = ("fused", "fused_groups", "fused_pipelined", "cudnn_sdpa", "flash_sdpa", "gather_sdpa", "naive",
-         "two_softmax", "cascade", "prefix_blocks", "flex")
+         "two_softmax", "cascade", "flashinfer_decode", "flashinfer_cascade", "prefix_blocks", "flex")
 KV_DTYPES = {"bf16": "bfloat16", "fp8": "float8_e4m3fn"}
+# The FlashInfer wrappers are planned in graph mode (fixed index buffers; run() reads nothing else).
 GRAPHABLE = {"fused", "fused_groups", "fused_pipelined", "cascade", "prefix_blocks", "cudnn_sdpa", "flash_sdpa",
-             "gather_sdpa"}
+             "gather_sdpa", "flashinfer_decode", "flashinfer_cascade"}
 FP8_SCALE = 0.5  # k_scale = v_scale for fp8 caches (values stored as x / 0.5)
 
 
@@ -203,8 +208,10 @@ def unfused_gb(form: str, B: int, q_len: int, A: int, L: int, cfg: E1Config) -> 
 
 def _skip_reason(name: str, mode: str, A: int, kv: str, device: str, B: int, q_len: int, L: int,
                  cfg: E1Config) -> str:
-    if name in ("cudnn_sdpa", "flash_sdpa", "flex") and device != "cuda":
+    if name in ("cudnn_sdpa", "flash_sdpa", "flex", "flashinfer_decode", "flashinfer_cascade") and device != "cuda":
         return "needs CUDA"
+    if name in ("flashinfer_decode", "flashinfer_cascade") and mode == "prefill":
+        return "FlashInfer baselines: decode only"
     if name in ("cudnn_sdpa", "flash_sdpa", "gather_sdpa", "flex") and kv == "fp8":
         return "SDPA / FlexAttention take no float8 KV"
     if name == "flex" and (A not in cfg.flex_anchors or mode not in cfg.flex_modes):
@@ -213,7 +220,7 @@ def _skip_reason(name: str, mode: str, A: int, kv: str, device: str, B: int, q_l
         gb = unfused_gb(name, B, q_len, A, L, cfg)
         if gb > cfg.unfused_limit_gb:
             return f"materialized intermediates need ~{gb:.0f} GB > limit {cfg.unfused_limit_gb:g} GB"
-    if name == "prefix_blocks" and A % cfg.block_size:
+    if name in ("prefix_blocks", "flashinfer_decode") and A % cfg.block_size:
         return "anchors not block-aligned"
     if name == "fused_groups" and mode != "shared_decode":
         return "anchor groups: shared-prefix decode shapes only"
