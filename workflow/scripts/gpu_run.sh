@@ -16,10 +16,13 @@ if [ "$(cat /tmp/site/.installed 2>/dev/null)" != "$stamp" ]; then
     && echo "$stamp" > /tmp/site/.installed || { echo "wheel install failed"; exit 1; }
 fi
 export PYTHONPATH=/tmp/site:$PWD/src PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
-# E1's FlashInfer baselines: a bundle a later call installed and checked there (README, "On the
-# GPU machine") marks itself ready; without it their E1 rows say FlashInfer is not installed.
-fi_site=${FLASHINFER_SITE:-/tmp/flashinfer}
-[ -e "$fi_site/.ready" ] && export PYTHONPATH=$fi_site:$PYTHONPATH && echo "FlashInfer from $fi_site"
+# E1's FlashInfer baselines: flashinfer_install.sh marks a bundle it installed and checked ready;
+# without one their E1 rows say FlashInfer is not importable.
+fi_home=${FLASHINFER_HOME:-/tmp/flashinfer}
+if [ -e "$fi_home/.ready" ]; then
+  export PYTHONPATH=$fi_home/site:$PYTHONPATH FLASHINFER_EXTRA_CUDAFLAGS="-isystem $fi_home/cuda_include"
+  echo "FlashInfer from $fi_home/site"
+fi
 # The rules call `python`; the GPU image has only python3.
 command -v python >/dev/null || { mkdir -p /tmp/site/bin && ln -sf "$(command -v python3)" /tmp/site/bin/python; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
