@@ -100,7 +100,9 @@ def reference_attention(
 
 def _padded_kv(cache, block_table, lens, scale, compute):
     """Gather every sequence's pages into a zero-padded [B, Hkv, max_len, D] tensor and a
-    [B, max_len] validity mask. cache: [num_blocks, block_size, Hkv, D]."""
+    [B, max_len] validity mask. cache: [num_blocks, block_size, Hkv, D]. Slots past a sequence's
+    length are zeroed, whatever the pool holds there (NaN poison, stale tokens): a masked score
+    gets probability 0, but 0 * NaN in the materialized P @ V would still be NaN."""
     B = block_table.shape[0]
     block_size = cache.shape[1]
     max_len = max(int(lens.max()), 1) if B else 1
@@ -109,7 +111,7 @@ def _padded_kv(cache, block_table, lens, scale, compute):
     kv = kv.flatten(1, 2)[:, :max_len].to(compute).transpose(1, 2)
     kv = kv * _per_head(scale, cache.shape[2], compute, cache.device)[None, :, :, None]
     valid = torch.arange(max_len, device=cache.device)[None, :] < lens[:, None]
-    return kv, valid
+    return kv.masked_fill(~valid[:, None, :, None], 0.0), valid
 
 
 def _padded_queries(q, query_start_loc, compute):
