@@ -1,7 +1,8 @@
 """workflow/scripts/gpu_chain.sh: experiments run one after another in a background chain that
-outlives the call that started it; an experiment named in NEEDS waits for a file that a later
-call brings, while the experiments before it run. gpu_run.sh is replaced by a stub that records
-the order of the runs and whether the needed file was there when its experiment started."""
+outlives the call that started it, in its own copy of the checkout; an experiment named in NEEDS
+waits for a file that a later call brings, while the experiments before it run. gpu_run.sh is
+replaced by a stub that records the order of the runs, the code version it ran and whether the
+needed file was there when its experiment started."""
 
 import os
 import shutil
@@ -11,7 +12,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 STUB = """#!/usr/bin/env bash
-echo "$1 model=$([ -e models/w.gguf ] && echo yes || echo no)" >> runs.txt
+echo "$1 model=$([ -e models/w.gguf ] && echo yes || echo no) code=$(cat code.txt)" >> runs.txt
 echo "result of $1" > "$OUT/result.txt"
 """
 
@@ -22,6 +23,7 @@ def _checkout(root: Path) -> Path:
     stub = root / "workflow" / "scripts" / "gpu_run.sh"
     stub.write_text(STUB)
     stub.chmod(0o755)
+    (root / "code.txt").write_text("v1")
     return root
 
 
@@ -42,16 +44,21 @@ def test_needed_file_is_waited_for_while_the_others_run(tmp_path):
                    NEEDS="e4_recompute=models/w.gguf", NEEDS_WAIT="40")
     assert "== e2_sram: exit 0" in first
     assert (tmp_path / "out1" / "e2_sram" / "result.txt").read_text() == "result of e2_sram\n"
+    runs = state / "tree" / "runs.txt"  # the chain's own copy of the checkout
     # e4_recompute holds the chain: nothing after e2_sram has run
     waiting = _chain(here, state, tmp_path / "out2", *exps, WAIT="3")
     assert "still running" in waiting
-    assert (here / "runs.txt").read_text() == "e2_sram model=no\n"
-    (here / "models").mkdir()
+    assert runs.read_text() == "e2_sram model=no code=v1\n"
+    # a later call rewrites the checkout (new code) and stages the model: the chain sees the
+    # model (models/ is shared) but keeps the code it started with
+    (here / "code.txt").write_text("v2")
     (here / "models" / "w.gguf").write_text("weights")
     delivered = [_chain(here, state, tmp_path / f"out{k}", *exps, WAIT="20") for k in (3, 4)]
     assert "== e4_recompute: exit 0" in delivered[0] and "== e5_accuracy: exit 0" in delivered[1]
-    assert (here / "runs.txt").read_text() == "e2_sram model=no\ne4_recompute model=yes\ne5_accuracy model=yes\n"
+    assert runs.read_text() == ("e2_sram model=no code=v1\ne4_recompute model=yes code=v1\n"
+                                "e5_accuracy model=yes code=v1\n")
     assert "e4_recompute: models/w.gguf came after" in (state / "needs.log").read_text()
+    assert not (here / "runs.txt").exists()
 
 
 def test_missing_file_runs_the_experiment_anyway_after_the_wait(tmp_path):
@@ -61,7 +68,7 @@ def test_missing_file_runs_the_experiment_anyway_after_the_wait(tmp_path):
     out = _chain(here, state, tmp_path / "out", "e4_recompute", WAIT="30",
                  NEEDS="e4_recompute=models/w.gguf", NEEDS_WAIT="4")
     assert "== e4_recompute: exit 0" in out and time.time() - t0 >= 4
-    assert (here / "runs.txt").read_text() == "e4_recompute model=no\n"
+    assert (state / "tree" / "runs.txt").read_text() == "e4_recompute model=no code=v1\n"
     assert "missing after 4 s; running without it" in (state / "needs.log").read_text()
 
 

@@ -13,7 +13,8 @@
 # a fresh machine starts it again.
 #
 # NEEDS (read when the chain starts) names files that later calls bring (gpu_stage.sh), as
-# "EXPERIMENT=PATH ...": the chain waits before EXPERIMENT until PATH exists, at most NEEDS_WAIT
+# "EXPERIMENT=PATH ..." (relative paths: the checkout's; models/ is shared with the chain's copy):
+# the chain waits before EXPERIMENT until PATH exists, at most NEEDS_WAIT
 # seconds (default 900), then runs it either way (the log says which), so that the experiments
 # that need nothing staged run while the parts travel:
 #
@@ -26,9 +27,19 @@ state=${CHAIN_STATE:-/tmp/gpu_chain}
 mkdir -p "$state"
 if [ ! -e "$state/started" ]; then
   date +%s > "$state/started"
-  pwd > "$state/cwd"
+  # The chain runs in its own copy of the checkout: each device call rewrites the checkout's files,
+  # and an experiment that imported a module while one was half-written failed ("@jit functions
+  # should be defined in a Python file"); the copy also keeps the code one commit for the whole
+  # chain. Staged inputs (models/), the wheels and later calls' results stay the checkout's.
+  rm -rf "$state/tree" && mkdir -p "$state/tree"
+  tar -C . --exclude=./results --exclude=./models --exclude=./.stage --exclude=./.whl --exclude=./.fi \
+    --exclude=./.git --exclude=./.venv -cf - . | tar -C "$state/tree" -xf - || { echo "copying the checkout failed"; exit 1; }
+  mkdir -p models
+  ln -s "$PWD/models" "$state/tree/models"
+  [ -e .whl ] && ln -s "$PWD/.whl" "$state/tree/.whl"
+  echo "$state/tree" > "$state/cwd"
   for exp in "$@"; do echo "$exp"; done > "$state/experiments"
-  setsid nohup bash -c '
+  (cd "$state/tree" && exec setsid nohup bash -c '
     state=$1; shift
     for exp in "$@"; do
       for need in $NEEDS; do
@@ -41,7 +52,7 @@ if [ ! -e "$state/started" ]; then
       mkdir -p "$state/out_$exp"
       OUT="$state/out_$exp" workflow/scripts/gpu_run.sh "$exp" > "$state/$exp.log" 2>&1
       echo $? > "$state/$exp.rc"
-    done' chain "$state" "$@" > /dev/null 2>&1 < /dev/null &
+    done' chain "$state" "$@") > /dev/null 2>&1 < /dev/null &
 elif [ "$(cat "$state/experiments")" != "$(printf '%s\n' "$@")" ]; then
   echo "a chain of other experiments runs here: $(tr '\n' ' ' < "$state/experiments")"; exit 2
 fi
