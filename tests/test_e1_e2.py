@@ -49,6 +49,9 @@ def test_e1_tiny_run_on_cpu():
     for name in ("fused", "naive", "gather_sdpa"):
         assert by[name]["skipped"] == "", by[name]["skipped"]
         assert float(by[name]["ms"]) > 0 and float(by[name]["rel_err"]) < 2e-2
+        # the quartiles of the repetitions bracket the median
+        assert 0 < float(by[name]["ms_q1"]) <= float(by[name]["ms"]) <= float(by[name]["ms_q3"])
+    assert by["cudnn_sdpa"]["ms_q1"] == by["cudnn_sdpa"]["ms_q3"] == ""
     assert float(by["naive"]["rel_err_fused"]) < 2e-2
     assert by["fused"]["bytes"] == 2 * 2 * 36 * 2 * 64 * 2 + 2 * 2 * 4 * 64 * 2
 

@@ -98,6 +98,22 @@ def test_e1_categories_unjoined_axes_from_zero_legend_complete(tmp_path, monkeyp
     _check_printed(fig, tmp_path / "e1.pdf", style.TEXT_WIDTH)
 
 
+def test_e1_interquartile_bars_where_the_rows_record_quartiles(tmp_path, monkeypatch):
+    """Decode rows with the quartiles of their repetitions get a vertical bar from the bandwidth
+    at the third quartile of the time to that at the first; rows without them (older files) none."""
+    rows = [{"mode": "decode", "kv_dtype": "bf16", "impl": "fused", "batch": 2, "context": 40, "anchors": 16,
+             "tbps": 2.0, "ms": 1.0, "ms_q1": 0.8, "ms_q3": 1.25},
+            {"mode": "decode", "kv_dtype": "bf16", "impl": "cascade", "batch": 2, "context": 40, "anchors": 16,
+             "tbps": 1.0, "ms": 2.0}]
+    assert e1_throughput.decode_spread(rows) == {("fused", 2, 40, 16): (1.6, 2.5)}
+    figs = _capture(monkeypatch, e1_throughput)
+    e1_throughput.draw(rows, MANIFEST, tmp_path / "e1")
+    by_shape = figs[0].get_axes()[0]
+    (bars,) = [c for c in by_shape.collections if c.get_segments()]
+    ((x0, lo), (x1, hi)), = bars.get_segments()
+    assert x0 == x1 and (lo, hi) == pytest.approx((1.6, 2.5))
+
+
 def test_e1_one_shape_one_anchor_count(tmp_path, monkeypatch):
     """A smoke run's rows (one shape, one anchor count) draw: one panel per shape, here one."""
     rows = [{"mode": "decode", "kv_dtype": "bf16", "impl": impl, "batch": 2, "context": 40, "anchors": 16,

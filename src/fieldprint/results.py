@@ -536,7 +536,10 @@ SCHEMAS: dict[str, Schema] = {s.name: s for s in (
         # shared-prefix regime: absent from files written before, so required only in its rows
         + _columns("share_group:int", _E1_SHARED, absent_ok=True) + _columns("bytes:int")
         + _columns("unique_bytes:int", _E1_SHARED, absent_ok=True) + _columns("flops:int impl:str")
-        + _columns("ms:float tbps:float", _E1_TIMED) + _columns("unique_tbps:float", False, absent_ok=True)
+        + _columns("ms:float tbps:float", _E1_TIMED)
+        # the quartiles of the repetitions came later: absent from older files, optional in newer
+        + _columns("ms_q1:float ms_q3:float", False, absent_ok=True)
+        + _columns("unique_tbps:float", False, absent_ok=True)
         + _columns("tflops:float tokens_per_s:float rel_err:float", _E1_TIMED)
         + _columns("rel_err_fused:float", False) + _columns("timing:str", _E1_TIMED)
         + _columns("note:str skipped:str ratio_to_cudnn:float ratio_to_flash:float "

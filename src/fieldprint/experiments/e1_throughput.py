@@ -12,7 +12,9 @@ below), then for each implementation of
 2. one call checked against ``reference_attention`` (fp32) on a slice (the last
    ``check_tokens`` query tokens of the first ``check_seqs`` sequences): ``rel_err`` =
    max |out - ref| / max |ref|; and against the fused output on every token: ``rel_err_fused``;
-3. the median time of ``run`` (CUDA graph replay where capture works, else eager; ``timing``).
+3. the median time of ``run`` over its repetitions (CUDA graph replay where capture works, else
+   eager; ``timing``), with the first and third quartiles of the repetitions (``ms_q1``,
+   ``ms_q3``; absent from files written before they were recorded).
 
 Shared-prefix regime (``shared_shapes``, mode ``shared_decode``): decode steps of B sequences in
 groups of ``group`` that share one anchor prefix (the same anchor pages: a system prompt shared by
@@ -42,7 +44,7 @@ import os
 from dataclasses import dataclass, field
 
 from fieldprint.experiments.common import ExperimentConfig, check, hydra_main, resolve_device
-from fieldprint.timing import bench
+from fieldprint.timing import bench_quartiles
 
 IMPLS = ("fused", "fused_groups", "fused_pipelined", "cudnn_sdpa", "flash_sdpa", "gather_sdpa", "naive",
          "two_softmax", "cascade", "flashinfer_decode", "flashinfer_cascade", "prefix_blocks", "flex")
@@ -171,8 +173,9 @@ def rel_err(out, want) -> float:
 # ---------------------------------------------------------------------------------- timing
 
 
-def _time(fn, device: str, cfg: E1Config, graph: bool) -> tuple[float, str]:
-    """Median ms of ``fn``: a CUDA graph replay when ``graph`` and capture works, else eager."""
+def _time(fn, device: str, cfg: E1Config, graph: bool) -> tuple[tuple[float, float, float], str]:
+    """(first quartile, median, third quartile) ms of ``fn`` over its repetitions, and how it was
+    timed: a CUDA graph replay when ``graph`` and capture works, else eager."""
     import torch
 
     if device == "cuda" and graph:
@@ -186,10 +189,10 @@ def _time(fn, device: str, cfg: E1Config, graph: bool) -> tuple[float, str]:
             with torch.cuda.graph(g):
                 fn()
             torch.cuda.synchronize()
-            return bench(g.replay, device, cfg.warmup_ms, cfg.rep_ms), "graph"
+            return bench_quartiles(g.replay, device, cfg.warmup_ms, cfg.rep_ms), "graph"
         except Exception:  # noqa: BLE001 - capture is an optimization: fall back to eager timing
             torch.cuda.synchronize()
-    return bench(fn, device, cfg.warmup_ms, cfg.rep_ms), "eager"
+    return bench_quartiles(fn, device, cfg.warmup_ms, cfg.rep_ms), "eager"
 
 
 def unfused_gb(form: str, B: int, q_len: int, A: int, L: int, cfg: E1Config) -> float:
@@ -271,8 +274,8 @@ def run(cfg: E1Config) -> list[dict]:
         fused_out = None
         config_rows = []
         for name in cfg.impls:
-            row = dict(base, impl=name, ms="", tbps="", unique_tbps="", tflops="", tokens_per_s="", rel_err="",
-                       rel_err_fused="", timing="", note="", skipped="")
+            row = dict(base, impl=name, ms="", ms_q1="", ms_q3="", tbps="", unique_tbps="", tflops="",
+                       tokens_per_s="", rel_err="", rel_err_fused="", timing="", note="", skipped="")
             reason = _skip_reason(name, mode, A, kv, device, B, q_len, L, cfg)
             state = None
             try:
@@ -289,9 +292,10 @@ def run(cfg: E1Config) -> list[dict]:
                 elif fused_out is not None:
                     row["rel_err_fused"] = f"{rel_err(out, fused_out):.3e}"
                 del out
-                ms, how = _time(lambda f=fn_run, st=state: f(st), device, cfg,
-                                cfg.cuda_graphs and name in GRAPHABLE)
-                row.update(ms=f"{ms:.5f}", tbps=f"{logical / ms / 1e9:.4g}",
+                (q1, ms, q3), how = _time(lambda f=fn_run, st=state: f(st), device, cfg,
+                                          cfg.cuda_graphs and name in GRAPHABLE)
+                row.update(ms=f"{ms:.5f}", ms_q1=f"{q1:.5f}", ms_q3=f"{q3:.5f}",
+                           tbps=f"{logical / ms / 1e9:.4g}",
                            unique_tbps=f"{unique / ms / 1e9:.4g}",
                            tflops=f"{flops / ms / 1e9:.4g}", tokens_per_s=f"{T / ms * 1e3:.1f}",
                            timing=how, note=getattr(state, "note", ""))

@@ -3,8 +3,9 @@ shapes, the strong paged baselines' bandwidth as the number of anchors grows, an
 shared-prefix regime.
 
 Top left: one marker per implementation and shape, side by side within each shape (the shapes
-are categories, so nothing joins them), log scale; a dashed segment marks contiguous cuDNN SDPA
-across each shape. Top right: one panel per shape, bars per implementation at each anchor count,
+are categories, so nothing joins them), log scale, with a vertical bar over the interquartile
+range of the repetitions where the results record it; a dashed segment marks contiguous cuDNN
+SDPA across each shape. Top right: one panel per shape, bars per implementation at each anchor count,
 on a linear axis from zero. These rows: decode, bf16 KV. Bottom: shared-prefix decode (mode
 ``shared_decode``, bf16 KV), per (B, L, A, group) shape bars per implementation of the bandwidth
 over unique bytes (each shared anchor page once), log scale, with the same time's
@@ -42,6 +43,19 @@ def decode_bandwidth(rows: list[dict[str, Any]]) -> dict[tuple[str, int, int, in
     return out
 
 
+def decode_spread(rows: list[dict[str, Any]]) -> dict[tuple[str, int, int, int], tuple[float, float]]:
+    """(impl, batch, context, anchors) -> (low, high) TB/s of the measured decode rows with bf16
+    KV that record the quartiles of their repetitions (the bandwidth at the third and first
+    quartile of the time); rows written before the quartiles were recorded have none."""
+    out = {}
+    for r in rows:
+        if (r["mode"] == "decode" and r["kv_dtype"] == "bf16" and r["tbps"] is not None
+                and r.get("ms_q1") is not None and r.get("ms_q3") is not None):
+            out[(r["impl"], r["batch"], r["context"], r["anchors"])] = (r["tbps"] * r["ms"] / r["ms_q3"],
+                                                                         r["tbps"] * r["ms"] / r["ms_q1"])
+    return out
+
+
 def shared_bandwidth(rows: list[dict[str, Any]]) -> dict[tuple[str, int, int, int, int], tuple[float, float]]:
     """(impl, batch, context, anchors, group) -> (unique TB/s, logical TB/s) of the measured
     shared-prefix decode rows with bf16 KV of the implementations in :data:`SHARED`."""
@@ -70,7 +84,7 @@ def impls_in_order(present) -> list[str]:
     return [i for i in ORDER if i in present] + sorted(set(present) - set(ORDER))
 
 
-def _by_shape(ax, bw, shapes, anchors) -> list[str]:
+def _by_shape(ax, bw, spread, shapes, anchors) -> list[str]:
     impls = impls_in_order({k[0] for k in bw if k[3] == anchors})
     dx = offsets(len(impls))
     for g, (b, c) in enumerate(shapes):
@@ -84,6 +98,9 @@ def _by_shape(ax, bw, shapes, anchors) -> list[str]:
                 look = implementation(name)
                 ax.plot([g + off], [y], linestyle="none", marker=look.marker, color=look.color,
                         markersize=4.5)
+                lo, hi = spread.get((name, b, c, anchors), (y, y))
+                if hi > lo:  # the interquartile range of the repetitions (often within the marker)
+                    ax.vlines(g + off, lo, hi, colors=look.color, linewidth=0.8)
     for g in range(1, len(shapes)):
         ax.axvline(g - 0.5, color="0.85", linewidth=0.6)
     ax.set_xticks(range(len(shapes)), [shape_label(b, c) for b, c in shapes])
@@ -170,7 +187,7 @@ def draw(rows: list[dict[str, Any]], manifest: dict[str, Any], out_stem) -> None
     fig = printed_figure(height=4.9 if sbw else 4.0, wide=True)
     top, bottom = fig.subfigures(2, 1, height_ratios=[2.75, 2.15 if sbw else 1.25], hspace=0.02)
     left, right = top.subfigures(1, 2, width_ratios=[1.0, 1.45], wspace=0.02)
-    shown = _by_shape(left.subplots(), bw, shapes, a_plot)
+    shown = _by_shape(left.subplots(), bw, decode_spread(rows), shapes, a_plot)
     right_axes = right.subplots(1, len(shapes), sharey=True, squeeze=False)[0]
     shown_right = _vs_anchors(list(right_axes), bw, shapes)
     right.suptitle(f"decode, bf16 KV, vs anchors — {source_label(manifest)}", fontsize=8)
