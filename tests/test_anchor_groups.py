@@ -1,9 +1,10 @@
-"""Read-once anchor groups (``paged_anchor_attention(..., anchor_groups=...)``, decode mode) in
-the Triton interpreter: against the float64 reference and the ungrouped kernel at the default
-group tile (64 rows: 16 sequences at GQA 4, 8 at GQA 8), with groups narrower and wider than
-one tile; bitwise independence of a sequence's output from its group and its slot and tile in
-it; the fallback of grouped sequences whose query count is
-not 1, argument errors (``group_block_m`` included), and the groups a PagedKVCache builds.
+"""Read-once anchor groups (``paged_anchor_attention(..., anchor_groups=...)``) in the Triton
+interpreter, in decode and in chunked-prefill batches: against the float64 reference and the
+ungrouped kernel at the default group tiles (decode: 64 rows, 16 query tokens at GQA 4, 8 at
+GQA 8; prefill: 128 rows), with groups narrower and wider than one tile and sequences whose
+tokens span tiles; bitwise
+independence of a sequence's output from its group and its row and tile in it; argument errors
+(``group_block_m`` included), and the groups a PagedKVCache builds.
 
 Every float buffer the kernel allocates is filled with NaN first (``poisoned_empty``), so a
 partial that no program writes (an anchor split a group tile skipped) shows up as NaN.
@@ -119,11 +120,68 @@ def test_group_tiles_read_the_first_members_anchor():
     assert not torch.allclose(out.double()[1], reference(case)[0][1], atol=5e-2)
 
 
-def test_grouped_sequences_with_other_query_counts_take_the_ungrouped_path():
+def test_decode_mode_groups_with_other_query_counts():
     """Decode mode (T == B) with a grouped sequence of 0 and one of 2 query tokens: the group
-    tiles skip them, their own programs walk their anchors."""
+    tiles take the two tokens of one and nothing of the other."""
     case, groups = grouped_case(6, [40, 5, 70, 12], [[0, 1, 2, 3]], [37, 0, 0, 0], q_lens=[2, 0, 1, 1])
     check(case, groups, **SMALL)
+
+
+# A chunked-prefill batch (T != B), GQA 4: 32 query tokens per 128-row group tile. Group one
+# holds 5 + 20 + 1 + 9 + 0 = 35 tokens (two tiles; sequence 1's 9 tokens, from group token 26,
+# span both; sequence 7's chunk is empty), group two 3 + 16 tokens; sequences 2 and 6 are
+# ungrouped (6 without anchors).
+P_LENS = [12, 30, 3, 16, 44, 9, 25, 7, 16]
+P_QLENS = [5, 9, 2, 3, 20, 1, 25, 0, 16]
+P_ANCHORS = [37, 21, 11, 21, 20, 23, 0, 50, 8]
+P_GROUPS = [[0, 4, 5, 1, 7], [3, 8]]
+
+
+@pytest.mark.parametrize("q_dtype,kv_dtype", [(BF16, None), (FP16, None), (BF16, FP8)])
+def test_prefill_groups_match_reference_and_ungrouped(q_dtype, kv_dtype):
+    case, groups = grouped_case(21, P_LENS, P_GROUPS, P_ANCHORS, q_lens=P_QLENS, q_dtype=q_dtype,
+                                kv_dtype=kv_dtype)
+    scales = {"k_scale": 0.2, "v_scale": 1.5} if kv_dtype else {}
+    out = check(case, groups, config={"tile_n": 16}, **scales)[0]
+    assert torch.equal(out, paged_anchor_attention(**case, anchor_groups=groups, validate=False,
+                                                   config={"tile_n": 16}, **scales))
+
+
+def test_prefill_groups_window_softcap_and_wide_gqa():
+    """GQA 8 (16 tokens per group tile: sequence 4's 20 tokens from group token 5 span two),
+    a window shorter than the chunks (anchors stay visible) and a softcap."""
+    case, groups = grouped_case(22, P_LENS, P_GROUPS, P_ANCHORS, q_lens=P_QLENS, Hq=16, Hkv=2)
+    check(case, groups, sliding_window=5, logit_softcap=3.0, config={"tile_n": 16})
+
+
+def test_prefill_output_bits_do_not_depend_on_the_group(rowwise_interpreter_dot):
+    """Chunked prefill: sequence X's 11 query tokens give the same output and lse bits alone in
+    its group, after members that put its tokens across a tile boundary, and in a batch of a
+    different size (fixed tile shapes; every layout is a prefill batch)."""
+    lens, q_lens = [30, 9, 20, 14, 17, 40], [6, 9, 2, 11, 13, 4]
+    n = len(lens)
+    case, _ = grouped_case(23, lens, [list(range(n))], [29] * n, q_lens=q_lens)
+    X = 3
+    layouts = [  # (batch rows, groups as batch positions, X's position in the batch)
+        ([X, 5], [[0]], 0),
+        (list(range(n)), [[4, 1, 2, X]], X),  # X's tokens from group token 24: tiles 0 and 1
+        (list(range(n)), [[0, X], [4, 1, 2]], X),  # from token 6, inside tile 0
+        ([2, 0, X], [[1, 2, 0]], 2),
+    ]
+    results = []
+    for rows, g, pos in layouts:
+        sub = _subset(case, rows) if rows != list(range(n)) else case
+        width = max(len(m) for m in g) + 1
+        out, lse = paged_anchor_attention(**sub, anchor_groups=torch.tensor(
+            [m + [-1] * (width - len(m)) for m in g], dtype=torch.int32), return_lse=True,
+            config={"tile_n": 16})
+        qsl = sub["query_start_loc"]
+        results.append((out[qsl[pos]:qsl[pos + 1]], lse[qsl[pos]:qsl[pos + 1]]))
+    for out, lse in results[1:]:
+        assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1])
+    qsl = case["query_start_loc"]
+    ref = reference(case)[0][qsl[X]:qsl[X + 1]]
+    torch.testing.assert_close(results[0][0].double(), ref, atol=2e-2, rtol=2e-2)
 
 
 def test_no_group_rows_is_bitwise_the_ungrouped_path():
@@ -136,9 +194,13 @@ def test_no_group_rows_is_bitwise_the_ungrouped_path():
 
 
 def _subset(case, rows):
-    """The decode sub-batch of sequences ``rows``, tables widened by 3 columns."""
+    """The sub-batch of sequences ``rows`` (their query tokens in that order), tables widened by
+    3 columns."""
     pad = torch.full((len(rows), 3), 10 ** 6, dtype=torch.int32)
-    return dict(case, q=case["q"][rows], query_start_loc=torch.arange(len(rows) + 1, dtype=torch.int32),
+    qsl = case["query_start_loc"].tolist()
+    q = torch.cat([case["q"][qsl[r]:qsl[r + 1]] for r in rows])
+    q_lens = torch.tensor([0] + [qsl[r + 1] - qsl[r] for r in rows])
+    return dict(case, q=q, query_start_loc=q_lens.cumsum(0).to(torch.int32),
                 block_table=torch.cat([case["block_table"][rows], pad], 1), seq_lens=case["seq_lens"][rows],
                 anchor_block_table=torch.cat([case["anchor_block_table"][rows], pad], 1),
                 anchor_lens=case["anchor_lens"][rows])
@@ -243,22 +305,22 @@ def test_bad_group_block_m(rows):
 
 
 def test_group_block_m_covers_the_padded_gqa_group():
-    """Default: 64 rows, or the padded GQA group when that is larger (one sequence per tile);
+    """Default: 64 rows in decode, the query tiles' rows in prefill, or the padded GQA group
+    when that is larger (one sequence per tile);
     an override smaller than the padded group is refused."""
     assert kernel_config(128, 16, 4, "decode", BF16)["group_block_m"] == 64
     assert kernel_config(128, 16, 4, "decode", BF16, group_block_m=32)["group_block_m"] == 32
     assert kernel_config(64, 16, 96, "decode", FP8)["group_block_m"] == 128
+    assert kernel_config(128, 16, 4, "prefill", BF16)["group_block_m"] == 128
+    assert kernel_config(256, 16, 4, "prefill", BF16)["group_block_m"] == 64
     with pytest.raises(ValueError, match=r"group_block_m must .* group rows 32\), got 16"):
         kernel_config(64, 16, 32, "decode", BF16, group_block_m=16)
 
 
-def test_groups_need_anchors_and_decode():
+def test_groups_need_anchors():
     case, groups = grouped_case(12, [10, 12], [[0, 1]], [5, 5])
     with pytest.raises(ValueError, match="anchor_groups needs anchor_block_table"):
         paged_anchor_attention(**dict(case, anchor_block_table=None, anchor_lens=None), anchor_groups=groups)
-    prefill, _ = grouped_case(12, [10, 12], [[0, 1]], [5, 5], q_lens=[2, 1])
-    with pytest.raises(ValueError, match="decode batches only"):
-        paged_anchor_attention(**prefill, anchor_groups=groups)
 
 
 def test_cache_anchor_groups():
@@ -297,26 +359,31 @@ def test_custom_op_accepts_groups():
 
 
 def test_groups_variant_compiles_for_sm90():
-    """The launch with anchor_groups (attention at the default 64-row group tiles, and the
-    split combine) builds for sm_90 without spills at head dim 128 with fp8 KV, the variant with
-    the most registers (254 of 255; bf16: 247) (fresh process: no interpreter)."""
+    """The launches with anchor_groups (attention at the default group tiles, 64 rows in
+    decode and 128 in prefill, and the split combine) build for sm_90 without spills at head
+    dim 128 with fp8 KV, in decode (the variant with the most registers: 254 of 255; bf16: 233)
+    and in prefill (254; the bf16 prefill kernel spills a few bytes with and without groups: E2
+    reports it) (fresh process: no interpreter)."""
     code = (
         "import torch\n"
         "from fieldprint.attention.kernel import sm90_compile_specs\n"
         "from fieldprint.sram import compile_resources\n"
-        "for s in sm90_compile_specs(128, 16, torch.float8_e4m3fn, 4, 'decode', anchor_groups=True):\n"
-        "    r = compile_resources(*s, attrs=s.attrs)\n"
-        "    print(s.fn.__name__, s.constexprs.get('GROUP_BLOCK_M', '-'), r['spill_stores'], r['spill_loads'])\n"
+        "for mode in ('decode', 'prefill'):\n"
+        "    for s in sm90_compile_specs(128, 16, torch.float8_e4m3fn, 4, mode, anchor_groups=True):\n"
+        "        r = compile_resources(*s, attrs=s.attrs)\n"
+        "        print(mode, s.fn.__name__, s.constexprs.get('GROUP_BLOCK_M', '-'), r['spill_stores'],\n"
+        "              r['spill_loads'])\n"
     )
     stdout = run_compiled(code)
     rows = [line.split() for line in stdout.strip().split("\n")]
-    assert [r[:2] for r in rows] == [["_paged_anchor_attn_kernel", "64"], ["_combine_kernel", "-"]], rows
-    assert all(r[2:] == ["0", "0"] for r in rows), rows
+    want = [[mode, fn, tile_rows] for mode, m in (("decode", "64"), ("prefill", "128"))
+            for fn, tile_rows in (("_paged_anchor_attn_kernel", m), ("_combine_kernel", "-"))]
+    assert [r[:3] for r in rows] == want, rows
+    assert all(r[3:] == ["0", "0"] for r in rows), rows
 
 
-def test_groups_compile_spec_needs_decode_with_anchors():
+def test_groups_compile_spec_needs_anchors():
     from fieldprint.attention.kernel import sm90_compile_specs
 
-    for mode, anchors in (("prefill", True), ("decode", False)):
-        with pytest.raises(ValueError, match="anchor_groups needs mode='decode' and anchors=True"):
-            sm90_compile_specs(64, 16, BF16, 4, mode, anchors=anchors, anchor_groups=True)
+    with pytest.raises(ValueError, match="anchor_groups needs anchors=True"):
+        sm90_compile_specs(64, 16, BF16, 4, "decode", anchors=False, anchor_groups=True)

@@ -24,20 +24,22 @@ Grid: ``(query tiles, KV heads, KV splits)``.
   and log-sum-exp and :func:`_combine_kernel` merges the splits sequentially in index order in
   fp32. Every choice (split count, tile order, merge order) depends only on the sequence's own
   lengths, never on the batch, so a sequence's output bits do not depend on its neighbours.
-* Read-once anchor groups (decode mode, optional ``anchor_groups [G, W]``): sequences that share
-  one anchor are listed in a group row. Extra programs along axis 0 (after the query tiles, a
-  shape-only count ``G * cdiv(W, GROUP_BLOCK_M // GP)``) each take ``GROUP_BLOCK_M // GP``
-  sequences of a group times the ``GP`` heads of one KV head as rows, and one anchor split
-  (axis 2): every anchor KV tile is gathered once and multiplied with all of those rows
+* Read-once anchor groups (optional ``anchor_groups [G, W]``, decode and prefill): sequences
+  that share one anchor are listed in a group row. Extra programs along axis 0 (after the query
+  tiles, a shape-only count ``cdiv(T, GROUP_BLOCK_M // GP) + G``) each take ``GROUP_BLOCK_M //
+  GP`` query tokens of a group (its members' tokens in row order: one per sequence in decode,
+  chunks in prefill) times the ``GP`` heads of one KV head as rows, and one anchor split (axis
+  2): every anchor KV tile is gathered once and multiplied with all of those rows
   (``_anchor_group_tile``). ``GROUP_BLOCK_M`` is the group tiles' own row count (default 64: 16
-  sequences at GQA 4), separate from the query tiles' ``BLOCK_M`` (16 in decode mode, which
-  would hold only 4 such sequences). A grouped sequence's splits are its anchor splits (written
-  by the group tiles) followed by its context splits (its own programs), the anchor and context
-  ranges cut separately (``_split_plan``); the combine kernel merges them in index order as any
-  other splits. With fixed tile shapes (``GROUP_BLOCK_M``, ``BLOCK_M``, ``TILE_N``,
-  ``num_warps``: chosen from shapes only, never from the groups) and split length, a
-  sequence's bits do not depend on which sequences share its group or tile: ``tl.dot`` and the
-  online softmax are row-wise, the anchor split boundaries come from the anchor length only.
+  tokens at GQA 4), separate from the query tiles' ``BLOCK_M`` (16 in decode mode, which would
+  hold only 4 such sequences). A grouped sequence's splits are its anchor splits (written by
+  the group tiles) followed by its context splits (its own programs), the anchor and context
+  ranges cut separately (``_split_plan``; in prefill mode one anchor split and one context
+  split); the combine kernel merges them in index order as any other splits. With fixed tile
+  shapes (``GROUP_BLOCK_M``, ``BLOCK_M``, ``TILE_N``, ``num_warps``: chosen from shapes only,
+  never from the groups) and split length, a sequence's bits do not depend on which sequences
+  share its group or tile: ``tl.dot`` and the online softmax are row-wise, the anchor split
+  boundaries come from the anchor length only.
 
 * Pipelined decode (opt-in, ``config={"pipelined": True}``): a split's tiles are walked in one
   loop with runtime masks and the next tile's page ids loaded one iteration ahead, which Triton
@@ -321,48 +323,68 @@ def _normalize(acc, l_i, m_i, vs):
 @triton.jit
 def _anchor_group_tile(
     q_ptr, k_ptr, v_ptr, part_out_ptr, part_lse_ptr, qsl_ptr, anchor_table_ptr, anchor_lens_ptr,
-    groups_ptr, gtile, kvh, split, num_seqs, group_width, tiles_per_split, max_splits, num_q_heads,
-    qk_scale, cap_mul, softcap, vs,
-    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_at, stride_g,
+    groups_ptr, group_tok_ptr, group_tile_ptr, gtile, kvh, split, num_seqs, num_groups, group_width,
+    search_steps, tiles_per_split, max_splits, num_q_heads, qk_scale, cap_mul, softcap, vs,
+    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_at,
+    stride_g, stride_gt,
     GROUP: tl.constexpr, GP: tl.constexpr, GROUP_BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     BS: tl.constexpr, TILE_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_FP16: tl.constexpr,
     E4M3_ASM: tl.constexpr,
 ):
-    """Anchor split ``split`` of tile ``gtile`` of the anchor groups (decode mode), read once for
-    every row of the tile.
+    """Anchor split ``split`` of group tile ``gtile``, read once for every row of the tile.
 
     A group row ``g`` of ``anchor_groups [G, group_width]`` lists sequences that share one anchor
-    (same anchor pages, same length); it is cut into tiles of ``GROUP_BLOCK_M // GP`` sequences,
-    and a tile's rows are (sequence slot) x (the ``GP`` padded query heads of KV head ``kvh``). Each
-    anchor KV tile of the split is gathered once (through the first member's anchor table) and
-    applied to all rows with ``tl.dot`` (queries batched across sequences, as in Hydragen); each
-    row then writes its partial at split index ``split`` of its own sequence, which the
-    sequence's combine merges with its context splits. Rows of padding slots (-1), of sequences
-    whose query count is not 1 (they take the ungrouped path) and padded heads are computed on
-    zeros and never stored. Every row's arithmetic is its own (``tl.dot`` and the online softmax
-    are row-wise), so with fixed tile shapes a sequence's bits do not depend on its group."""
-    seqs_per_tile: tl.constexpr = GROUP_BLOCK_M // GP
-    tiles_per_group = _cdiv(group_width, seqs_per_tile)
-    g = (gtile // tiles_per_group).to(tl.int64)
-    slot0 = (gtile % tiles_per_group) * seqs_per_tile
+    (same anchor pages, same length). Its query tokens, member after member in the row's order
+    (``group_tok [G, group_width + 1]``: the offset of each member's first token in that order),
+    are cut into tiles of ``GROUP_BLOCK_M // GP`` tokens (``group_tile [G + 1]``: the first tile
+    of each group), and a tile's rows are (token) x (the ``GP`` padded query heads of KV head
+    ``kvh``): decode tokens of many sequences or chunked-prefill tokens of one or several. Every
+    row sees every anchor token (anchors precede the context), so the rows need no causal mask
+    and each anchor KV tile of the split is gathered once (through the first member's anchor
+    table) and applied to all rows with ``tl.dot`` (queries batched across sequences, as in
+    Hydragen). Each row writes its partial at split index ``split`` of its own token, which the
+    combine kernel merges with the sequence's context splits. Rows past the group's tokens and
+    padded heads are computed on zeros and never stored. Every row's arithmetic is its own
+    (``tl.dot`` and the online softmax are row-wise), so with fixed tile shapes a token's bits do
+    not depend on its group or on its row in the tile."""
+    tokens_per_tile: tl.constexpr = GROUP_BLOCK_M // GP
+    # Group of this tile: the largest g with group_tile[g] <= gtile (groups without tokens own
+    # no tiles); tiles past the last group's find no tokens below.
+    lo = tl.full([], 0, tl.int32)
+    hi = tl.full([], 0, tl.int32) + num_groups - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        key = tl.load(group_tile_ptr + mid)
+        lo = tl.where(key <= gtile, mid, lo)
+        hi = tl.where(key <= gtile, hi, mid - 1)
+    g = lo.to(tl.int64)
+    tok_row_g = group_tok_ptr + g * stride_gt
+    f0 = (gtile - tl.load(group_tile_ptr + g)) * tokens_per_tile
+    n_tok = tl.load(tok_row_g + group_width)
     leader = tl.load(groups_ptr + g * stride_g)
     A = tl.load(anchor_lens_ptr + tl.maximum(leader, 0))
     n_a = _cdiv(A, TILE_N)
     t_lo = split * tiles_per_split
-    if (leader >= 0) & (t_lo < n_a):
+    if (f0 < n_tok) & (leader >= 0) & (t_lo < n_a):
         offs_m = tl.arange(0, GROUP_BLOCK_M)
         offs_n = tl.arange(0, TILE_N)
         offs_d = tl.arange(0, HEAD_DIM)
-        slot = slot0 + offs_m // GP
+        f = f0 + offs_m // GP  # [GROUP_BLOCK_M] token index in the group's order
         row_head = offs_m % GP
-        member = tl.load(groups_ptr + g * stride_g + slot, mask=slot < group_width, other=-1)
-        listed = (member >= 0) & (member < num_seqs)
-        b = tl.where(listed, member, 0)
-        q_start = tl.load(qsl_ptr + b, mask=listed, other=0)
-        q_len = tl.load(qsl_ptr + b + 1, mask=listed, other=0) - q_start
-        row_ok = listed & (q_len == 1) & (row_head < GROUP)
+        # Member slot of each row: the largest m with group_tok[g, m] <= f (``search_steps`` =
+        # bits of group_width - 1 halvings of [0, group_width - 1]).
+        m_lo = tl.zeros([GROUP_BLOCK_M], dtype=tl.int32)
+        m_hi = tl.zeros([GROUP_BLOCK_M], dtype=tl.int32) + group_width - 1
+        for _ in range(0, search_steps):
+            m_mid = (m_lo + m_hi + 1) // 2
+            starts = tl.load(tok_row_g + m_mid)
+            m_lo = tl.where(starts <= f, m_mid, m_lo)
+            m_hi = tl.where(starts <= f, m_hi, m_mid - 1)
+        member = tl.load(groups_ptr + g * stride_g + m_lo)
+        row_ok = (f < n_tok) & (member >= 0) & (member < num_seqs) & (row_head < GROUP)
+        b = tl.where(row_ok, member, 0)
+        tok_row = (tl.load(qsl_ptr + b) + f - tl.load(tok_row_g + m_lo)).to(tl.int64)
         head = kvh * GROUP + row_head
-        tok_row = q_start.to(tl.int64)
         q = tl.load(q_ptr + tok_row[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                     mask=row_ok[:, None], other=0.0)
         if DOT_FP16:
@@ -395,11 +417,12 @@ def _anchor_group_tile(
 def _paged_anchor_attn_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
     block_table_ptr, seq_lens_ptr, qsl_ptr, anchor_table_ptr, anchor_lens_ptr,
-    groups_ptr, seq_grouped_ptr,
+    groups_ptr, group_tok_ptr, group_tile_ptr, seq_grouped_ptr,
     k_scale_ptr, v_scale_ptr, k_scale_val, v_scale_val, sm_scale, softcap, window,
-    num_seqs, num_seq_tiles, group_width, tiles_per_split, max_splits, num_q_heads,
+    num_seqs, num_seq_tiles, num_groups, group_width, search_steps, tiles_per_split, max_splits,
+    num_q_heads,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_ot, stride_oh, stride_bt, stride_at, stride_g,
+    stride_ot, stride_oh, stride_bt, stride_at, stride_g, stride_gt,
     GROUP: tl.constexpr, GP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     GROUP_BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BS: tl.constexpr, TILE_N: tl.constexpr,
     HAS_ANCHORS: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_WINDOW: tl.constexpr,
@@ -408,9 +431,10 @@ def _paged_anchor_attn_kernel(
 ):
     """q: [T, Hq, D]; k/v: [num_blocks, BS, Hkv, D]; out: [T, Hq, D]; lse: [T, Hq] fp32;
     part_out: [T, Hq, max_splits, D] fp32; part_lse: [T, Hq, max_splits] fp32 (log2 units).
-    With ``HAS_GROUPS`` (decode mode): groups: [G, group_width] int32 (``anchor_groups``);
-    seq_grouped: [B] int32, 1 for a sequence listed in a group; programs ``num_seq_tiles ..``
-    along axis 0 are the anchor-group tiles (:func:`_anchor_group_tile`).
+    With ``HAS_GROUPS``: groups: [G, group_width] int32 (``anchor_groups``); group_tok:
+    [G, group_width + 1] int32 and group_tile: [G + 1] int32 (the groups' token and tile layout,
+    :func:`_group_layout`); seq_grouped: [B] int32, 1 for a sequence listed in a group; programs
+    ``num_seq_tiles ..`` along axis 0 are the anchor-group tiles (:func:`_anchor_group_tile`).
     K/V scale modes: 0 = scalar argument, 1 = one-element tensor, 2 = per-KV-head tensor."""
     tile_idx = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -427,10 +451,11 @@ def _paged_anchor_attn_kernel(
         if tile_idx >= num_seq_tiles:
             _anchor_group_tile(
                 q_ptr, k_ptr, v_ptr, part_out_ptr, part_lse_ptr, qsl_ptr, anchor_table_ptr,
-                anchor_lens_ptr, groups_ptr, tile_idx - num_seq_tiles, kvh, split, num_seqs,
-                group_width, tiles_per_split, max_splits, num_q_heads, qk_scale, cap_mul, softcap, vs,
+                anchor_lens_ptr, groups_ptr, group_tok_ptr, group_tile_ptr, tile_idx - num_seq_tiles,
+                kvh, split, num_seqs, num_groups, group_width, search_steps, tiles_per_split,
+                max_splits, num_q_heads, qk_scale, cap_mul, softcap, vs,
                 stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                stride_at, stride_g, GROUP, GP, GROUP_BLOCK_M, HEAD_DIM, BS, TILE_N, HAS_SOFTCAP, DOT_FP16,
+                stride_at, stride_g, stride_gt, GROUP, GP, GROUP_BLOCK_M, HEAD_DIM, BS, TILE_N, HAS_SOFTCAP, DOT_FP16,
                 E4M3_ASM)
             return
 
@@ -456,9 +481,8 @@ def _paged_anchor_attn_kernel(
     n_a = _cdiv(A, TILE_N)
     n_tiles = n_a + _cdiv(L, TILE_N)
     if HAS_GROUPS:
-        # A grouped sequence's anchor splits come from the group programs (one query row only:
-        # others take the ungrouped path, which the combine kernel sees the same way).
-        grouped = (tl.load(seq_grouped_ptr + b) != 0) & (q_len == 1)
+        # A grouped sequence's anchor splits come from the group programs.
+        grouped = tl.load(seq_grouped_ptr + b) != 0
         anchor_splits, n_splits, own_first_tile = _split_plan(A, L, grouped, tiles_per_split, TILE_N)
         if (split >= n_splits) | (split < anchor_splits):
             return
@@ -604,8 +628,7 @@ def _combine_kernel(
     else:
         A = 0
     if HAS_GROUPS:
-        q_len = tl.load(qsl_ptr + lo + 1) - tl.load(qsl_ptr + lo)
-        grouped = (tl.load(seq_grouped_ptr + lo) != 0) & (q_len == 1)
+        grouped = tl.load(seq_grouped_ptr + lo) != 0
         n_splits = _split_plan(A, L, grouped, tiles_per_split, TILE_N)[1]
     else:
         n_splits = _cdiv(_cdiv(A, TILE_N) + _cdiv(L, TILE_N), tiles_per_split)
@@ -640,10 +663,12 @@ def kernel_config(head_dim: int, block_size: int, group: int, mode: str, kv_dtyp
     4 warps, 2 pipeline stages. prefill: 128 rows (64 at D=256) = ``128 / group`` tokens x
     group heads, KV tiles of 128 (32 at D=256), 8 warps, 3 stages (2 at D=256). Chosen by timing
     variants on the H200 at the E1 shapes.
-    ``group_block_m``: rows of an anchor-group tile (decode launches with ``anchor_groups``
-    only), 64 = ``64 / group_pad`` sequences x their padded heads (16 sequences at GQA 4), so an
+    ``group_block_m``: rows of an anchor-group tile (launches with ``anchor_groups`` only). In
+    decode 64 = ``64 / group_pad`` sequences x their padded heads (16 sequences at GQA 4), so an
     anchor KV tile is read once per 16 sequences instead of once per ``block_m / group_pad``; it
     compiles for sm_90 at D=128 with bf16 and fp8 KV without spills at the decode ``num_warps``.
+    In prefill the query tiles' ``block_m`` (the group tile is then a query tile whose rows
+    come from several sequences' chunks: at most the prefill kernel's registers).
     ``pipelined`` (bool, decode launches only; prefill launches ignore it): the decode walk of
     :func:`_attend_split_one_loop`, whose K/V gather Triton multi-buffers. Its tiles are sized
     for 4 programs per SM on the H200 (<= 128 registers and <= 56 KB of shared memory at 4
@@ -682,7 +707,8 @@ def kernel_config(head_dim: int, block_size: int, group: int, mode: str, kv_dtyp
         block_m = max(64 if head_dim > 128 else 128, gp)
         tile_n = 32 if head_dim > 128 else 128
         num_warps, num_stages = 8, (2 if head_dim > 128 else 3)
-    cfg = {"tile_n": tile_n, "block_m": block_m, "group_block_m": max(64, gp), "num_warps": num_warps,
+    group_block_m = max(64, gp) if mode == "decode" else block_m
+    cfg = {"tile_n": tile_n, "block_m": block_m, "group_block_m": group_block_m, "num_warps": num_warps,
            "num_stages": num_stages}
     cfg.update({k: v for k, v in overrides.items() if v})
     for key in ("block_m", "group_block_m"):
@@ -735,6 +761,26 @@ def _grouped_sequences(anchor_groups: torch.Tensor, num_seqs: int) -> torch.Tens
     return flags[:num_seqs]
 
 
+def _group_layout(anchor_groups: torch.Tensor, query_start_loc: torch.Tensor, num_seqs: int,
+                  tokens_per_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token and tile layout of the anchor groups (device ops only, no host synchronization):
+    a group's query tokens are its members' tokens in row order, cut into tiles of
+    ``tokens_per_tile``. Returns ``group_tok [G, W + 1]`` int32 (offset of member ``m``'s first
+    token in its group's order; column ``W``: the group's token count; padding and, with
+    ``validate=False``, out-of-range entries count 0 tokens) and ``group_tile [G + 1]`` int32
+    (first tile of each group; entry ``G``: the tile count)."""
+    G, W = anchor_groups.shape
+    idx = anchor_groups.long()
+    listed = (idx >= 0) & (idx < num_seqs)
+    q_lens = (query_start_loc[1:] - query_start_loc[:-1]).long()
+    counts = torch.where(listed, q_lens[idx.clamp(0, max(num_seqs - 1, 0))], 0)  # [G, W]
+    group_tok = torch.zeros(G, W + 1, dtype=torch.int64, device=anchor_groups.device)
+    group_tok[:, 1:] = counts.cumsum(1)
+    group_tile = torch.zeros(G + 1, dtype=torch.int64, device=anchor_groups.device)
+    group_tile[1:] = ((group_tok[:, W] + tokens_per_tile - 1) // tokens_per_tile).cumsum(0)
+    return group_tok.to(torch.int32), group_tile.to(torch.int32)
+
+
 def _launch(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_block_table,
             anchor_lens, k_scale_t, v_scale_t, softmax_scale, k_scale_f, v_scale_f, sliding_window,
             logit_softcap, kv_split_tokens, tile_n, block_m, num_warps, num_stages, anchor_groups=None,
@@ -766,7 +812,9 @@ def _launch(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_
                 cap_tiles += -(-anchor_block_table.shape[1] * BS // TN)
             max_splits = max(1, -(-cap_tiles // tiles_per_split))
     else:
-        tiles_per_split, max_splits = _NO_SPLIT, 1
+        # One split per query tile; a grouped sequence has two: its anchor (group tiles) and
+        # its context (its own tiles).
+        tiles_per_split, max_splits = _NO_SPLIT, 2 if has_groups else 1
     if max_splits > 1:
         part_out = torch.empty(T, Hq, max_splits, D, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(T, Hq, max_splits, dtype=torch.float32, device=q.device)
@@ -777,26 +825,31 @@ def _launch(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_
     atab = anchor_block_table if has_anchors else block_table
     alen = anchor_lens if has_anchors else seq_lens
     n_tiles = T // cfg["block_q"] + B
-    if has_groups:
+    if has_groups and anchor_groups.numel():
         G, group_width = anchor_groups.shape
         seq_grouped = _grouped_sequences(anchor_groups, B)
-        # Shape-only: every group row is cut into tiles of group_block_m // group_pad sequences.
-        group_tiles = G * -(-group_width // (cfg["group_block_m"] // cfg["group_pad"]))
-        groups, stride_g = anchor_groups, anchor_groups.stride(0)
+        tokens_per_tile = cfg["group_block_m"] // cfg["group_pad"]
+        group_tok, group_tile = _group_layout(anchor_groups, query_start_loc, B, tokens_per_tile)
+        # Shape-only bound: a sequence is in at most one group, so the groups hold at most T
+        # tokens, and each group's last tile may be partial.
+        group_tiles = -(-T // tokens_per_tile) + G
+        groups, stride_g, stride_gt = anchor_groups, anchor_groups.stride(0), group_tok.stride(0)
     else:
-        group_width = group_tiles = stride_g = 0
-        groups = seq_grouped = seq_lens  # never read
+        G = group_width = group_tiles = stride_g = stride_gt = 0
+        groups = group_tok = group_tile = seq_grouped = seq_lens  # never read
+        if has_groups:  # no group rows or no columns: nothing is grouped
+            seq_grouped = torch.zeros_like(seq_lens)
     grid = (n_tiles + group_tiles, Hkv, max_splits)
     _paged_anchor_attn_kernel[grid](
         q, k_cache, v_cache, out, lse, part_out, part_lse,
-        block_table, seq_lens, query_start_loc, atab, alen, groups, seq_grouped,
+        block_table, seq_lens, query_start_loc, atab, alen, groups, group_tok, group_tile, seq_grouped,
         k_scale_t if k_scale_t is not None else lse, v_scale_t if v_scale_t is not None else lse,
         k_scale_f, v_scale_f, softmax_scale, logit_softcap if logit_softcap else 1.0,
         sliding_window if sliding_window else 0,
-        B, n_tiles, group_width, tiles_per_split, max_splits, Hq,
+        B, n_tiles, G, group_width, max(group_width - 1, 0).bit_length(), tiles_per_split, max_splits, Hq,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(1), block_table.stride(0), atab.stride(0), stride_g,
+        out.stride(0), out.stride(1), block_table.stride(0), atab.stride(0), stride_g, stride_gt,
         GROUP=group, GP=cfg["group_pad"], BLOCK_Q=cfg["block_q"], BLOCK_M=cfg["block_m"],
         GROUP_BLOCK_M=cfg["group_block_m"], HEAD_DIM=D, BS=BS, TILE_N=TN, HAS_ANCHORS=has_anchors,
         HAS_GROUPS=has_groups,
@@ -873,9 +926,6 @@ def _check_anchor_groups(anchor_groups, shapes: AttentionShapes, anchor_block_ta
         raise ValueError(f"anchor_groups is on {anchor_groups.device} but q is on {device}")
     if anchor_block_table is None:
         raise ValueError("anchor_groups needs anchor_block_table and anchor_lens (groups share anchors)")
-    if shapes.T != shapes.B:
-        raise ValueError(f"anchor_groups is implemented for decode batches only (T == B: one query row "
-                         f"per sequence), got T={shapes.T}, B={shapes.B}")
     if anchor_groups.numel() and anchor_groups.stride(-1) != 1:
         raise ValueError(f"anchor_groups must be contiguous in its last dimension, got strides "
                          f"{anchor_groups.stride()}")
@@ -941,19 +991,21 @@ def paged_anchor_attention(
     checks always run. ``kv_split_tokens``: split-KV length in decode mode (a fixed token count,
     never derived from the batch). ``config``: optional overrides of :func:`kernel_config`.
 
-    ``anchor_groups`` (optional, decode batches only, T == B): int32 ``[G, W]``, each row the
-    indices of up to ``W`` sequences that share one anchor (identical ``anchor_lens`` and anchor
-    pages), then -1 padding (a row of -1 is an empty group). In the same launch each group's
-    anchor pages are read once per tile of ``group_block_m // group_pad`` sequences (16 at GQA 4
-    by default, see :func:`kernel_config`) and applied to all their query rows as one matrix
-    product (read-once anchors); the grouped sequences' own programs walk only their context,
-    and the split combine merges both. Sequences in no group (and grouped sequences whose query
-    count is not 1) take the ungrouped path. Checked when ``validate`` (host reads); with
+    ``anchor_groups`` (optional): int32 ``[G, W]``, each row the indices of up to ``W``
+    sequences that share one anchor (identical ``anchor_lens`` and anchor pages), then -1
+    padding (a row of -1 is an empty group). In the same launch each group's anchor pages are
+    read once per tile of ``group_block_m // group_pad`` of the group's query tokens (16 at GQA 4
+    by default, see :func:`kernel_config`: 16 decode sequences, or chunked-prefill tokens of one
+    or several sequences) and applied to all their query rows as one matrix product (read-once
+    anchors); the grouped sequences' own programs walk only their context, and the split combine
+    merges both (in prefill mode too, where it then holds two fp32 partials per query row).
+    Sequences in no group take the ungrouped path. Checked when ``validate`` (host reads); with
     ``validate=False`` a group that breaks these rules gives undefined results. A grouped
     sequence's output bits do not depend on which or how many other sequences share its group
     or its tile, provided the tile shapes (``group_block_m``, ``block_m``, ``tile_n``,
-    ``num_warps``) and ``kv_split_tokens`` stay fixed (they never depend on the group sizes);
-    they may differ in the last bits from the same sequence ungrouped (different splits).
+    ``num_warps``) and ``kv_split_tokens`` stay fixed (they never depend on the group sizes) and
+    the batch stays in the same mode (decode or prefill, see above); they may differ in the last
+    bits from the same sequence ungrouped (different splits).
     Returns out [T, Hq, D] in q's dtype, and lse [T, Hq] float32 (natural log) if ``return_lse``.
     """
     shapes = check_shapes(q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
@@ -1013,7 +1065,7 @@ class CompileSpec(NamedTuple):
     @property
     def attrs(self) -> dict:
         names = self.fn.arg_names
-        unaligned = ("stride_bt", "stride_at", "stride_g")  # table widths: any int
+        unaligned = ("stride_bt", "stride_at", "stride_g", "stride_gt")  # table widths: any int
         aligned = [n for n, t in self.signature.items()
                    if t.startswith("*") or (n.startswith("stride_") and n not in unaligned)]
         return {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
@@ -1026,12 +1078,13 @@ def sm90_compile_specs(head_dim: int, block_size: int, kv_dtype: torch.dtype, gr
                        q_dtype: torch.dtype = torch.bfloat16, anchors: bool = True,
                        sliding_window: bool = False, logit_softcap: bool = False,
                        scale_mode: int = 0, anchor_groups: bool = False, **overrides) -> list[CompileSpec]:
-    """The kernels ``paged_anchor_attention`` launches for these shapes (decode: attention +
-    split combine; prefill: attention), with the same constexprs and options. Nothing in them
-    depends on the number of anchors, the context length or the group sizes: those are runtime
-    loop bounds. ``anchor_groups``: the variant launched with ``anchor_groups`` (decode only)."""
-    if anchor_groups and (mode != "decode" or not anchors):
-        raise ValueError("anchor_groups needs mode='decode' and anchors=True")
+    """The kernels ``paged_anchor_attention`` launches for these shapes (decode, and prefill with
+    ``anchor_groups``: attention + split combine; prefill: attention), with the same constexprs
+    and options. Nothing in them depends on the number of anchors, the context length or the
+    group sizes: those are runtime loop bounds. ``anchor_groups``: the variant launched with
+    ``anchor_groups``."""
+    if anchor_groups and not anchors:
+        raise ValueError("anchor_groups needs anchors=True")
     if not isinstance(_paged_anchor_attn_kernel, triton.runtime.jit.JITFunction):
         raise RuntimeError("sm90_compile_specs needs compiled kernels: unset TRITON_INTERPRET (the "
                            "interpreter replaces @triton.jit functions) and run it in a fresh process")
@@ -1040,7 +1093,8 @@ def sm90_compile_specs(head_dim: int, block_size: int, kv_dtype: torch.dtype, gr
     ptr = {"q_ptr": qt, "k_ptr": kt, "v_ptr": kt, "out_ptr": qt, "lse_ptr": "fp32",
            "part_out_ptr": "fp32", "part_lse_ptr": "fp32", "block_table_ptr": "i32",
            "seq_lens_ptr": "i32", "qsl_ptr": "i32", "anchor_table_ptr": "i32", "anchor_lens_ptr": "i32",
-           "groups_ptr": "i32", "seq_grouped_ptr": "i32", "k_scale_ptr": "fp32", "v_scale_ptr": "fp32"}
+           "groups_ptr": "i32", "group_tok_ptr": "i32", "group_tile_ptr": "i32", "seq_grouped_ptr": "i32",
+           "k_scale_ptr": "fp32", "v_scale_ptr": "fp32"}
     floats = ("k_scale_val", "v_scale_val", "sm_scale", "softcap")
     constexprs = {"GROUP": group, "GP": cfg["group_pad"], "BLOCK_Q": cfg["block_q"],
                   "BLOCK_M": cfg["block_m"], "GROUP_BLOCK_M": cfg["group_block_m"],
@@ -1065,7 +1119,7 @@ def sm90_compile_specs(head_dim: int, block_size: int, kv_dtype: torch.dtype, gr
     if cfg["maxnreg"] is not None:
         options["maxnreg"] = cfg["maxnreg"]
     specs = [CompileSpec(fn, sig, constexprs, options)]
-    if mode == "decode":
+    if mode == "decode" or anchor_groups:
         cfn = _combine_kernel
         cconst = {"HEAD_DIM": head_dim, "TILE_N": cfg["tile_n"], "HAS_ANCHORS": anchors,
                   "HAS_GROUPS": anchor_groups}
