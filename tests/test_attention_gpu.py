@@ -151,6 +151,22 @@ def test_anchor_groups_match_reference_and_do_not_depend_on_the_grouping():
     assert torch.equal(out, paged_anchor_attention(**case, anchor_groups=two))
 
 
+def test_prefill_anchor_groups_match_reference_and_do_not_depend_on_the_grouping():
+    """Read-once anchor groups in a chunked-prefill batch on the GPU: 8 sequences with chunks of
+    1-90 tokens share 1500 anchor tokens, fp8 and bf16 KV; against float64, and bitwise the same
+    when the 8 are listed in two groups in another order (other tile mates, other tile rows)."""
+    q_lens = [17, 1, 90, 33, 5, 64, 2, 40]
+    for kv_dtype in (BF16, FP8):
+        case = cuda(make_case(10, q_lens, [q + 200 * i for i, q in enumerate(q_lens)], [1500] * 8, Hq=32,
+                              Hkv=8, D=128, kv_dtype=kv_dtype))
+        scales = {"k_scale": 0.5, "v_scale": 0.5} if kv_dtype == FP8 else {}
+        one = torch.arange(8, dtype=torch.int32, device="cuda")[None]
+        two = torch.tensor([[7, 2, 5, 0], [3, 6, 1, 4]], dtype=torch.int32, device="cuda")
+        out = paged_anchor_attention(**case, anchor_groups=one, **scales)
+        torch.testing.assert_close(out.double(), reference(case, **scales)[0], atol=2e-2, rtol=2e-2)
+        assert torch.equal(out, paged_anchor_attention(**case, anchor_groups=two, **scales))
+
+
 def test_shared_prefix_attention_with_splits():
     """The shared-prefix kernel on the GPU (an 8K-token prefix: 16 splits by the default rule)
     against float64, and a token's bits the same alone and among 256 tokens."""

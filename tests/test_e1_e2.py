@@ -32,6 +32,9 @@ def test_bad_configs_are_clear_errors():
     for bad in ([[4, 20, 32, 1]], [[5, 20, 32, 2]], [[4, 20, 32]], [[4, 20, 0, 2]]):
         with pytest.raises(ValueError, match="shared_shapes"):
             e1.E1Config(shared_shapes=bad)
+    for bad in ([[4, 3, 20, 32, 1]], [[4, 30, 20, 32, 2]], [[4, 20, 32, 2]], [[4, 0, 20, 32, 2]]):
+        with pytest.raises(ValueError, match="shared_prefill_shapes"):
+            e1.E1Config(shared_prefill_shapes=bad)
     with pytest.raises(ValueError, match="sweeps"):
         e2.E2Config(sweeps=[["decode", "colour", 3]])
     with pytest.raises(Exception, match="nonsense"):
@@ -91,6 +94,28 @@ def test_e1_shared_prefix_run_on_cpu():
     assert by["prefix_blocks"]["skipped"] == "anchors not block-aligned"
 
 
+def test_e1_shared_prefill_run_on_cpu():
+    """The chunked-prefill form of the shared-prefix regime: two groups of two sequences share
+    32 anchors, each brings 3 new tokens; the grouped kernel agrees with the plain one and with
+    the cascade, and the decode-only variants say so."""
+    cfg = e1.E1Config(decode_shapes=[], prefill_contexts=[], prefill_anchors=[],
+                      shared_prefill_shapes=[[4, 3, 20, 32, 2]],
+                      impls=["fused", "fused_groups", "cascade", "prefix_blocks", "fused_pipelined"],
+                      warmup_ms=1, rep_ms=1, device="cpu", seed=5)
+    rows = e1.run(cfg)
+    by = {r["impl"]: r for r in rows}
+    assert len(rows) == 5 and all(r["mode"] == "shared_prefill" and r["q_len"] == 3 and r["share_group"] == 2
+                                  for r in rows)
+    for impl in ("fused_groups", "cascade", "prefix_blocks"):
+        assert 0 <= float(by[impl]["rel_err_fused"]) < 2e-2, impl
+        assert float(by[impl]["rel_err"]) < 2e-2, impl
+    assert by["fused_pipelined"]["skipped"] == "pipelined walk: decode only"
+    token = 2 * 2 * 64 * 2  # K and V, 2 KV heads, D = 64, bf16
+    io = 2 * 12 * 4 * 64 * 2  # q and out of 12 tokens, 4 query heads
+    assert by["fused"]["bytes"] - by["fused"]["unique_bytes"] == 2 * 32 * token  # each anchor set read by 2
+    assert by["fused"]["unique_bytes"] == (4 * 20 + 2 * 32) * token + io
+
+
 def test_unfused_skip_reason_uses_memory_estimate():
     cfg = e1.E1Config(unfused_limit_gb=1.0, heads_q=32, heads_kv=8, head_dim=128)
     assert "GB" in e1._skip_reason("naive", "prefill", 64, "bf16", "cuda", 1, 32768, 32768, cfg)
@@ -98,6 +123,8 @@ def test_unfused_skip_reason_uses_memory_estimate():
     assert e1._skip_reason("prefix_blocks", "decode", 5, "bf16", "cuda", 1, 1, 128, cfg)
     assert e1._skip_reason("fused_groups", "decode", 64, "bf16", "cuda", 64, 1, 4096, cfg)
     assert e1._skip_reason("fused_groups", "shared_decode", 64, "bf16", "cuda", 64, 1, 4096, cfg) == ""
+    assert e1._skip_reason("fused_groups", "shared_prefill", 64, "bf16", "cuda", 64, 8, 4096, cfg) == ""
+    assert e1._skip_reason("fused_pipelined", "shared_prefill", 64, "bf16", "cuda", 64, 8, 4096, cfg)
 
 
 def _row(impl, ms, B=64, L=4096, A=64, kv="bf16", mode="decode", err=1e-3):
@@ -144,10 +171,11 @@ CONTEXT_HEAVY = (4, 4096, 1024, 2)  # A < L: shared, but not judged by the ancho
 GPU = {"gpu": "NVIDIA H200", "date": "2026-12-01"}
 
 
-def _shared(impl, ms, shape=DOMINATED, kv="bf16", unique_over_logical=0.25):
+def _shared(impl, ms, shape=DOMINATED, kv="bf16", unique_over_logical=0.25, q_len=1):
     B, L, A, group = shape
     tbps = None if ms is None else 1 / ms
-    return {"impl": impl, "mode": "shared_decode", "batch": B, "context": L, "anchors": A, "share_group": group,
+    return {"impl": impl, "mode": "shared_decode" if q_len == 1 else "shared_prefill", "batch": B, "q_len": q_len,
+            "context": L, "anchors": A, "share_group": group,
             "kv_dtype": kv, "ms": ms, "tbps": tbps, "unique_tbps": None if ms is None else tbps * unique_over_logical,
             "tflops": tbps, "rel_err": None if ms is None else 1e-3,
             "skipped": "anchors not block-aligned" if ms is None else None}
@@ -158,6 +186,21 @@ def _shared_rows(fused=1.0, groups=0.5, cascade=0.6, prefix=2.0):
             _shared("prefix_blocks", prefix)]
     # a context-dominated shared shape where the fused kernel loses: outside the targets
     return rows + [_shared("fused", 1.0, CONTEXT_HEAVY), _shared("cascade", 0.1, CONTEXT_HEAVY)]
+
+
+def test_shared_prefill_macros():
+    """The chunked-prefill shared shapes: the faster fused variant and its ratios per shape,
+    apart from the decode ones (which these rows do not change)."""
+    shape = (64, 1024, 4096, 64)
+    rows = [_shared(i, ms, shape, q_len=8) for i, ms in (("fused", 2.0), ("fused_groups", 0.8), ("cascade", 1.0),
+                                                          ("prefix_blocks", None))]
+    m = r1.macros(rows + _shared_rows(), {"gpu": "H200", "date": "2026-12-01"})
+    k = "e1.shared_prefill.b64-l1k-a4k-g64-q8"
+    assert m["e1.shared_prefill.shapes"] == "1" and m[f"{k}.best"] == "read-once anchor groups"
+    assert (m[f"{k}.vs_fused"], m[f"{k}.vs_cascade"], m[f"{k}.vs_prefix"]) == ("2.50", "1.25", "n/a")
+    decode_only = r1.macros(_shared_rows(), {"gpu": "H200", "date": "2026-12-01"})
+    assert m == decode_only | {key: v for key, v in m.items()
+                               if key.startswith("e1.shared_prefill.") or key == "e1.rows_skipped"}
 
 
 def test_shared_key_and_anchor_dominated():

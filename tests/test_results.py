@@ -309,9 +309,10 @@ def manifest_of(cfg, gpu="NVIDIA H200") -> dict:
 def test_expected_rows_follow_the_experiment_loops(scale):
     cfg = compose("e1_throughput", e1_throughput.E1Config, [f"scale={scale}"])
     want = [{"mode": m, "batch": b, "q_len": q, "context": L, "anchors": a, "kv_dtype": kv, "impl": i}
-            | ({"share_group": g} if m == "shared_decode" else {})
+            | ({"share_group": g} if m.startswith("shared_") else {})
             for m, b, q, L, a, kv, g in e1_throughput._configs(cfg) for i in cfg.impls]
-    assert sum(m == "shared_decode" for m, *_ in e1_throughput._configs(cfg)) > 0
+    modes = {m for m, *_ in e1_throughput._configs(cfg)}
+    assert {"shared_decode", "shared_prefill"} <= modes
     assert SCHEMAS["e1_throughput"].expected(manifest_of(cfg)) == want
 
     cfg = compose("e5_accuracy", e5_accuracy.E5AccuracyConfig, [f"scale={scale}"])

@@ -36,7 +36,7 @@ Writing new tokens is two steps, so that a decode step allocates once and writes
 ``anchor_block_table [B, max_anchor_blocks]``, ``anchor_lens [B]``, all int32 on the cache's
 device; unused table entries are 0 (a valid page that the kernel never reads past the lengths).
 :meth:`anchor_groups` ``(seqs)`` lists the batch positions that share each anchor (the kernel's
-optional ``anchor_groups``, read-once anchors in decode batches).
+optional ``anchor_groups``, read-once anchors in decode and chunked-prefill batches).
 
 :meth:`free_sequence` returns a sequence's pages to the pool (its anchor stays pinned);
 :meth:`truncate` cuts a sequence back. :meth:`complete_pages` lists a sequence's full pages.

@@ -390,7 +390,11 @@ def _expect_e1(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows + [{"mode": "shared_decode", "batch": B, "q_len": 1, "context": L, "anchors": A,
                     "kv_dtype": kv, "share_group": group, "impl": impl}
                    for kv in cfg["kv_dtypes"] for B, L, A, group in cfg.get("shared_shapes", [])
-                   for impl in cfg["impls"]]
+                   for impl in cfg["impls"]] + [
+        {"mode": "shared_prefill", "batch": B, "q_len": q_len, "context": L, "anchors": A, "kv_dtype": kv,
+         "share_group": group, "impl": impl}
+        for kv in cfg["kv_dtypes"] for B, q_len, L, A, group in cfg.get("shared_prefill_shapes", [])
+        for impl in cfg["impls"]]
 
 
 def _expect_e2(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -513,7 +517,7 @@ def _columns(spec: str, required: bool | When = True, absent_ok: bool = False) -
 
 
 _E1_TIMED = When("skipped", "")  # every implementation that ran
-_E1_SHARED = When("mode", "shared_decode")  # the shared-prefix regime
+_E1_SHARED = When("mode", "shared_(decode|prefill)")  # the shared-prefix regime
 _E3_MEASURED = When("status", "ok(: .*)?")
 _E4_OK = When("status", "ok")
 _E4R_RECOMPUTE, _E4R_COST = When("measure", "recompute"), When("measure", "cost")

@@ -8,7 +8,8 @@ state; ``run(state)`` is exactly what E1 times.
 
 * ``fused``: the project's kernel, one online softmax over ``[anchors; context]``.
 * ``fused_groups``: the same kernel given the sequences that share anchor pages as
-  ``anchor_groups`` (decode only): each anchor tile is read once per tile of grouped query rows.
+  ``anchor_groups`` (shared-prefix shapes, decode and chunked prefill): each anchor tile is read
+  once per tile of grouped query rows.
 * ``cudnn_sdpa``, ``flash_sdpa``: PyTorch SDPA on contiguous ``[B, Hkv, A+L, D]`` K/V gathered
   once in ``setup`` (no paging at all: the upper reference). Uniform batches only.
 * ``gather_sdpa``: gather pages + concatenate anchors + SDPA, all inside the timed region, as an
@@ -601,7 +602,7 @@ def _pipelined_run(state) -> torch.Tensor:
 
 def _groups_setup(case: PagedCase, scales: Scales):
     """The fused kernel with read-once anchor groups: the sequences that share anchor pages
-    (`shared_anchor_sequences`) as its ``anchor_groups`` table [G, W] (-1 padded; decode only)."""
+    (`shared_anchor_sequences`) as its ``anchor_groups`` table [G, W] (-1 padded)."""
     case, scales, kernel = _fused_setup(case, scales)
     groups = shared_anchor_sequences(case)
     width = max((len(g) for g in groups), default=1)

@@ -18,8 +18,11 @@ below), then for each implementation of
 
 Shared-prefix regime (``shared_shapes``, mode ``shared_decode``): decode steps of B sequences in
 groups of ``group`` that share one anchor prefix (the same anchor pages: a system prompt shared by
-a batch, or a GRPO group of samples of one prompt), each with its own context. In the other
-shapes every sequence owns its anchor pages (``share_group`` = 1).
+a batch, or a GRPO group of samples of one prompt), each with its own context. Its chunked-prefill
+form (``shared_prefill_shapes``, mode ``shared_prefill``): each of the B sequences brings
+``q_len`` new tokens at once (speculative-decoding verification, a prompt chunk), lower-right
+causal over its own context, the shared anchors visible to all. In the other shapes every
+sequence owns its anchor pages (``share_group`` = 1).
 
 Prefill: one sequence, the whole prompt as one chunk (``prefill_chunk = 0``: ``q_len = L``, keys
 ``A + L``, lower-right causal), so its TFLOP/s compare directly with causal flash SDPA; a
@@ -52,6 +55,7 @@ KV_DTYPES = {"bf16": "bfloat16", "fp8": "float8_e4m3fn"}
 # The FlashInfer wrappers are planned in graph mode (fixed index buffers; run() reads nothing else).
 GRAPHABLE = {"fused", "fused_groups", "fused_pipelined", "cascade", "prefix_blocks", "cudnn_sdpa", "flash_sdpa",
              "gather_sdpa", "flashinfer_decode", "flashinfer_cascade"}
+PREFILL_MODES = ("prefill", "shared_prefill")  # several query tokens per sequence
 FP8_SCALE = 0.5  # k_scale = v_scale for fp8 caches (values stored as x / 0.5)
 
 
@@ -71,6 +75,8 @@ class E1Config(ExperimentConfig):
     # [B, L, A, group]: B decode sequences of L own tokens in B / group groups, each group sharing
     # A anchor tokens (the shared-prefix regime; none by default)
     shared_shapes: list[list[int]] = field(default_factory=list)
+    # [B, q_len, L, A, group]: the same with q_len new tokens per sequence (L includes them)
+    shared_prefill_shapes: list[list[int]] = field(default_factory=list)
     flex_anchors: list[int] = field(default_factory=lambda: [16])  # flex compiles per shape: few
     flex_modes: list[str] = field(default_factory=lambda: ["decode"])
     unfused_limit_gb: float = 60.0
@@ -89,6 +95,10 @@ class E1Config(ExperimentConfig):
                   and s[0] % s[3] == 0 for s in self.shared_shapes),
               "shared_shapes must be [B, L, A, group] of positive ints with group >= 2 sequences "
               f"sharing each anchor prefix and B a multiple of group, got {self.shared_shapes}")
+        check(all(len(s) == 5 and all(isinstance(x, int) and x > 0 for x in s) and s[4] >= 2
+                  and s[0] % s[4] == 0 and s[1] <= s[2] for s in self.shared_prefill_shapes),
+              "shared_prefill_shapes must be [B, q_len, L, A, group] of positive ints with q_len <= L, "
+              f"group >= 2 and B a multiple of group, got {self.shared_prefill_shapes}")
         check(set(self.kv_dtypes) <= set(KV_DTYPES), f"kv_dtypes must be in {sorted(KV_DTYPES)}")
         check(all(c > 0 for c in self.prefill_contexts), "prefill_contexts must be positive")
         check(self.prefill_chunk >= 0, "prefill_chunk must be >= 0 (0 = whole prompt)")
@@ -213,7 +223,7 @@ def _skip_reason(name: str, mode: str, A: int, kv: str, device: str, B: int, q_l
                  cfg: E1Config) -> str:
     if name in ("cudnn_sdpa", "flash_sdpa", "flex", "flashinfer_decode", "flashinfer_cascade") and device != "cuda":
         return "needs CUDA"
-    if name in ("flashinfer_decode", "flashinfer_cascade") and mode == "prefill":
+    if name in ("flashinfer_decode", "flashinfer_cascade") and mode in PREFILL_MODES:
         return "FlashInfer baselines: decode only"
     if name in ("cudnn_sdpa", "flash_sdpa", "gather_sdpa", "flex") and kv == "fp8":
         return "SDPA / FlexAttention take no float8 KV"
@@ -225,9 +235,9 @@ def _skip_reason(name: str, mode: str, A: int, kv: str, device: str, B: int, q_l
             return f"materialized intermediates need ~{gb:.0f} GB > limit {cfg.unfused_limit_gb:g} GB"
     if name in ("prefix_blocks", "flashinfer_decode") and A % cfg.block_size:
         return "anchors not block-aligned"
-    if name == "fused_groups" and mode != "shared_decode":
-        return "anchor groups: shared-prefix decode shapes only"
-    if name == "fused_pipelined" and mode == "prefill":
+    if name == "fused_groups" and not mode.startswith("shared_"):
+        return "anchor groups: shared-prefix shapes only"
+    if name == "fused_pipelined" and mode in PREFILL_MODES:
         return "pipelined walk: decode only"
     return ""
 
@@ -244,6 +254,9 @@ def _configs(cfg: E1Config):
     for kv in cfg.kv_dtypes:
         for B, L, A, group in cfg.shared_shapes:
             yield "shared_decode", B, 1, L, A, kv, group
+    for kv in cfg.kv_dtypes:
+        for B, q_len, L, A, group in cfg.shared_prefill_shapes:
+            yield "shared_prefill", B, q_len, L, A, kv, group
 
 
 def run(cfg: E1Config) -> list[dict]:

@@ -24,6 +24,11 @@ and over the anchor-dominated shapes (:func:`anchor_dominated`, the one definiti
 or "not tested" (no shape where both sides ran; prefix blocks does not run where the anchors are
 not block-aligned, FlashInfer only where it is installed). A value the rows lack prints as "n/a"
 (results without the shared-prefix regime or without FlashInfer rows).
+
+Its chunked-prefill form (mode ``shared_prefill``, no target set): per shape, keyed by
+:func:`shared_key` and ``-q<q_len>``, ``e1.shared_prefill.<shape>.{best,vs_fused,vs_cascade,vs_prefix}``
+(the faster fused variant, and time(baseline) / time(best); ``vs_fused``: the plain kernel, so
+the gain of the read-once groups) and ``e1.shared_prefill.shapes``.
 """
 
 from __future__ import annotations
@@ -111,18 +116,19 @@ def shared_shapes(rows) -> list[tuple[int, int, int, int]]:
     return sorted(found, key=lambda s: (s[2], s[1], s[0], s[3]))
 
 
-def _shared_row(rows, impl: str, shape, kv: str = SHARED_KV):
+def _shared_row(rows, impl: str, shape, kv: str = SHARED_KV, mode: str = "shared_decode", q_len: int = 1):
     B, L, A, group = shape
     for r in rows:
-        if (r["mode"] == "shared_decode" and r["impl"] == impl and r["kv_dtype"] == kv and r["batch"] == B
-                and r["context"] == L and r["anchors"] == A and r["share_group"] == group):
+        if (r["mode"] == mode and r["impl"] == impl and r["kv_dtype"] == kv and r["batch"] == B
+                and r["q_len"] == q_len and r["context"] == L and r["anchors"] == A and r["share_group"] == group):
             return r
     return None
 
 
-def best_fused(rows, shape, kv: str = SHARED_KV):
-    """The faster measured row of :data:`FUSED_VARIANTS` at a shared shape (None if neither ran)."""
-    found = [r for r in (_shared_row(rows, i, shape, kv) for i in FUSED_VARIANTS) if _value(r, "ms") is not None]
+def best_fused(rows, shape, kv: str = SHARED_KV, mode: str = "shared_decode", q_len: int = 1):
+    """The faster measured row of :data:`FUSED_VARIANTS` at a shared shape (None if none ran)."""
+    found = [r for r in (_shared_row(rows, i, shape, kv, mode, q_len) for i in FUSED_VARIANTS)
+             if _value(r, "ms") is not None]
     return min(found, key=lambda r: r["ms"]) if found else None
 
 
@@ -181,6 +187,21 @@ def _shared_macros(rows) -> dict[str, str]:
     return m
 
 
+def _shared_prefill_macros(rows) -> dict[str, str]:
+    shapes = sorted({(r["batch"], r["q_len"], r["context"], r["anchors"], r["share_group"])
+                     for r in rows if r["mode"] == "shared_prefill"}, key=lambda s: (s[3], s[2], s[1], s[0], s[4]))
+    m = {"e1.shared_prefill.shapes": str(len(shapes))}
+    for B, q_len, L, A, group in shapes:
+        shape = (B, L, A, group)
+        key = f"e1.shared_prefill.{shared_key(*shape)}-q{q_len}"
+        best = best_fused(rows, shape, mode="shared_prefill", q_len=q_len)
+        m[f"{key}.best"] = FUSED_VARIANTS[best["impl"]] if best else NA
+        for base, name in (("fused", "fused"), ("cascade", "cascade"), ("prefix_blocks", "prefix")):
+            m[f"{key}.vs_{name}"] = _fmt(_ratio(best, _shared_row(rows, base, shape, mode="shared_prefill",
+                                                                  q_len=q_len)))
+    return m
+
+
 def macros(rows, manifest) -> dict[str, str]:
     m: dict[str, str] = {"e1.gpu": latex_escape(manifest["gpu"] or "CPU"),
                          "e1.date": latex_escape(manifest["date"][:10]),
@@ -211,6 +232,7 @@ def macros(rows, manifest) -> dict[str, str]:
     m["e1.max_rel_err"] = _fmt(max(errs) if errs else None, 4)
     m["e1.rows_skipped"] = str(sum(1 for r in rows if r["skipped"]))
     m.update(_shared_macros(rows))
+    m.update(_shared_prefill_macros(rows))
     return m
 
 
