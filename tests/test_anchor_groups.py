@@ -19,10 +19,12 @@ import types
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 from test_attention_kernel import BF16, FP8, FP16, TOL, poisoned_empty, reference, run_compiled  # noqa: F401 (an autouse fixture)
 
 from fieldprint.attention import paged_anchor_attention, paged_inputs, reference_attention
-from fieldprint.attention.kernel import kernel_config
+from fieldprint.attention.kernel import _shared_split_tiles, kernel_config, shared_split_tiles, shared_splits_wanted
 from fieldprint.cache import PagedKVCache
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
@@ -65,11 +67,12 @@ def check(case, groups, **kw):
     return out, lse
 
 
-# Ten decode sequences, GROUP 4: a group of five (37 anchor tokens, not page-aligned, 3 splits;
+# Ten decode sequences, GROUP 4: a group of five (sequence 5's 300 anchor tokens, not
+# page-aligned: 19 KV tiles of 16, cut by the shared-prefix rule into 3 anchor splits of 8 tiles;
 # narrower than one 64-row group tile), a group of two with a 9-token anchor (shorter than a
 # page), an empty group row, and ungrouped sequences with (1, 7) and without (4) anchors.
 LENS = [40, 5, 34, 1, 20, 17, 45, 12, 30, 3]
-ANCHORS = [37, 20, 9, 11, 0, 23, 30, 50, 8, 2]
+ANCHORS = [37, 20, 9, 11, 0, 300, 30, 50, 8, 2]
 GROUPS = [[5, 0, 3, 8, 9], [2, 6], []]
 
 
@@ -77,6 +80,26 @@ def test_groups_match_reference_and_ungrouped():
     case, groups = grouped_case(1, LENS, GROUPS, ANCHORS, Hq=8, Hkv=2)
     out = check(case, groups, **SMALL)[0]
     assert torch.equal(out, paged_anchor_attention(**case, anchor_groups=groups, validate=False, **SMALL))
+
+
+@triton.jit
+def _split_rule_kernel(n_ptr, out_ptr, wanted, N: tl.constexpr):
+    """out[i] = the kernel's tiles per anchor split for n[i] anchor tiles."""
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, _shared_split_tiles(tl.load(n_ptr + offs), wanted))
+
+
+def test_anchor_split_rule_on_the_device_matches_the_host():
+    """The group tiles' anchor splits follow the shared-prefix rule: the kernel's twin of
+    ``shared_split_tiles`` gives the same tiles per split for every anchor length and KV head
+    count tried, and the rule's split count stays within ``shared_splits_wanted``."""
+    n_tiles = torch.tensor([0, 1, 7, 8, 9, 63, 64, 65, 127, 128, 129, 511, 512, 1000, 2048, 4097], dtype=torch.int32)
+    for hkv in (1, 2, 4, 8, 32, 264, 300):
+        out = torch.empty_like(n_tiles)
+        _split_rule_kernel[(1,)](n_tiles, out, shared_splits_wanted(hkv), N=n_tiles.numel())
+        want = [shared_split_tiles(int(n), hkv) for n in n_tiles]
+        assert out.tolist() == want, hkv
+        assert all(-(-int(n) // t) <= shared_splits_wanted(hkv) for n, t in zip(n_tiles, want, strict=True))
 
 
 def test_groups_default_split_length_and_fp16():
@@ -240,7 +263,7 @@ def test_output_bits_do_not_depend_on_the_group(rowwise_interpreter_dot):
     shapes and split length)."""
     lens = [30, 7, 40, 3, 37, 1, 21, 9, 5, 12]
     n = len(lens)
-    case, _ = grouped_case(8, lens, [list(range(n))], [45] * n, Hq=8, Hkv=1)
+    case, _ = grouped_case(8, lens, [list(range(n))], [150] * n, Hq=8, Hkv=1)  # 10 tiles: 2 anchor splits
     X = 4
     layouts = [  # (batch rows, groups as batch positions, X's position in the batch)
         ([X], [[0]], 0),
@@ -361,7 +384,7 @@ def test_custom_op_accepts_groups():
 def test_groups_variant_compiles_for_sm90():
     """The launches with anchor_groups (attention at the default group tiles, 64 rows in
     decode and 128 in prefill, and the split combine) build for sm_90 without spills at head
-    dim 128 with fp8 KV, in decode (the variant with the most registers: 254 of 255; bf16: 233)
+    dim 128 with fp8 KV, in decode (the variant with the most registers: 255 of 255; bf16: 233)
     and in prefill (254; the bf16 prefill kernel spills a few bytes with and without groups: E2
     reports it) (fresh process: no interpreter)."""
     code = (

@@ -18,13 +18,8 @@ import os
 import pytest
 import torch
 
-from fieldprint.attention.prefix import (
-    MAX_PREFIX_SPLITS,
-    MIN_SPLIT_TILES,
-    prefix_config,
-    prefix_split_tokens,
-    shared_prefix_attention,
-)
+from fieldprint.attention.kernel import MAX_PREFIX_SPLITS, MIN_SPLIT_TILES
+from fieldprint.attention.prefix import prefix_config, prefix_split_tokens, shared_prefix_attention
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 BF16, FP16, FP8 = torch.bfloat16, torch.float16, torch.float8_e4m3fn

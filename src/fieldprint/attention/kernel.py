@@ -33,13 +33,16 @@ Grid: ``(query tiles, KV heads, KV splits)``.
   (``_anchor_group_tile``). ``GROUP_BLOCK_M`` is the group tiles' own row count (default 64: 16
   tokens at GQA 4), separate from the query tiles' ``BLOCK_M`` (16 in decode mode, which would
   hold only 4 such sequences). A grouped sequence's splits are its anchor splits (written by
-  the group tiles) followed by its context splits (its own programs), the anchor and context
-  ranges cut separately (``_split_plan``; in prefill mode one anchor split and one context
-  split); the combine kernel merges them in index order as any other splits. With fixed tile
-  shapes (``GROUP_BLOCK_M``, ``BLOCK_M``, ``TILE_N``, ``num_warps``: chosen from shapes only,
-  never from the groups) and split length, a sequence's bits do not depend on which sequences
-  share its group or tile: ``tl.dot`` and the online softmax are row-wise, the anchor split
-  boundaries come from the anchor length only.
+  the group tiles) followed by its context splits (its own programs), cut separately
+  (``_split_plan``): in decode the anchor by the shared-prefix kernel's split rule
+  (:func:`shared_split_tiles`: about ``cdiv(264, Hkv)`` splits of at least 8 tiles, since a
+  group's anchor is read by few programs and needs their parallelism), the context every
+  ``kv_split_tokens``; in prefill one anchor split and one context split. The combine kernel
+  merges them in index order as any other splits. With fixed tile shapes (``GROUP_BLOCK_M``,
+  ``BLOCK_M``, ``TILE_N``, ``num_warps``: chosen from shapes only, never from the groups) and
+  split length, a sequence's bits do not depend on which sequences share its group or tile:
+  ``tl.dot`` and the online softmax are row-wise, the anchor split boundaries come from the
+  anchor length, the KV heads and the tile only.
 
 * Pipelined decode (opt-in, ``config={"pipelined": True}``): a split's tiles are walked in one
   loop with runtime masks and the next tile's page ids loaded one iteration ahead, which Triton
@@ -76,6 +79,32 @@ from fieldprint.attention.inputs import AttentionShapes, check_shapes, check_val
 
 KV_SPLIT_TOKENS = 2048
 """Default split length (tokens of the combined anchor + context range) of split-KV decode."""
+
+# The shared-prefix split rule: the split of an anchor (prefix) that many query rows read at once,
+# in the shared-prefix kernel (fieldprint.attention.prefix) and in the decode anchor groups.
+SPLIT_TARGET_PROGRAMS = 264
+"""Programs per row tile the split rule aims for: 2 waves of an H200's 132 SMs (a fixed constant,
+not the device's SM count, so the split boundaries are the same on every GPU)."""
+MIN_SPLIT_TILES = 8
+"""Fewest KV tiles in a split: below it the fp32 partial (a [BLOCK_M, D] store and its merge)
+costs a sizeable fraction of the split's K/V loads."""
+MAX_PREFIX_SPLITS = 64
+"""Most splits the rule picks (bounds the partial buffers to 64 fp32 copies of the output)."""
+_MIN_SPLIT_TILES: tl.constexpr = tl.constexpr(MIN_SPLIT_TILES)
+
+
+def shared_splits_wanted(num_kv_heads: int) -> int:
+    """Splits the shared-prefix rule aims for: ``cdiv(SPLIT_TARGET_PROGRAMS, num_kv_heads)``, at
+    most ``MAX_PREFIX_SPLITS``."""
+    return min(-(-SPLIT_TARGET_PROGRAMS // num_kv_heads), MAX_PREFIX_SPLITS)
+
+
+def shared_split_tiles(n_tiles: int, num_kv_heads: int) -> int:
+    """KV tiles per split of a shared prefix of ``n_tiles`` tiles (the rule, on the host):
+    ``shared_splits_wanted`` splits, each at least ``MIN_SPLIT_TILES`` tiles. Its device twin
+    :func:`_shared_split_tiles` computes the same (tests check them against each other)."""
+    return max(MIN_SPLIT_TILES, -(-n_tiles // shared_splits_wanted(num_kv_heads)))
+
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -123,6 +152,12 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 @triton.jit
 def _cdiv(a, b):
     return (a + b - 1) // b
+
+
+@triton.jit
+def _shared_split_tiles(n_tiles, wanted):
+    """:func:`shared_split_tiles` in a kernel, ``wanted = shared_splits_wanted(Hkv)``."""
+    return tl.maximum(_MIN_SPLIT_TILES, _cdiv(n_tiles, wanted))
 
 
 @triton.jit
@@ -288,22 +323,25 @@ def _attend_split_one_loop(
 
 
 @triton.jit
-def _split_plan(A, L, grouped, tiles_per_split, TILE_N: tl.constexpr):
-    """Split layout of one sequence in decode mode (the one owner of the rule: the attention and
-    combine kernels both call it). A sequence's KV tiles are its ``cdiv(A, TILE_N)`` anchor tiles
-    then its ``cdiv(L, TILE_N)`` context tiles.
+def _split_plan(A, L, grouped, tiles_per_split, anchor_splits_wanted, TILE_N: tl.constexpr):
+    """Split layout of one sequence (the one owner of the rule: the attention and combine
+    kernels both call it). A sequence's KV tiles are its ``cdiv(A, TILE_N)`` anchor tiles then
+    its ``cdiv(L, TILE_N)`` context tiles.
 
     * ungrouped: the combined tile range is cut every ``tiles_per_split`` tiles;
-    * grouped (see :func:`_anchor_group_tile`): the anchor tiles alone are cut every
-      ``tiles_per_split`` tiles (splits ``0 .. anchor_splits - 1``, written by the group
-      programs), then the context tiles alone (the following splits, written by the sequence's
-      own programs).
+    * grouped (see :func:`_anchor_group_tile`): the anchor tiles alone are cut by the
+      shared-prefix rule (:func:`_shared_split_tiles` with ``anchor_splits_wanted``: the group
+      programs read a shared anchor for many rows at once, as the shared-prefix kernel does, and
+      need its parallelism; 1 in prefill mode, where the group tiles alone fill the GPU: one
+      anchor split) into splits ``0 .. anchor_splits - 1``, written by the group programs, then
+      the context tiles alone are cut every ``tiles_per_split`` tiles (the following splits,
+      written by the sequence's own programs).
 
     Returns ``(anchor_splits, n_splits, own_first_tile)``: ``anchor_splits`` is 0 for an
     ungrouped sequence; own split ``s >= anchor_splits`` covers tiles from ``own_first_tile +
     (s - anchor_splits) * tiles_per_split`` (combined coordinates)."""
     n_a = _cdiv(A, TILE_N)
-    anchor_splits = tl.where(grouped, _cdiv(n_a, tiles_per_split), 0)
+    anchor_splits = tl.where(grouped, _cdiv(n_a, _shared_split_tiles(n_a, anchor_splits_wanted)), 0)
     own_first_tile = tl.where(grouped, n_a, 0)
     n_splits = anchor_splits + _cdiv(n_a - own_first_tile + _cdiv(L, TILE_N), tiles_per_split)
     return anchor_splits, n_splits, own_first_tile
@@ -324,7 +362,7 @@ def _normalize(acc, l_i, m_i, vs):
 def _anchor_group_tile(
     q_ptr, k_ptr, v_ptr, part_out_ptr, part_lse_ptr, qsl_ptr, anchor_table_ptr, anchor_lens_ptr,
     groups_ptr, group_tok_ptr, group_tile_ptr, gtile, kvh, split, num_seqs, num_groups, group_width,
-    search_steps, tiles_per_split, max_splits, num_q_heads, qk_scale, cap_mul, softcap, vs,
+    search_steps, anchor_splits_wanted, max_splits, num_q_heads, qk_scale, cap_mul, softcap, vs,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_at,
     stride_g, stride_gt,
     GROUP: tl.constexpr, GP: tl.constexpr, GROUP_BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -364,7 +402,8 @@ def _anchor_group_tile(
     leader = tl.load(groups_ptr + g * stride_g)
     A = tl.load(anchor_lens_ptr + tl.maximum(leader, 0))
     n_a = _cdiv(A, TILE_N)
-    t_lo = split * tiles_per_split
+    anchor_split_tiles = _shared_split_tiles(n_a, anchor_splits_wanted)  # as in _split_plan
+    t_lo = split * anchor_split_tiles
     if (f0 < n_tok) & (leader >= 0) & (t_lo < n_a):
         offs_m = tl.arange(0, GROUP_BLOCK_M)
         offs_n = tl.arange(0, TILE_N)
@@ -395,7 +434,7 @@ def _anchor_group_tile(
         k_head = kvh.to(tl.int64) * stride_kh
         v_head = kvh.to(tl.int64) * stride_vh
         a_row = anchor_table_ptr + leader.to(tl.int64) * stride_at
-        t_hi = tl.minimum(t_lo + tiles_per_split, n_a)
+        t_hi = tl.minimum(t_lo + anchor_split_tiles, n_a)
         t_full = tl.maximum(t_lo, tl.minimum(t_hi, A // TILE_N))  # tiles wholly inside the anchor
         for t in range(t_lo, t_full):
             acc, l_i, m_i = _attend_tile(
@@ -419,8 +458,8 @@ def _paged_anchor_attn_kernel(
     block_table_ptr, seq_lens_ptr, qsl_ptr, anchor_table_ptr, anchor_lens_ptr,
     groups_ptr, group_tok_ptr, group_tile_ptr, seq_grouped_ptr,
     k_scale_ptr, v_scale_ptr, k_scale_val, v_scale_val, sm_scale, softcap, window,
-    num_seqs, num_seq_tiles, num_groups, group_width, search_steps, tiles_per_split, max_splits,
-    num_q_heads,
+    num_seqs, num_seq_tiles, num_groups, group_width, search_steps, tiles_per_split,
+    anchor_splits_wanted, max_splits, num_q_heads,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_ot, stride_oh, stride_bt, stride_at, stride_g, stride_gt,
     GROUP: tl.constexpr, GP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -452,7 +491,7 @@ def _paged_anchor_attn_kernel(
             _anchor_group_tile(
                 q_ptr, k_ptr, v_ptr, part_out_ptr, part_lse_ptr, qsl_ptr, anchor_table_ptr,
                 anchor_lens_ptr, groups_ptr, group_tok_ptr, group_tile_ptr, tile_idx - num_seq_tiles,
-                kvh, split, num_seqs, num_groups, group_width, search_steps, tiles_per_split,
+                kvh, split, num_seqs, num_groups, group_width, search_steps, anchor_splits_wanted,
                 max_splits, num_q_heads, qk_scale, cap_mul, softcap, vs,
                 stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                 stride_at, stride_g, stride_gt, GROUP, GP, GROUP_BLOCK_M, HEAD_DIM, BS, TILE_N, HAS_SOFTCAP, DOT_FP16,
@@ -483,7 +522,8 @@ def _paged_anchor_attn_kernel(
     if HAS_GROUPS:
         # A grouped sequence's anchor splits come from the group programs.
         grouped = tl.load(seq_grouped_ptr + b) != 0
-        anchor_splits, n_splits, own_first_tile = _split_plan(A, L, grouped, tiles_per_split, TILE_N)
+        anchor_splits, n_splits, own_first_tile = _split_plan(A, L, grouped, tiles_per_split,
+                                                              anchor_splits_wanted, TILE_N)
         if (split >= n_splits) | (split < anchor_splits):
             return
         t_lo = own_first_tile + (split - anchor_splits) * tiles_per_split
@@ -608,7 +648,8 @@ def merge_split_partials(part_out_ptr, part_lse_ptr, base, n_splits, HEAD_DIM: t
 @triton.jit
 def _combine_kernel(
     out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, seq_lens_ptr, qsl_ptr, anchor_lens_ptr,
-    seq_grouped_ptr, num_seqs, tiles_per_split, max_splits, num_q_heads, stride_ot, stride_oh,
+    seq_grouped_ptr, num_seqs, tiles_per_split, anchor_splits_wanted, max_splits, num_q_heads, stride_ot,
+    stride_oh,
     HEAD_DIM: tl.constexpr, TILE_N: tl.constexpr, HAS_ANCHORS: tl.constexpr, HAS_GROUPS: tl.constexpr,
 ):
     """Merge the split partials of one (token, query head), splits in index order, in fp32.
@@ -629,7 +670,7 @@ def _combine_kernel(
         A = 0
     if HAS_GROUPS:
         grouped = tl.load(seq_grouped_ptr + lo) != 0
-        n_splits = _split_plan(A, L, grouped, tiles_per_split, TILE_N)[1]
+        n_splits = _split_plan(A, L, grouped, tiles_per_split, anchor_splits_wanted, TILE_N)[1]
     else:
         n_splits = _cdiv(_cdiv(A, TILE_N) + _cdiv(L, TILE_N), tiles_per_split)
     if n_splits == 1:
@@ -802,11 +843,14 @@ def _launch(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_
     has_groups = anchor_groups is not None
     if mode == "decode":
         tiles_per_split = kv_split_tokens // TN
+        anchor_splits_wanted = shared_splits_wanted(Hkv)
         # Shape-only bound on the splits of any sequence (table capacities, no host sync).
         cap_tiles = -(-max_blocks * BS // TN)
         if has_groups:  # anchors and context cut separately (see _split_plan)
             cap_a = -(-anchor_block_table.shape[1] * BS // TN)
-            max_splits = max(1, -(-cap_a // tiles_per_split) + -(-cap_tiles // tiles_per_split))
+            # the shared-prefix rule makes at most `wanted` splits of at least MIN_SPLIT_TILES tiles
+            max_a = min(anchor_splits_wanted, -(-cap_a // MIN_SPLIT_TILES))
+            max_splits = max(1, max_a + -(-cap_tiles // tiles_per_split))
         else:
             if has_anchors:
                 cap_tiles += -(-anchor_block_table.shape[1] * BS // TN)
@@ -815,6 +859,7 @@ def _launch(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_
         # One split per query tile; a grouped sequence has two: its anchor (group tiles) and
         # its context (its own tiles).
         tiles_per_split, max_splits = _NO_SPLIT, 2 if has_groups else 1
+        anchor_splits_wanted = 1
     if max_splits > 1:
         part_out = torch.empty(T, Hq, max_splits, D, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(T, Hq, max_splits, dtype=torch.float32, device=q.device)
@@ -846,7 +891,8 @@ def _launch(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_
         k_scale_t if k_scale_t is not None else lse, v_scale_t if v_scale_t is not None else lse,
         k_scale_f, v_scale_f, softmax_scale, logit_softcap if logit_softcap else 1.0,
         sliding_window if sliding_window else 0,
-        B, n_tiles, G, group_width, max(group_width - 1, 0).bit_length(), tiles_per_split, max_splits, Hq,
+        B, n_tiles, G, group_width, max(group_width - 1, 0).bit_length(), tiles_per_split, anchor_splits_wanted,
+        max_splits, Hq,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1), block_table.stride(0), atab.stride(0), stride_g, stride_gt,
@@ -861,7 +907,7 @@ def _launch(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_
     if max_splits > 1:
         _combine_kernel[(T, Hq)](
             out, lse, part_out, part_lse, seq_lens, query_start_loc, alen, seq_grouped,
-            B, tiles_per_split, max_splits, Hq, out.stride(0), out.stride(1),
+            B, tiles_per_split, anchor_splits_wanted, max_splits, Hq, out.stride(0), out.stride(1),
             HEAD_DIM=D, TILE_N=TN, HAS_ANCHORS=has_anchors, HAS_GROUPS=has_groups, num_warps=1,
         )
     return out, lse

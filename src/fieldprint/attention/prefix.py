@@ -23,10 +23,11 @@ output directly (the unsplit kernel, bit for bit); otherwise each writes an fp32
 and log-sum-exp and :func:`_merge_splits_kernel` merges them in split-index order in fp32, as
 the paged kernel's ``_combine_kernel`` does.
 
-Split rule (:func:`prefix_split_tokens`, shapes only, no host synchronization): aim for
-:data:`SPLIT_TARGET_PROGRAMS` programs (2 waves of an H200's 132 SMs) per row tile, i.e.
-``cdiv(264, Hkv)`` splits, at most :data:`MAX_PREFIX_SPLITS`, each at least
-:data:`MIN_SPLIT_TILES` KV tiles long. The rule reads only the prefix length, the number of KV
+Split rule (:func:`prefix_split_tokens`, shapes only, no host synchronization; owned by
+:mod:`fieldprint.attention.kernel`, whose anchor groups cut a shared anchor the same way): aim
+for ``SPLIT_TARGET_PROGRAMS`` programs (2 waves of an H200's 132 SMs) per row tile, i.e.
+``cdiv(264, Hkv)`` splits, at most ``MAX_PREFIX_SPLITS``, each at least ``MIN_SPLIT_TILES`` KV
+tiles long. The rule reads only the prefix length, the number of KV
 heads and the KV tile (fixed per head dim), never the number of query rows, and its constants
 are fixed (not read from the device), so the split boundaries and the merge order of a row do
 not change with the batch or the GPU. At B = 32, Hq = 32, Hkv = 8, 8K prefix, D = 128: 16 splits
@@ -60,18 +61,10 @@ from fieldprint.attention.kernel import (
     _normalize,
     _scale_arg,
     merge_split_partials,
+    shared_split_tiles,
 )
 
 _Q_DTYPES = (torch.float16, torch.bfloat16)
-
-SPLIT_TARGET_PROGRAMS = 264
-"""Programs per row tile the split rule aims for: 2 waves of an H200's 132 SMs (a fixed constant,
-not the device's SM count, so the split boundaries are the same on every GPU)."""
-MIN_SPLIT_TILES = 8
-"""Fewest KV tiles in a split: below it the fp32 partial (a [BLOCK_M, D] store and its merge)
-costs a sizeable fraction of the split's K/V loads."""
-MAX_PREFIX_SPLITS = 64
-"""Most splits the rule picks (bounds the partial buffers to 64 fp32 copies of the output)."""
 
 
 @triton.jit
@@ -180,9 +173,7 @@ def prefix_split_tokens(prefix_len: int, num_kv_heads: int, tile_n: int) -> int:
     rule): ``cdiv(SPLIT_TARGET_PROGRAMS, num_kv_heads)`` splits, at most ``MAX_PREFIX_SPLITS``,
     each at least ``MIN_SPLIT_TILES`` tiles. Independent of the number of query rows. A prefix of
     at most ``MIN_SPLIT_TILES`` tiles is one split."""
-    n_tiles = -(-prefix_len // tile_n)
-    want = min(-(-SPLIT_TARGET_PROGRAMS // num_kv_heads), MAX_PREFIX_SPLITS)
-    return max(MIN_SPLIT_TILES, -(-n_tiles // want)) * tile_n
+    return shared_split_tiles(-(-prefix_len // tile_n), num_kv_heads) * tile_n
 
 
 def _check(q, k_cache, v_cache, prefix_block_table, prefix_len, softmax_scale, k_scale, v_scale):
