@@ -791,35 +791,27 @@ def _scale_arg(scale):
     return None, 1.0 if scale is None else float(scale)
 
 
-def _grouped_sequences(anchor_groups: torch.Tensor, num_seqs: int) -> torch.Tensor:
-    """[B] int32, 1 for every sequence listed in ``anchor_groups [G, W]`` (device ops only, no
-    host synchronization; padding -1 and, with ``validate=False``, out-of-range entries mark
-    nothing)."""
-    idx = anchor_groups.reshape(-1).long()
-    idx = torch.where((idx < 0) | (idx >= num_seqs), num_seqs, idx)
-    flags = torch.zeros(num_seqs + 1, dtype=torch.int32, device=anchor_groups.device)
-    flags[idx] = 1
-    return flags[:num_seqs]
-
-
 def _group_layout(anchor_groups: torch.Tensor, query_start_loc: torch.Tensor, num_seqs: int,
-                  tokens_per_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  tokens_per_tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Token and tile layout of the anchor groups (device ops only, no host synchronization):
     a group's query tokens are its members' tokens in row order, cut into tiles of
-    ``tokens_per_tile``. Returns ``group_tok [G, W + 1]`` int32 (offset of member ``m``'s first
-    token in its group's order; column ``W``: the group's token count; padding and, with
-    ``validate=False``, out-of-range entries count 0 tokens) and ``group_tile [G + 1]`` int32
-    (first tile of each group; entry ``G``: the tile count)."""
+    ``tokens_per_tile``. Padding and, with ``validate=False``, out-of-range entries list nothing.
+    Returns ``group_tok [G, W + 1]`` int32 (offset of member ``m``'s first token in its group's
+    order; column ``W``: the group's token count), ``group_tile [G + 1]`` int32 (first tile of
+    each group; entry ``G``: the tile count) and ``seq_grouped [B]`` int32 (1 for every sequence
+    listed in a group)."""
     G, W = anchor_groups.shape
     idx = anchor_groups.long()
     listed = (idx >= 0) & (idx < num_seqs)
+    flags = torch.zeros(num_seqs + 1, dtype=torch.int32, device=anchor_groups.device)
+    flags[torch.where(listed, idx, num_seqs)] = 1
     q_lens = (query_start_loc[1:] - query_start_loc[:-1]).long()
     counts = torch.where(listed, q_lens[idx.clamp(0, max(num_seqs - 1, 0))], 0)  # [G, W]
     group_tok = torch.zeros(G, W + 1, dtype=torch.int64, device=anchor_groups.device)
     group_tok[:, 1:] = counts.cumsum(1)
     group_tile = torch.zeros(G + 1, dtype=torch.int64, device=anchor_groups.device)
     group_tile[1:] = ((group_tok[:, W] + tokens_per_tile - 1) // tokens_per_tile).cumsum(0)
-    return group_tok.to(torch.int32), group_tile.to(torch.int32)
+    return group_tok.to(torch.int32), group_tile.to(torch.int32), flags[:num_seqs]
 
 
 def _launch(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_block_table,
@@ -870,20 +862,18 @@ def _launch(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_
     atab = anchor_block_table if has_anchors else block_table
     alen = anchor_lens if has_anchors else seq_lens
     n_tiles = T // cfg["block_q"] + B
-    if has_groups and anchor_groups.numel():
+    if has_groups:
         G, group_width = anchor_groups.shape
-        seq_grouped = _grouped_sequences(anchor_groups, B)
         tokens_per_tile = cfg["group_block_m"] // cfg["group_pad"]
-        group_tok, group_tile = _group_layout(anchor_groups, query_start_loc, B, tokens_per_tile)
+        group_tok, group_tile, seq_grouped = _group_layout(anchor_groups, query_start_loc, B, tokens_per_tile)
         # Shape-only bound: a sequence is in at most one group, so the groups hold at most T
-        # tokens, and each group's last tile may be partial.
-        group_tiles = -(-T // tokens_per_tile) + G
+        # tokens, and each group's last tile may be partial. An empty table (no group rows or no
+        # columns) groups nothing and has no leader entry to read: no group programs.
+        group_tiles = -(-T // tokens_per_tile) + G if anchor_groups.numel() else 0
         groups, stride_g, stride_gt = anchor_groups, anchor_groups.stride(0), group_tok.stride(0)
     else:
         G = group_width = group_tiles = stride_g = stride_gt = 0
         groups = group_tok = group_tile = seq_grouped = seq_lens  # never read
-        if has_groups:  # no group rows or no columns: nothing is grouped
-            seq_grouped = torch.zeros_like(seq_lens)
     grid = (n_tiles + group_tiles, Hkv, max_splits)
     _paged_anchor_attn_kernel[grid](
         q, k_cache, v_cache, out, lse, part_out, part_lse,
