@@ -85,6 +85,15 @@ def _pages(table_row: torch.Tensor, n_tokens: int, bs: int) -> list[int]:
     return table_row[:-(-n_tokens // bs)].tolist()
 
 
+def _sequence_level(case: PagedCase, lens: list[int], alens: list[int], with_anchors: list[bool]) -> PagedLevel:
+    """Request b = sequence b: its anchor pages where ``with_anchors[b]``, then its context pages."""
+    bs = case.k_cache.shape[1]
+    pages = [(_pages(case.anchor_block_table[b], a, bs) if keep else []) + _pages(case.block_table[b], n, bs)
+             for b, (n, a, keep) in enumerate(zip(lens, alens, with_anchors, strict=True))]
+    lengths = [n + (a if keep else 0) for n, a, keep in zip(lens, alens, with_anchors, strict=True)]
+    return _level(list(range(len(lens) + 1)), pages, lengths, bs)
+
+
 def decode_level(case: PagedCase) -> PagedLevel:
     """Request b = sequence b: its anchor pages, then its context pages (``seq_lens[b] >= 1``).
 
@@ -95,9 +104,7 @@ def decode_level(case: PagedCase) -> PagedLevel:
     if any(a % bs for a in alens):
         raise ValueError(f"flashinfer_decode needs anchor_lens that are multiples of the block size "
                          f"{bs}, got {alens}")
-    pages = [(_pages(case.anchor_block_table[b], a, bs) if a else []) + _pages(case.block_table[b], n, bs)
-             for b, (n, a) in enumerate(zip(lens, alens, strict=True))]
-    return _level(list(range(len(lens) + 1)), pages, [n + a for n, a in zip(lens, alens, strict=True)], bs)
+    return _sequence_level(case, lens, alens, [a > 0 for a in alens])
 
 
 def cascade_levels(case: PagedCase) -> list[PagedLevel]:
@@ -120,13 +127,8 @@ def cascade_levels(case: PagedCase) -> list[PagedLevel]:
         raise ValueError("flashinfer_cascade: sequences "
                          f"{[b for b, a in enumerate(alens) if not a]} have no anchors while others "
                          "need a level 0, which must cover every query token")
-    own_pages, own_lens = [], []
-    for b, (n, a) in enumerate(zip(lens, alens, strict=True)):
-        keep = a and not top  # private, block-aligned anchors stay with the context
-        own_pages.append((_pages(case.anchor_block_table[b], a, bs) if keep else [])
-                         + _pages(case.block_table[b], n, bs))
-        own_lens.append(n + (a if keep else 0))
-    own = _level(list(range(len(lens) + 1)), own_pages, own_lens, bs)
+    # without a level 0, private block-aligned anchors stay with the context
+    own = _sequence_level(case, lens, alens, [a > 0 and not top for a in alens])
     if not top:
         return [own]
     keys = [(a, *_pages(case.anchor_block_table[b], a, bs)) for b, a in enumerate(alens)]
