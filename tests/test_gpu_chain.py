@@ -80,3 +80,34 @@ def test_a_second_chain_of_other_experiments_is_refused(tmp_path):
                           env={**os.environ, "CHAIN_STATE": str(state), "OUT": str(tmp_path / "out2")},
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "a chain of other experiments runs here: e2_sram" in proc.stdout
+
+
+def test_a_plus_step_runs_its_experiments_side_by_side_before_the_next(tmp_path):
+    here = _checkout(tmp_path / "repo")
+    stub = here / "workflow" / "scripts" / "gpu_run.sh"
+    # each run logs its start and end; "tests" (the GPU tests) gets the files named in TESTS
+    stub.write_text('#!/usr/bin/env bash\necho "start $*" >> runs.txt\nsleep 2\n'
+                    'echo "end $1" >> runs.txt\necho "result of $1" > "$OUT/result.txt"\n')
+    state = tmp_path / "state"
+    steps = ("e4_stability+tests", "e1_throughput")
+    outs = [_chain(here, state, tmp_path / f"out{k}", *steps, WAIT="30",
+                   TESTS="tests/test_a.py tests/test_b.py") for k in range(3)]
+    assert sorted(o.split(":")[0] for o in outs) == [
+        "== e1_throughput", "== e4_stability", "== tests"]
+    runs = (state / "tree" / "runs.txt").read_text().splitlines()
+    # both members started before either ended; the next step started after both ended
+    assert sorted(runs[:2]) == ["start e4_stability", "start tests tests/test_a.py tests/test_b.py"]
+    assert sorted(runs[2:4]) == ["end e4_stability", "end tests"]
+    assert runs[4:] == ["start e1_throughput", "end e1_throughput"]
+    assert (tmp_path / "out0" / outs[0].split(":")[0][3:] / "result.txt").exists()
+    assert "every experiment of the chain was handed back" in _chain(
+        here, state, tmp_path / "out3", *steps, WAIT="5")
+
+
+def test_a_side_by_side_member_cut_off_at_the_tests_limit(tmp_path):
+    here = _checkout(tmp_path / "repo")
+    stub = here / "workflow" / "scripts" / "gpu_run.sh"
+    stub.write_text('#!/usr/bin/env bash\nsleep 30\n')
+    t0 = time.time()
+    out = _chain(here, tmp_path / "state", tmp_path / "out", "tests", WAIT="20", TESTS_LIMIT="2")
+    assert "== tests: exit 124" in out and time.time() - t0 < 15

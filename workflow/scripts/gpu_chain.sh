@@ -12,6 +12,11 @@
 # never share the GPU). The chain lives in CHAIN_STATE (default /tmp/gpu_chain) of this machine:
 # a fresh machine starts it again.
 #
+# A step "A+B" runs A and B side by side and waits for both before the next step: for experiments
+# that time nothing (E4 stability, E2's on-device compile, the GPU tests as "tests", which runs
+# gpu_run.sh tests on the files in TESTS, default all, cut off after TESTS_LIMIT seconds, default
+# 600), so that they do not add their times; timed experiments each get a step of their own.
+#
 # NEEDS (read when the chain starts) names files that later calls bring (gpu_stage.sh), as
 # "EXPERIMENT=PATH ..." (relative paths: the checkout's; models/ is shared with the chain's copy):
 # the chain waits before EXPERIMENT until PATH exists, at most NEEDS_WAIT
@@ -41,17 +46,26 @@ if [ ! -e "$state/started" ]; then
   for exp in "$@"; do echo "$exp"; done > "$state/experiments"
   (cd "$state/tree" && exec setsid nohup bash -c '
     state=$1; shift
-    for exp in "$@"; do
-      for need in $NEEDS; do
-        [ "${need%%=*}" = "$exp" ] || continue
-        t=0
-        while [ ! -e "${need#*=}" ] && [ $t -lt "${NEEDS_WAIT:-900}" ]; do sleep 2; t=$((t + 2)); done
-        [ -e "${need#*=}" ] && echo "$exp: ${need#*=} came after $t s" >> "$state/needs.log" \
-          || echo "$exp: ${need#*=} missing after $t s; running without it" >> "$state/needs.log"
+    for step in "$@"; do
+      for exp in ${step//+/ }; do
+        for need in $NEEDS; do
+          [ "${need%%=*}" = "$exp" ] || continue
+          t=0
+          while [ ! -e "${need#*=}" ] && [ $t -lt "${NEEDS_WAIT:-900}" ]; do sleep 2; t=$((t + 2)); done
+          [ -e "${need#*=}" ] && echo "$exp: ${need#*=} came after $t s" >> "$state/needs.log" \
+            || echo "$exp: ${need#*=} missing after $t s; running without it" >> "$state/needs.log"
+        done
       done
-      mkdir -p "$state/out_$exp"
-      OUT="$state/out_$exp" workflow/scripts/gpu_run.sh "$exp" > "$state/$exp.log" 2>&1
-      echo $? > "$state/$exp.rc"
+      for exp in ${step//+/ }; do
+        mkdir -p "$state/out_$exp"
+        if [ "$exp" = tests ]; then
+          run=(timeout "${TESTS_LIMIT:-600}" workflow/scripts/gpu_run.sh tests $TESTS)
+        else
+          run=(workflow/scripts/gpu_run.sh "$exp")
+        fi
+        (OUT="$state/out_$exp" "${run[@]}" > "$state/$exp.log" 2>&1; echo $? > "$state/$exp.rc") &
+      done
+      wait
     done' chain "$state" "$@") > /dev/null 2>&1 < /dev/null &
 elif [ "$(cat "$state/experiments")" != "$(printf '%s\n' "$@")" ]; then
   echo "a chain of other experiments runs here: $(tr '\n' ' ' < "$state/experiments")"; exit 2
@@ -59,7 +73,7 @@ fi
 started=$(cat "$state/started")
 t0=$(date +%s)
 while [ $(( $(date +%s) - t0 )) -lt "${WAIT:-560}" ]; do
-  for exp in "$@"; do
+  for exp in ${*//+/ }; do
     if [ -e "$state/$exp.rc" ] && [ ! -e "$state/$exp.delivered" ]; then
       mkdir -p "${OUT:-.}/$exp"
       cp "$state/out_$exp"/* "$state/$exp.log" "${OUT:-.}/$exp/" 2>/dev/null
@@ -70,7 +84,7 @@ while [ $(( $(date +%s) - t0 )) -lt "${WAIT:-560}" ]; do
     fi
   done
   all=1
-  for exp in "$@"; do [ -e "$state/$exp.delivered" ] || all=0; done
+  for exp in ${*//+/ }; do [ -e "$state/$exp.delivered" ] || all=0; done
   [ $all = 1 ] && { echo "every experiment of the chain was handed back"; exit 0; }
   sleep 3
 done

@@ -10,11 +10,14 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 # A warm machine keeps /tmp/site between calls: reinstall only when the carried wheel set changed.
+# The lock: runs that gpu_chain.sh starts side by side install once, not over each other.
 stamp=$(ls .whl | sha256sum | cut -c1-16)
+exec 9> /tmp/gpu_run.install.lock && flock 9
 if [ "$(cat /tmp/site/.installed 2>/dev/null)" != "$stamp" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && echo "$stamp" > /tmp/site/.installed || { echo "wheel install failed"; exit 1; }
 fi
+flock -u 9
 export PYTHONPATH=/tmp/site:$PWD/src PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
 # E1's FlashInfer baselines: flashinfer_install.sh marks a bundle it installed and checked ready;
 # without one their E1 rows say FlashInfer is not importable.
