@@ -41,11 +41,37 @@ def test_bad_configs_are_clear_errors():
         compose("e1_throughput", e1.E1Config, ["+nonsense=1"])
 
 
+def test_e1_rounds_interleave_the_implementations_and_drop_one_that_fails():
+    calls = []
+
+    def timed(name, fail_after=None):
+        def fn():
+            calls.append(name)
+            if fail_after is not None and calls.count(name) > fail_after:
+                raise RuntimeError("CUDA out of memory\nmore")
+        return fn
+
+    rows = [{"impl": n, "skipped": ""} for n in ("a", "b", "c")]
+    cfg = e1.E1Config(reps=3, warmup_ms=1e-3, rep_ms=1e-3)
+    fns = [timed("a"), timed("b", fail_after=4), timed("c")]
+    out = e1._interleaved(list(zip(rows, fns, strict=True)), "cpu", cfg)
+    # one median per round, in the order a b c a b c ...: b ran its 4 calls of round 1 (the CPU
+    # bench's warm call and its least 3), failed in round 2 and was left out of round 3
+    assert [r["impl"] for r, _ in out] == ["a", "c"] and all(len(ms) == 3 for _, ms in out)
+    runs = [n for k, n in enumerate(calls) if k == 0 or calls[k - 1] != n]
+    assert runs == ["a", "b", "c", "a", "b", "c", "a", "c"]
+    assert rows[1]["skipped"] == "RuntimeError while timed: CUDA out of memory"
+    assert e1._quartiles([3.0, 1.0, 2.0, 5.0, 4.0]) == (2.0, 3.0, 4.0)
+    assert e1._quartiles([2.5]) == (2.5, 2.5, 2.5)
+    with pytest.raises(ValueError, match="reps"):
+        e1.E1Config(reps=0)
+
+
 @pytest.mark.interpreted
 def test_e1_tiny_run_on_cpu():
     cfg = e1.E1Config(decode_shapes=[[2, 20]], anchors=[16], prefill_contexts=[], prefill_anchors=[],
                       impls=["fused", "naive", "gather_sdpa", "cudnn_sdpa"], warmup_ms=1, rep_ms=1,
-                      device="cpu", seed=3)
+                      reps=2, device="cpu", seed=3)
     rows = e1.run(cfg)
     by = {r["impl"]: r for r in rows}
     assert by["cudnn_sdpa"]["skipped"] == "needs CUDA" and by["cudnn_sdpa"]["ms"] == ""

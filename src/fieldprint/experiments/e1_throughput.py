@@ -12,9 +12,12 @@ below), then for each implementation of
 2. one call checked against ``reference_attention`` (fp32) on a slice (the last
    ``check_tokens`` query tokens of the first ``check_seqs`` sequences): ``rel_err`` =
    max |out - ref| / max |ref|; and against the fused output on every token: ``rel_err_fused``;
-3. the median time of ``run`` over its repetitions (CUDA graph replay where capture works, else
-   eager; ``timing``), with the first and third quartiles of the repetitions (``ms_q1``,
-   ``ms_q3``; absent from files written before they were recorded).
+3. once every implementation of the configuration is set up and checked, ``reps`` interleaved
+   rounds: each round times every implementation in turn for about ``rep_ms`` (CUDA graph replay
+   where capture works, else eager; ``timing``) and keeps its median, so that a drift of the
+   machine (clocks, temperature) reaches all implementations alike. ``ms`` is the median of the
+   rounds' medians, ``ms_q1`` / ``ms_q3`` their first and third quartiles (absent from files
+   written before they were recorded).
 
 Shared-prefix regime (``shared_shapes``, mode ``shared_decode``): decode steps of B sequences in
 groups of ``group`` that share one anchor prefix (the same anchor pages: a system prompt shared by
@@ -44,6 +47,7 @@ from __future__ import annotations
 
 import gc
 import os
+import statistics
 from dataclasses import dataclass, field
 
 from fieldprint.experiments.common import ExperimentConfig, check, hydra_main, resolve_device
@@ -83,8 +87,9 @@ class E1Config(ExperimentConfig):
     cuda_graphs: bool = True
     check_seqs: int = 2
     check_tokens: int = 4
-    warmup_ms: float = 10.0
-    rep_ms: float = 40.0
+    reps: int = 5  # interleaved rounds over the implementations of a configuration
+    warmup_ms: float = 10.0  # per implementation and round
+    rep_ms: float = 8.0  # timed per implementation and round
 
     def validate(self) -> None:
         super().validate()
@@ -114,6 +119,7 @@ class E1Config(ExperimentConfig):
         check(self.unfused_limit_gb > 0 and self.check_seqs > 0 and self.check_tokens > 0,
               "unfused_limit_gb, check_seqs, check_tokens must be positive")
         check(self.warmup_ms > 0 and self.rep_ms > 0, "warmup_ms and rep_ms must be positive")
+        check(isinstance(self.reps, int) and self.reps >= 1, f"reps must be an int >= 1, got {self.reps}")
 
 
 # ----------------------------------------------------------------------------------- inputs
@@ -183,9 +189,9 @@ def rel_err(out, want) -> float:
 # ---------------------------------------------------------------------------------- timing
 
 
-def _time(fn, device: str, cfg: E1Config, graph: bool) -> tuple[tuple[float, float, float], str]:
-    """(first quartile, median, third quartile) ms of ``fn`` over its repetitions, and how it was
-    timed: a CUDA graph replay when ``graph`` and capture works, else eager."""
+def _timer(fn, device: str, graph: bool):
+    """What to time for ``fn`` and how: the replay of a CUDA graph of it when ``graph`` and capture
+    works (the bound ``replay`` keeps the graph alive), else ``fn`` itself, eager."""
     import torch
 
     if device == "cuda" and graph:
@@ -199,10 +205,38 @@ def _time(fn, device: str, cfg: E1Config, graph: bool) -> tuple[tuple[float, flo
             with torch.cuda.graph(g):
                 fn()
             torch.cuda.synchronize()
-            return bench_quartiles(g.replay, device, cfg.warmup_ms, cfg.rep_ms), "graph"
+            return g.replay, "graph"
         except Exception:  # noqa: BLE001 - capture is an optimization: fall back to eager timing
             torch.cuda.synchronize()
-    return bench_quartiles(fn, device, cfg.warmup_ms, cfg.rep_ms), "eager"
+    return fn, "eager"
+
+
+def _interleaved(timed: list[tuple[dict, object]], device: str, cfg: E1Config) -> list[tuple[dict, list[float]]]:
+    """``cfg.reps`` rounds over the (row, callable) pairs of one configuration, each round timing
+    every callable in turn: (row, the rounds' median ms) per pair. A callable that raises is
+    dropped from the later rounds and its row gets the error in ``skipped``."""
+    import torch
+
+    rounds = [(row, fn, []) for row, fn in timed]
+    for _ in range(cfg.reps):
+        for row, fn, ms in rounds:
+            if row["skipped"]:
+                continue
+            try:
+                ms.append(bench_quartiles(fn, device, cfg.warmup_ms, cfg.rep_ms)[1])
+            except RuntimeError as err:
+                row["skipped"] = f"{type(err).__name__} while timed: {(str(err).splitlines() or [''])[0][:140]}"
+                if device == "cuda":
+                    torch.cuda.synchronize()
+    return [(row, ms) for row, _, ms in rounds if not row["skipped"]]
+
+
+def _quartiles(ms: list[float]) -> tuple[float, float, float]:
+    """(first quartile, median, third quartile) of the rounds' medians (all three equal for one)."""
+    if len(ms) == 1:
+        return ms[0], ms[0], ms[0]
+    q1, med, q3 = statistics.quantiles(ms, n=4, method="inclusive")
+    return q1, med, q3
 
 
 def unfused_gb(form: str, B: int, q_len: int, A: int, L: int, cfg: E1Config) -> float:
@@ -285,12 +319,11 @@ def run(cfg: E1Config) -> list[dict]:
                 "head_dim": cfg.head_dim, "block_size": cfg.block_size, "share_group": group,
                 "bytes": logical, "unique_bytes": unique, "flops": flops}
         fused_out = None
-        config_rows = []
+        config_rows, timed, states = [], [], []
         for name in cfg.impls:
             row = dict(base, impl=name, ms="", ms_q1="", ms_q3="", tbps="", unique_tbps="", tflops="",
                        tokens_per_s="", rel_err="", rel_err_fused="", timing="", note="", skipped="")
             reason = _skip_reason(name, mode, A, kv, device, B, q_len, L, cfg)
-            state = None
             try:
                 if reason:
                     raise _Skip(reason)
@@ -305,13 +338,11 @@ def run(cfg: E1Config) -> list[dict]:
                 elif fused_out is not None:
                     row["rel_err_fused"] = f"{rel_err(out, fused_out):.3e}"
                 del out
-                (q1, ms, q3), how = _time(lambda f=fn_run, st=state: f(st), device, cfg,
-                                          cfg.cuda_graphs and name in GRAPHABLE)
-                row.update(ms=f"{ms:.5f}", ms_q1=f"{q1:.5f}", ms_q3=f"{q3:.5f}",
-                           tbps=f"{logical / ms / 1e9:.4g}",
-                           unique_tbps=f"{unique / ms / 1e9:.4g}",
-                           tflops=f"{flops / ms / 1e9:.4g}", tokens_per_s=f"{T / ms * 1e3:.1f}",
-                           timing=how, note=getattr(state, "note", ""))
+                fn, how = _timer(lambda f=fn_run, st=state: f(st), device,
+                                 cfg.cuda_graphs and name in GRAPHABLE)
+                row.update(timing=how, note=getattr(state, "note", ""))
+                timed.append((row, fn))
+                states.append(state)
             except _Skip as why:
                 row["skipped"] = str(why)
             except (RuntimeError, ValueError, TypeError, NotImplementedError) as err:
@@ -319,11 +350,17 @@ def run(cfg: E1Config) -> list[dict]:
                 row["skipped"] = f"{type(err).__name__}: {first}"
                 if device == "cuda":
                     torch.cuda.synchronize()
-            state = None
             config_rows.append(row)
-            gc.collect()
-            if device == "cuda":
-                torch.cuda.empty_cache()
+        for row, round_ms in _interleaved(timed, device, cfg):
+            q1, ms, q3 = _quartiles(round_ms)
+            row.update(ms=f"{ms:.5f}", ms_q1=f"{q1:.5f}", ms_q3=f"{q3:.5f}",
+                       tbps=f"{logical / ms / 1e9:.4g}", unique_tbps=f"{unique / ms / 1e9:.4g}",
+                       tflops=f"{flops / ms / 1e9:.4g}", tokens_per_s=f"{T / ms * 1e3:.1f}")
+        state = None
+        del timed, states
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
         _ratios(config_rows)
         rows += config_rows
         del case, fused_out
