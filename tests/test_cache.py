@@ -71,6 +71,22 @@ def test_allocator_refcounts_and_bad_frees():
         BlockAllocator(0)
 
 
+def test_block_table_survives_growth_past_its_capacity():
+    """A sequence extended a token at a time past 16, 32 and 64 pages (the host table mirror's
+    capacity doublings): every step's kernel_args row lists all of its pages, in order. Growing
+    the mirror once dropped the pages it held (zeros), so attention read page 0 in their place
+    (E5's chunked evaluation past 256 tokens)."""
+    cache = PagedKVCache(L, 100, 1, HKV, D, dtype=torch.float64, seed=5)
+    s = cache.add_sequence()
+    other = cache.add_sequence()
+    for step in range(70):
+        cache.extend([s, other] if step % 3 == 0 else [s], [1, 1] if step % 3 == 0 else [1])
+        row = cache.kernel_args([s, other]).block_table[0]
+        blocks = cache.sequences[s].blocks
+        assert row[:len(blocks)].tolist() == blocks, f"step {step}"
+    assert len(cache.sequences[s].blocks) == 70 and len(set(cache.sequences[s].blocks)) == 70
+
+
 @pytest.mark.parametrize("block_size", [1, 2, 4])
 def test_appends_across_pages_match_dense_reference(block_size):
     gen = torch.Generator().manual_seed(block_size)

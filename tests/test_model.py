@@ -46,6 +46,21 @@ def test_paged_path_equals_plain_path(anchor_len):
     torch.testing.assert_close(paged, plain, rtol=1e-10, atol=1e-9)
 
 
+def test_paged_path_equals_plain_path_past_sixteen_pages_per_sequence():
+    """Windows of 40 pages of 1 token fed in chunks of 5: each sequence's block table grows past
+    the capacities of its host mirror (16, 32) between calls (a growth once lost the pages before
+    it, which windows of at most 8 pages never showed)."""
+    cfg = dataclasses.replace(TINY, context=64)
+    model = tiny_model(7, cfg=cfg)
+    g = torch.Generator().manual_seed(7)
+    anchor = torch.randint(0, 256, (3,), generator=g)
+    windows = torch.randint(0, 256, (3, 41), generator=g)
+    plain = score_plain(model, anchor, windows)
+    paged = score_paged(model, anchor, windows, batch=2, chunk=5, block_size=1,
+                        cache_dtype=torch.float64)
+    torch.testing.assert_close(paged, plain, rtol=1e-10, atol=1e-9)
+
+
 def test_paged_path_per_position_logits_match():
     """Logits of every position, not just the summed loss: one window, one chunk per token."""
     model = tiny_model(3)

@@ -155,9 +155,11 @@ class Sequence:
     epoch: int = 0
 
     def set_blocks(self, blocks: list[int]) -> None:
-        if len(blocks) > self.table.numel():
-            self.table = torch.zeros(max(len(blocks), 2 * self.table.numel()), dtype=torch.int32)
         old = len(self.blocks)
+        if len(blocks) > self.table.numel():  # grow: the mirrored pages come along
+            grown = torch.zeros(max(len(blocks), 2 * self.table.numel()), dtype=torch.int32)
+            grown[:old] = self.table[:old]
+            self.table = grown
         if len(blocks) > old:
             self.table[old:len(blocks)] = torch.tensor(blocks[old:], dtype=torch.int32)
         self.blocks = blocks
