@@ -167,6 +167,25 @@ def test_prefill_anchor_groups_match_reference_and_do_not_depend_on_the_grouping
         assert torch.equal(out, paged_anchor_attention(**case, anchor_groups=two, **scales))
 
 
+def test_anchor_groups_capture_in_a_cuda_graph():
+    """The grouped launch (its token and tile layout built on the device) replays from a CUDA
+    graph and sees new lengths, in decode and in chunked prefill. E1's grouped rows of the run of
+    939e0d86 fell back to eager timing because capture raised; this test names the error."""
+    for q_lens in ([1] * 8, [5, 1, 9, 3, 1, 7, 2, 4]):
+        case = cuda(make_case(11, q_lens, [700 + 90 * i for i in range(8)], [1024] * 8, Hq=32, Hkv=8, D=128))
+        groups = torch.tensor([[0, 2, 4, 6], [1, 3, 5, 7]], dtype=torch.int32, device="cuda")
+        static = {k: v.clone() for k, v in case.items()}
+        paged_anchor_attention(**static, anchor_groups=groups, validate=False)  # compile first
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = paged_anchor_attention(**static, anchor_groups=groups, validate=False)
+        static["seq_lens"].sub_(1)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, paged_anchor_attention(**static, anchor_groups=groups))
+
+
 def test_shared_prefix_attention_with_splits():
     """The shared-prefix kernel on the GPU (an 8K-token prefix: 16 splits by the default rule)
     against float64, and a token's bits the same alone and among 256 tokens."""

@@ -14,8 +14,8 @@ below), then for each implementation of
    max |out - ref| / max |ref|; and against the fused output on every token: ``rel_err_fused``;
 3. once every implementation of the configuration is set up and checked, ``reps`` interleaved
    rounds: each round times every implementation in turn for about ``rep_ms`` (CUDA graph replay
-   where capture works, else eager; ``timing``) and keeps its median, so that a drift of the
-   machine (clocks, temperature) reaches all implementations alike. ``ms`` is the median of the
+   where capture works, else eager: ``timing``, with the capture's error in ``note``) and keeps
+   its median, so that a drift of the machine (clocks, temperature) reaches all alike. ``ms`` is the median of the
    rounds' medians, ``ms_q1`` / ``ms_q3`` their first and third quartiles (absent from files
    written before they were recorded).
 
@@ -190,8 +190,9 @@ def rel_err(out, want) -> float:
 
 
 def _timer(fn, device: str, graph: bool):
-    """What to time for ``fn`` and how: the replay of a CUDA graph of it when ``graph`` and capture
-    works (the bound ``replay`` keeps the graph alive), else ``fn`` itself, eager."""
+    """What to time for ``fn``, how, and why not as a graph: the replay of a CUDA graph of it when
+    ``graph`` and capture works (the bound ``replay`` keeps the graph alive), else ``fn`` itself,
+    eager, with the capture's error (empty when no capture was tried)."""
     import torch
 
     if device == "cuda" and graph:
@@ -205,10 +206,12 @@ def _timer(fn, device: str, graph: bool):
             with torch.cuda.graph(g):
                 fn()
             torch.cuda.synchronize()
-            return g.replay, "graph"
-        except Exception:  # noqa: BLE001 - capture is an optimization: fall back to eager timing
+            return g.replay, "graph", ""
+        except Exception as err:  # noqa: BLE001 - capture is an optimization: fall back to eager
             torch.cuda.synchronize()
-    return fn, "eager"
+            first = (str(err).splitlines() or [""])[0][:120]
+            return fn, "eager", f"graph capture failed: {type(err).__name__}: {first}"
+    return fn, "eager", ""
 
 
 def _interleaved(timed: list[tuple[dict, object]], device: str, cfg: E1Config) -> list[tuple[dict, list[float]]]:
@@ -338,9 +341,9 @@ def run(cfg: E1Config) -> list[dict]:
                 elif fused_out is not None:
                     row["rel_err_fused"] = f"{rel_err(out, fused_out):.3e}"
                 del out
-                fn, how = _timer(lambda f=fn_run, st=state: f(st), device,
-                                 cfg.cuda_graphs and name in GRAPHABLE)
-                row.update(timing=how, note=getattr(state, "note", ""))
+                fn, how, why = _timer(lambda f=fn_run, st=state: f(st), device,
+                                      cfg.cuda_graphs and name in GRAPHABLE)
+                row.update(timing=how, note="; ".join(x for x in (getattr(state, "note", ""), why) if x))
                 timed.append((row, fn))
                 states.append(state)
             except _Skip as why:
