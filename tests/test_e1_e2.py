@@ -363,3 +363,14 @@ def test_e1_issue12_kernel_targets_are_judged_beside_the_brief_claims():
     rows.append(_row("fused", 0.25, B=4, L=131072, kv="fp8"))
     rows.append(_row("fused", 0.5, B=4, L=131072))
     assert {c.id: c for c in r1.claims(rows, {})}["e1.kernel_target.fp8"].supported is True
+
+
+def test_groups_eager_counts_the_grouped_rows_timed_without_a_graph():
+    ref = load_results("e1_throughput", REPO_ROOT / "data" / "reference" / "h200" / "e1_throughput.csv")
+    rows = [dict(r) for r in ref.rows]
+    grouped = [r for r in rows if r["impl"] == "fused_groups" and r["ms"] is not None]
+    assert grouped
+    for r in grouped:
+        r["timing"] = "graph"
+    grouped[0]["timing"] = "eager"
+    assert r1.macros(rows, ref.manifest)["e1.groups_eager"] == f"1 of {len(grouped)}"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Paper-scale experiments one after another in a background chain that outlives the command that
 # started it, for machines that cut a command off sooner than the experiments take (the device
-# tool's 10-minute calls: E6 alone takes about 11 minutes on an H200):
+# tool's 10-minute calls; all paper-scale experiments take about 21 minutes on an H200):
 #
 #   workflow/scripts/gpu_chain.sh e6_commit e3_hash     # first call: starts the chain, then waits
 #   workflow/scripts/gpu_chain.sh e6_commit e3_hash     # later calls: wait for the next result
