@@ -373,4 +373,7 @@ def test_groups_eager_counts_the_grouped_rows_timed_without_a_graph():
     for r in grouped:
         r["timing"] = "graph"
     grouped[0]["timing"] = "eager"
-    assert r1.macros(rows, ref.manifest)["e1.groups_eager"] == f"1 of {len(grouped)}"
+    m = r1.macros(rows, ref.manifest)
+    assert m["e1.groups_eager"] == f"1 of {len(grouped)}"
+    decode_ms = [r["ms"] for r in grouped if r["mode"] == "shared_decode"]
+    assert m["e1.groups_decode_ms"] == f"{min(decode_ms):.2f}--{max(decode_ms):.2f}"

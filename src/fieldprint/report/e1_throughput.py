@@ -238,6 +238,7 @@ def macros(rows, manifest) -> dict[str, str]:
     # the grouped launch is graph-capturable by design; a run where capture failed timed it eagerly
     grouped = [r for r in rows if r["impl"] == "fused_groups" and _value(r, "ms") is not None]
     m["e1.groups_eager"] = f"{sum(r.get('timing') == 'eager' for r in grouped)} of {len(grouped)}"
+    m["e1.groups_decode_ms"] = _span([r["ms"] for r in grouped if r["mode"] == "shared_decode"])
     return m
 
 
