@@ -225,8 +225,9 @@ def test_shared_prefill_macros():
     assert m["e1.shared_prefill.shapes"] == "1" and m[f"{k}.best"] == "read-once anchor groups"
     assert (m[f"{k}.vs_fused"], m[f"{k}.vs_cascade"], m[f"{k}.vs_prefix"]) == ("2.50", "1.25", "n/a")
     decode_only = r1.macros(_shared_rows(), {"gpu": "H200", "date": "2026-12-01"})
+    # e1.groups_eager counts the grouped rows of every mode
     assert m == decode_only | {key: v for key, v in m.items()
-                               if key.startswith("e1.shared_prefill.") or key == "e1.rows_skipped"}
+                               if key.startswith("e1.shared_prefill.") or key in ("e1.rows_skipped", "e1.groups_eager")}
 
 
 def test_shared_key_and_anchor_dominated():

@@ -209,7 +209,7 @@ def macros(rows, manifest) -> dict[str, str]:
                          "e1.flashinfer": latex_escape(f"version {manifest['flashinfer']}" if manifest.get("flashinfer")
                                                       else "not installed in this run"),
                          # interleaved timing rounds per shape; older runs timed each implementation once
-                         "e1.reps": str(manifest["config"].get("reps", 1))}
+                         "e1.reps": str(manifest.get("config", {}).get("reps", 1))}
     for (B, L), key in KEY_SHAPE.items():
         fused = _row(rows, "fused", batch=B, context=L)
         cudnn = _row(rows, "cudnn_sdpa", batch=B, context=L)
