@@ -12,6 +12,7 @@ from fieldprint.experiments.common import REPO_ROOT, compose
 from fieldprint.report import e1_throughput as r1
 from fieldprint.report import e2_sram as r2
 from fieldprint.results import load_results
+from fieldprint.timing import quartiles
 
 
 @pytest.mark.parametrize("scale", ["smoke", "paper"])
@@ -61,8 +62,8 @@ def test_e1_rounds_interleave_the_implementations_and_drop_one_that_fails():
     runs = [n for k, n in enumerate(calls) if k == 0 or calls[k - 1] != n]
     assert runs == ["a", "b", "c", "a", "b", "c", "a", "c"]
     assert rows[1]["skipped"] == "RuntimeError while timed: CUDA out of memory"
-    assert e1._quartiles([3.0, 1.0, 2.0, 5.0, 4.0]) == (2.0, 3.0, 4.0)
-    assert e1._quartiles([2.5]) == (2.5, 2.5, 2.5)
+    assert quartiles([3.0, 1.0, 2.0, 5.0, 4.0]) == (2.0, 3.0, 4.0)
+    assert quartiles([2.5]) == (2.5, 2.5, 2.5)
     with pytest.raises(ValueError, match="reps"):
         e1.E1Config(reps=0)
 

@@ -28,7 +28,15 @@ def bench_quartiles(fn: Callable[[], Any], device: str, warmup_ms: float = 25,
         times.append((time.perf_counter() - t0) * 1e3)
         if len(times) >= 1000:
             break
-    q1, med, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return quartiles(times)
+
+
+def quartiles(ms: list[float]) -> tuple[float, float, float]:
+    """(first quartile, median, third quartile) of repeated timings, inclusive method (all three
+    equal for one value): the spread every experiment reports."""
+    if len(ms) == 1:
+        return ms[0], ms[0], ms[0]
+    q1, med, q3 = statistics.quantiles(ms, n=4, method="inclusive")
     return q1, med, q3
 
 

@@ -15,9 +15,9 @@ below), then for each implementation of
 3. once every implementation of the configuration is set up and checked, ``reps`` interleaved
    rounds: each round times every implementation in turn for about ``rep_ms`` (CUDA graph replay
    where capture works, else eager: ``timing``, with the capture's error in ``note``) and keeps
-   its median, so that a drift of the machine (clocks, temperature) reaches all alike. ``ms`` is the median of the
-   rounds' medians, ``ms_q1`` / ``ms_q3`` their first and third quartiles (absent from files
-   written before they were recorded).
+   its median, so that a drift of the machine (clocks, temperature) reaches all alike. ``ms`` is
+   the median of the rounds' medians, ``ms_q1`` / ``ms_q3`` their first and third quartiles
+   (absent from files written before they were recorded).
 
 Shared-prefix regime (``shared_shapes``, mode ``shared_decode``): decode steps of B sequences in
 groups of ``group`` that share one anchor prefix (the same anchor pages: a system prompt shared by
@@ -47,11 +47,10 @@ from __future__ import annotations
 
 import gc
 import os
-import statistics
 from dataclasses import dataclass, field
 
 from fieldprint.experiments.common import ExperimentConfig, check, hydra_main, resolve_device
-from fieldprint.timing import bench_quartiles
+from fieldprint.timing import bench_quartiles, quartiles
 
 IMPLS = ("fused", "fused_groups", "fused_pipelined", "cudnn_sdpa", "flash_sdpa", "gather_sdpa", "naive",
          "two_softmax", "cascade", "flashinfer_decode", "flashinfer_cascade", "prefix_blocks", "flex")
@@ -209,8 +208,7 @@ def _timer(fn, device: str, graph: bool):
             return g.replay, "graph", ""
         except Exception as err:  # noqa: BLE001 - capture is an optimization: fall back to eager
             torch.cuda.synchronize()
-            first = (str(err).splitlines() or [""])[0][:120]
-            return fn, "eager", f"graph capture failed: {type(err).__name__}: {first}"
+            return fn, "eager", f"graph capture failed: {type(err).__name__}: {_first_line(err, 120)}"
     return fn, "eager", ""
 
 
@@ -228,18 +226,15 @@ def _interleaved(timed: list[tuple[dict, object]], device: str, cfg: E1Config) -
             try:
                 ms.append(bench_quartiles(fn, device, cfg.warmup_ms, cfg.rep_ms)[1])
             except RuntimeError as err:
-                row["skipped"] = f"{type(err).__name__} while timed: {(str(err).splitlines() or [''])[0][:140]}"
+                row["skipped"] = f"{type(err).__name__} while timed: {_first_line(err, 140)}"
                 if device == "cuda":
                     torch.cuda.synchronize()
     return [(row, ms) for row, _, ms in rounds if not row["skipped"]]
 
 
-def _quartiles(ms: list[float]) -> tuple[float, float, float]:
-    """(first quartile, median, third quartile) of the rounds' medians (all three equal for one)."""
-    if len(ms) == 1:
-        return ms[0], ms[0], ms[0]
-    q1, med, q3 = statistics.quantiles(ms, n=4, method="inclusive")
-    return q1, med, q3
+def _first_line(err: Exception, limit: int) -> str:
+    """The first line of an error's message, at most ``limit`` characters (a CSV cell)."""
+    return (str(err).splitlines() or [""])[0][:limit]
 
 
 def unfused_gb(form: str, B: int, q_len: int, A: int, L: int, cfg: E1Config) -> float:
@@ -349,13 +344,12 @@ def run(cfg: E1Config) -> list[dict]:
             except _Skip as why:
                 row["skipped"] = str(why)
             except (RuntimeError, ValueError, TypeError, NotImplementedError) as err:
-                first = (str(err).splitlines() or [""])[0][:160]
-                row["skipped"] = f"{type(err).__name__}: {first}"
+                row["skipped"] = f"{type(err).__name__}: {_first_line(err, 160)}"
                 if device == "cuda":
                     torch.cuda.synchronize()
             config_rows.append(row)
         for row, round_ms in _interleaved(timed, device, cfg):
-            q1, ms, q3 = _quartiles(round_ms)
+            q1, ms, q3 = quartiles(round_ms)
             row.update(ms=f"{ms:.5f}", ms_q1=f"{q1:.5f}", ms_q3=f"{q3:.5f}",
                        tbps=f"{logical / ms / 1e9:.4g}", unique_tbps=f"{unique / ms / 1e9:.4g}",
                        tflops=f"{flops / ms / 1e9:.4g}", tokens_per_s=f"{T / ms * 1e3:.1f}")

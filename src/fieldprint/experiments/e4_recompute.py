@@ -35,7 +35,6 @@ of the two-grid bound (a quarter of the local code spacing under the committed s
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -51,6 +50,7 @@ from fieldprint.merkle import LEAF_KEY
 from fieldprint.model import Transformer, forward_sequences, prefill_anchor
 from fieldprint.quant import code_bytes, code_spacing, quantize
 from fieldprint.smollm2 import load_model, load_tokenizer
+from fieldprint.timing import quartiles
 
 MODEL = "SmolLM2-135M-Instruct"
 SCENARIOS = ("same_stack", "batch_order", "chunk", "full_prefill", "prefix_hit", "cold_prefix", "reference",
@@ -335,7 +335,7 @@ def cost_rows(cfg: E4RecomputeConfig, model: Transformer, texts: Texts, device: 
                 times[(mode, "decode")].append((time.perf_counter() - t0) * 1e3 / cfg.decode_steps)
     rows = []
     for (mode, what), t in times.items():
-        q1, med, q3 = statistics.quantiles(t, n=4, method="inclusive") if len(t) > 1 else (t[0],) * 3
+        q1, med, q3 = quartiles(t)
         rows.append({"measure": "cost", "model": MODEL, "mode": mode, "what": what, "batch": n,
                      "tokens": sum(counts) if what == "prefill" else n, "reps": cfg.reps,
                      "ms": round(med, 4), "ms_q1": round(q1, 4), "ms_q3": round(q3, 4), "device": device})

@@ -46,6 +46,7 @@ from fieldprint.commit import COMMIT_MODES, MODES, Committer
 from fieldprint.decode import GraphDecoder
 from fieldprint.experiments.common import ExperimentConfig, check, hydra_main, progress, resolve_device
 from fieldprint.model import ModelConfig, Transformer, forward_sequences, prefill_anchor
+from fieldprint.timing import quartiles
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TAMPER_FIELDS = ("header", "codes", "scale", "helper", "padding")
@@ -292,7 +293,7 @@ def _run_batch(cfg: E6Config, model: Transformer, batch: int, device: str) -> li
     rows: list[dict] = []
     for mode, interval in configs:
         t = sorted(times[(mode, interval)])
-        q1, ms, q3 = statistics.quantiles(t, n=4, method="inclusive") if len(t) > 1 else (t[0],) * 3
+        q1, ms, q3 = quartiles(t)
         h = host_ms[(mode, interval)]
         rows.append({
             "kind": "timing", "mode": mode, "interval": interval, "batch": batch,
