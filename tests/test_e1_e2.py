@@ -5,7 +5,10 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
+from test_attention_kernel import run_compiled
 
+from fieldprint.attention.kernel import kernel_config
 from fieldprint.experiments import e1_throughput as e1
 from fieldprint.experiments import e2_sram as e2
 from fieldprint.experiments.common import REPO_ROOT, compose
@@ -179,7 +182,7 @@ def test_e2_claims_and_hbm_rows():
     assert [r["context"] for r in first] == [32768]  # 2 * 32 * 32768^2 * 4 B = 275 GB > 141 GB
     var = {"kind": "variant", "kernel": "attention", "mode": "decode", "head_dim": 128, "kv_dtype": "bf16",
            "varied": None, "block_m": 16, "tile_n": 64, "shared_bytes": 36864, "model_bytes": 36864,
-           "model_ratio": 1.0, "registers": 128, "spill_stores": 0, "spill_loads": 0,
+           "model_ratio": 1.0, "registers": 128, "num_warps": 4, "spill_stores": 0, "spill_loads": 0,
            "block_size": 16, "group": 4}
     manifest = {"config": {"block_size": 16, "group": 4}}
     flat = [{"kind": "flat", "anchors": a, "context": c, "hash": "h", "shared_bytes": 36864,
@@ -189,6 +192,56 @@ def test_e2_claims_and_hbm_rows():
     flat[1]["hash"] = "other"
     assert not {c.id: c.supported for c in r2.claims([var, *flat, *hbm], manifest)}["e2.flat"]
     assert "\\\\" in r2.macros([var, *flat, *hbm], manifest)["e2.table"]
+
+
+@pytest.mark.parametrize("registers, warps, shared, programs", [
+    (122, 4, 39936, 4),  # the default decode launch at D=128 (bf16)
+    (233, 4, 82944, 2),  # the same with read-once anchor groups
+    (162, 4, 39936, 3),  # registers alone limit it (162 * 32 rounds up to 5376 per warp)
+    (32, 1, 0, 32),  # the SM's program limit
+    (24, 16, 0, 4),  # its warp limit (registers would allow 5)
+])
+def test_programs_per_sm(registers, warps, shared, programs):
+    assert r2.programs_per_sm(registers, warps, shared) == programs
+
+
+def _e2_variant(varied, registers, shared, mode="decode"):
+    return {"kind": "variant", "kernel": "attention", "mode": mode, "head_dim": 128, "kv_dtype": "bf16",
+            "varied": varied, "block_m": 16, "tile_n": 64, "shared_bytes": shared, "model_bytes": 49152,
+            "model_ratio": shared / 49152, "registers": registers, "num_warps": 4, "spill_stores": 0,
+            "spill_loads": 0, "block_size": 16, "group": 4}
+
+
+def test_e2_groups_macros_and_label():
+    manifest = {"config": {"block_size": 16, "group": 4}}
+    rows = [_e2_variant(None, 122, 39936), _e2_variant("anchor_groups=1", 233, 82944),
+            _e2_variant("anchor_groups=1", 254, 90000, mode="prefill")]
+    m = r2.macros(rows, manifest)
+    got = {name: tuple(m[f"e2.{name}_decode_{k}"] for k in ("regs", "smem_kib", "programs"))
+           for name in ("plain", "groups")}
+    assert got == {"plain": ("122", "39.0", "4"), "groups": ("233", "81.0", "2")}
+    assert r2.variant_label(rows[1], manifest["config"]) == "read-once groups"
+    assert "read-once groups" in m["e2.table"]
+    assert r2.macros(rows[:1], manifest)["e2.groups_decode_regs"] == "n/a"
+
+
+def test_e2_anchor_groups_sweep():
+    """The sweep knob compiles the launch with read-once groups (fresh process: no interpreter);
+    its Q tile is the group tile's, and only the value 1 is accepted."""
+    with pytest.raises(ValueError, match="anchor_groups: value 1"):
+        e2.E2Config(sweeps=[["decode", "anchor_groups", 2]]).validate()
+    kc = kernel_config(128, 16, 4, "decode", torch.bfloat16)
+    assert (e2.q_rows(kc, False), e2.q_rows(kc, True)) == (16, 64)
+    assert e2.model_bytes(kc, 128, 2, anchor_groups=True) - e2.model_bytes(kc, 128, 2) == (64 - 16) * 128 * 2
+    stdout = run_compiled(
+        "from fieldprint.experiments import e2_sram as e2\n"
+        "cfg = e2.E2Config(head_dims=[128], modes=['decode'], sweeps=[['decode', 'anchor_groups', 1]])\n"
+        "for r in e2._compile_rows(cfg):\n"
+        "    print(r['kernel'], r['varied'] or '-', r['registers'], r['acc_regs'])\n")
+    rows = [line.split() for line in stdout.strip().split("\n")]
+    assert [r[:2] for r in rows] == [["attention", "-"], ["combine", "-"], ["attention", "anchor_groups=1"],
+                                     ["combine", "anchor_groups=1"]], rows
+    assert int(rows[2][2]) > int(rows[0][2]) and (rows[0][3], rows[2][3]) == ("16", "64"), rows
 
 
 # ------------------------------------------------------------- shared-prefix regime (issue 12)
@@ -226,9 +279,9 @@ def test_shared_prefill_macros():
     assert m["e1.shared_prefill.shapes"] == "1" and m[f"{k}.best"] == "read-once anchor groups"
     assert (m[f"{k}.vs_fused"], m[f"{k}.vs_cascade"], m[f"{k}.vs_prefix"]) == ("2.50", "1.25", "n/a")
     decode_only = r1.macros(_shared_rows(), {"gpu": "H200", "date": "2026-12-01"})
-    # e1.groups_eager counts the grouped rows of every mode
+    # e1.groups_graph counts the grouped rows of every mode
     assert m == decode_only | {key: v for key, v in m.items()
-                               if key.startswith("e1.shared_prefill.") or key in ("e1.rows_skipped", "e1.groups_eager")}
+                               if key.startswith("e1.shared_prefill.") or key in ("e1.rows_skipped", "e1.groups_graph")}
 
 
 def test_shared_key_and_anchor_dominated():
@@ -367,7 +420,7 @@ def test_e1_issue12_kernel_targets_are_judged_beside_the_brief_claims():
     assert {c.id: c for c in r1.claims(rows, {})}["e1.kernel_target.fp8"].supported is True
 
 
-def test_groups_eager_counts_the_grouped_rows_timed_without_a_graph():
+def test_groups_macros_count_graph_rows_and_compare_on_anchor_dominated_shapes():
     ref = load_results("e1_throughput", REPO_ROOT / "data" / "reference" / "h200" / "e1_throughput.csv")
     rows = [dict(r) for r in ref.rows]
     grouped = [r for r in rows if r["impl"] == "fused_groups" and r["ms"] is not None]
@@ -375,7 +428,10 @@ def test_groups_eager_counts_the_grouped_rows_timed_without_a_graph():
     for r in grouped:
         r["timing"] = "graph"
     grouped[0]["timing"] = "eager"
-    m = r1.macros(rows, ref.manifest)
-    assert m["e1.groups_eager"] == f"1 of {len(grouped)}"
-    decode_ms = [r["ms"] for r in grouped if r["mode"] == "shared_decode"]
-    assert m["e1.groups_decode_ms"] == f"{min(decode_ms):.2f}--{max(decode_ms):.2f}"
+    assert r1.macros(rows, ref.manifest)["e1.groups_graph"] == f"{len(grouped) - 1} of {len(grouped)}"
+    # 0.5 ms grouped against 1.0 ms plain and 0.4 ms cascade on the one dominated shape; the
+    # context-heavy shape (no target there) does not enter the span
+    rows = [_shared(i, ms, DOMINATED) for i, ms in (("fused", 1.0), ("fused_groups", 0.5), ("cascade", 0.4))]
+    rows += [_shared("fused", 1.0, CONTEXT_HEAVY), _shared("fused_groups", 4.0, CONTEXT_HEAVY)]
+    m = r1.macros(rows, {"gpu": "H200", "date": "2026-12-01"})
+    assert (m["e1.shared.groups_vs_fused"], m["e1.shared.groups_vs_cascade"]) == ("2.00", "0.80")

@@ -805,8 +805,8 @@ def _group_layout(anchor_groups: torch.Tensor, query_start_loc: torch.Tensor, nu
     listed = (idx >= 0) & (idx < num_seqs)
     flags = torch.zeros(num_seqs + 1, dtype=torch.int32, device=anchor_groups.device)
     # index_fill_ takes the 1 as a kernel argument; `flags[idx] = 1` makes it a host tensor and
-    # copies it to the GPU with a sync, which a CUDA-graph capture refuses (likely why E1's grouped
-    # rows of 939e0d8 fell back to eager timing; tests/test_attention_gpu.py captures the launch)
+    # copies it to the GPU with a sync, which a CUDA-graph capture refuses (E1's grouped rows fell
+    # back to eager timing until this; tests/test_attention_gpu.py captures the launch)
     flags.index_fill_(0, torch.where(listed, idx, num_seqs).flatten(), 1)
     q_lens = (query_start_loc[1:] - query_start_loc[:-1]).long()
     counts = torch.where(listed, q_lens[idx.clamp(0, max(num_seqs - 1, 0))], 0)  # [G, W]

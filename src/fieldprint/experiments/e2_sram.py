@@ -3,13 +3,12 @@
 Three kinds of rows:
 
 * ``variant``: every launch of :func:`sm90_compile_specs` (decode: attention + split combine;
-  prefill: attention) over head dim, KV dtype, mode, block size, group and tile overrides, with
-  shared memory, registers, spills (:func:`fieldprint.sram.compile_resources`) next to the
-  analytic model ``model_bytes`` = Q tile + one K tile + one V tile:
-  ``BLOCK_M * D * q_bytes + 2 * TILE_N * D * kv_bytes``. No pipeline-stage factor: the K/V tiles
-  are gathered through the block table (indirect addresses), which Triton does not stage through
-  multi-buffered asynchronous copies. The accumulator (``BLOCK_M x D`` fp32) and the softmax
-  state live in registers; ``acc_regs`` is its share per thread.
+  prefill: attention) over head dim, KV dtype, mode, block size, group and tile overrides, and
+  the launch with read-once anchor groups (``varied`` ``anchor_groups=1``), with shared memory,
+  registers, spills (:func:`fieldprint.sram.compile_resources`) next to the analytic model
+  (:func:`model_bytes`): the Q tile plus the K and V tiles of each pipeline buffer. The
+  accumulator (Q rows x ``D`` fp32) and the softmax state live in registers; ``acc_regs`` is its
+  share per thread.
 * ``flat``: one spec, launched for several (anchors, context) pairs. The spec has no anchors or
   context argument at all (they are runtime loop bounds), so the binary is the same by
   construction; the rows show it (same hash, same resources) together with what does change: the
@@ -42,7 +41,8 @@ class E2Config(ExperimentConfig):
     group: int = 4
     heads_q: int = 32
     # Extra variants at head_dim 128, bf16: [mode, knob, value] with knob in block_size, group,
-    # tile_n, block_m, num_stages, num_warps.
+    # tile_n, block_m, num_stages, num_warps, or anchor_groups (value 1: the launch with read-once
+    # anchor groups, whose one program holds both the group tiles' path and the plain one).
     sweeps: list[Any] = field(default_factory=list)
     flat_pairs: list[list[int]] = field(default_factory=lambda: [[0, 1024], [64, 4096], [1024, 32768]])
     flat_head_dim: int = 64
@@ -56,9 +56,10 @@ class E2Config(ExperimentConfig):
         check(set(self.modes) <= {"decode", "prefill"} and self.modes, "modes: decode / prefill")
         check(self.block_size in (16, 32, 64, 128), "block_size must be 16, 32, 64 or 128")
         check(self.group > 0 and self.heads_q % self.group == 0, "group must divide heads_q")
-        knobs = {"block_size", "group", "tile_n", "block_m", "num_stages", "num_warps"}
+        knobs = {"block_size", "group", "tile_n", "block_m", "num_stages", "num_warps", "anchor_groups"}
         check(all(len(s) == 3 and s[0] in ("decode", "prefill") and s[1] in knobs and int(s[2]) > 0
-                  for s in self.sweeps), f"sweeps must be [mode, knob in {sorted(knobs)}, value]")
+                  and (s[1] != "anchor_groups" or int(s[2]) == 1) for s in self.sweeps),
+              f"sweeps must be [mode, knob in {sorted(knobs)}, value] (anchor_groups: value 1)")
         check(all(len(p) == 2 and p[0] >= 0 and p[1] > 0 for p in self.flat_pairs),
               "flat_pairs must be [anchors >= 0, context > 0] pairs")
         check(self.flat_head_dim in (64, 128, 256), "flat_head_dim: 64, 128 or 256")
@@ -66,12 +67,18 @@ class E2Config(ExperimentConfig):
               "hbm_contexts and hbm_decode_batch must be positive")
 
 
-def model_bytes(cfg: dict, head_dim: int, kv_bytes: int, q_bytes: int = 2) -> int:
-    """Analytic shared memory of one attention program: the Q tile, plus the K and V tiles that
-    Triton's software pipeline keeps in flight (``num_stages - 1`` buffers of each, at least one).
-    Nothing in it depends on the number of anchors or the context length."""
+def q_rows(cfg: dict, anchor_groups: bool) -> int:
+    """Query rows of the largest tile one program holds: ``block_m``, or with anchor groups the
+    group tile's ``group_block_m`` when it is larger (the same program runs both paths)."""
+    return max(cfg["block_m"], cfg["group_block_m"]) if anchor_groups else cfg["block_m"]
+
+
+def model_bytes(cfg: dict, head_dim: int, kv_bytes: int, q_bytes: int = 2, anchor_groups: bool = False) -> int:
+    """Analytic shared memory of one attention program: the Q tile (:func:`q_rows`), plus the K
+    and V tiles that Triton's software pipeline keeps in flight (``num_stages - 1`` buffers of
+    each, at least one). Nothing in it depends on the number of anchors or the context length."""
     buffers = max(1, cfg["num_stages"] - 1)
-    return cfg["block_m"] * head_dim * q_bytes + buffers * 2 * cfg["tile_n"] * head_dim * kv_bytes
+    return q_rows(cfg, anchor_groups) * head_dim * q_bytes + buffers * 2 * cfg["tile_n"] * head_dim * kv_bytes
 
 
 def _variants(cfg: E2Config):
@@ -95,9 +102,11 @@ def _compile_rows(cfg: E2Config) -> list[dict]:
     rows = []
     for mode, D, kv, bs, group, over in _variants(cfg):
         kv_dtype = getattr(torch, KV_DTYPES[kv])
-        kc = kernel_config(D, bs, group, mode, kv_dtype, **over)
+        groups = bool(over.get("anchor_groups"))
+        launch = {k: v for k, v in over.items() if k != "anchor_groups"}
+        kc = kernel_config(D, bs, group, mode, kv_dtype, **launch)
         kvb = torch.empty(0, dtype=kv_dtype).element_size()
-        for i, spec in enumerate(sm90_compile_specs(D, bs, kv_dtype, group, mode, **over)):
+        for i, spec in enumerate(sm90_compile_specs(D, bs, kv_dtype, group, mode, anchor_groups=groups, **launch)):
             res = compile_resources(*spec, attrs=spec.attrs)
             attn = i == 0
             threads = 32 * res["num_warps"]
@@ -108,8 +117,8 @@ def _compile_rows(cfg: E2Config) -> list[dict]:
                    "num_stages": spec.options["num_stages"],
                    **{k: res[k] for k in ("shared_bytes", "registers", "spill_stores", "spill_loads",
                                           "local_bytes", "stack_bytes", "hash")},
-                   "model_bytes": model_bytes(kc, D, kvb) if attn else "",
-                   "acc_regs": kc["block_m"] * D // threads if attn else ""}
+                   "model_bytes": model_bytes(kc, D, kvb, anchor_groups=groups) if attn else "",
+                   "acc_regs": q_rows(kc, groups) * D // threads if attn else ""}
             if attn:
                 row["model_ratio"] = f"{res['shared_bytes'] / row['model_bytes']:.4f}"
             rows.append(row)

@@ -8,8 +8,14 @@ H200_HBM = 141e9
 # The launch knobs a variant can change, as the table names them (keys: the config's and the
 # ``varied`` column's knob names).
 KNOB_NAMES = {"block_size": "page", "group": "group", "tile_n": "$T_N$", "block_m": "$B_M$",
-              "num_stages": "stages", "num_warps": "warps"}
+              "num_stages": "stages", "num_warps": "warps", "anchor_groups": "read-once groups"}
+FLAG_KNOBS = {"anchor_groups"}  # on/off knobs: the table names them without their value
 DEFAULT_LABEL = "default"
+# An H200 (sm_90) streaming multiprocessor: 64K 32-bit registers, allocated per warp in units of
+# 256; 228 KiB of shared memory, of which each resident program reserves 1 KiB more than it asks
+# for; at most 64 warps and 32 programs (CUDA C Programming Guide, compute capability 9.0).
+SM90_REGISTERS, SM90_REG_UNIT, SM90_SHARED, SM90_SHARED_RESERVED = 65536, 256, 228 * 1024, 1024
+SM90_WARPS, SM90_PROGRAMS = 64, 32
 
 
 def _variants(rows, kernel="attention"):
@@ -37,11 +43,22 @@ def variant_knobs(row, defaults: dict[str, int]) -> list[tuple[str, str]]:
 
 
 def variant_label(row, defaults: dict[str, int]) -> str:
-    """LaTeX label of a variant: "default", or what it changes ("page 32", "$T_N$ 128")."""
+    """LaTeX label of a variant: "default", or what it changes ("page 32", "$T_N$ 128",
+    "read-once groups")."""
     knobs = variant_knobs(row, defaults)
     if not knobs:
         return DEFAULT_LABEL
-    return ", ".join(f"{KNOB_NAMES.get(k, latex_escape(k))} {latex_escape(v)}" for k, v in knobs)
+    return ", ".join(KNOB_NAMES[k] if k in FLAG_KNOBS else f"{KNOB_NAMES.get(k, latex_escape(k))} {latex_escape(v)}"
+                     for k, v in knobs)
+
+
+def programs_per_sm(registers: int, num_warps: int, shared_bytes: int) -> int:
+    """Programs (CTAs) of one compiled kernel that fit on an H200 SM at once: the least of what its
+    registers, its shared memory and its warps allow."""
+    warp_regs = -(-registers * 32 // SM90_REG_UNIT) * SM90_REG_UNIT
+    by_regs = SM90_REGISTERS // (warp_regs * num_warps)
+    by_shared = SM90_SHARED // (shared_bytes + SM90_SHARED_RESERVED)
+    return min(by_regs, by_shared, SM90_WARPS // num_warps, SM90_PROGRAMS)
 
 
 def _table(rows, manifest) -> str:
@@ -92,9 +109,26 @@ def macros(rows, manifest) -> dict[str, str]:
         "e2.naive_exceeds_prefill": _ctx(_first_exceeding(rows, "naive", "prefill")),
         "e2.naive_exceeds_decode": _ctx(_first_exceeding(rows, "naive", "decode")),
     }
+    m.update(_groups_macros(var, defaults))
     for r in rows:
         if r["kind"] == "hbm" and r["form"] == "naive" and r["mode"] == "prefill" and r["context"] == 131072:
             m["e2.naive_prefill_128k_gb"] = f"{r['hbm_bytes'] / 1e9:,.0f}".replace(",", "\\,")
+    return m
+
+
+def _groups_macros(variants, defaults: dict[str, int]) -> dict[str, str]:
+    """Decode at D=128 with bf16 KV, the default launch and the one with read-once anchor groups:
+    ``e2.{plain,groups}_decode_{regs,smem_kib,programs}`` (registers per thread, shared memory per
+    program, programs per SM; "n/a" where the rows lack the variant)."""
+    m = {}
+    for name, want in (("plain", []), ("groups", [("anchor_groups", "1")])):
+        found = [r for r in variants if r["mode"] == "decode" and r["head_dim"] == 128 and r["kv_dtype"] == "bf16"
+                 and variant_knobs(r, defaults) == want]
+        r = found[0] if found else None
+        m[f"e2.{name}_decode_regs"] = str(r["registers"]) if r else "n/a"
+        m[f"e2.{name}_decode_smem_kib"] = f"{r['shared_bytes'] / 1024:.1f}" if r else "n/a"
+        m[f"e2.{name}_decode_programs"] = (str(programs_per_sm(r["registers"], r["num_warps"], r["shared_bytes"]))
+                                           if r else "n/a")
     return m
 
 
