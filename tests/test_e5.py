@@ -236,11 +236,14 @@ def test_report_and_figure(tmp_path):
     assert m["e5.pct.e4m3.rne"] == "+0.40" and m["e5.pct.e4m3.twogrid"] == "+0.20"
     assert m["e5.attn.e4m3.twogrid"] == "2" and m["e5.kernel_gap"] == "at most 0.10\\%"
     verdicts = {c.id: c.supported for c in claims(rows, manifest)}
-    assert verdicts["e5.model_real"] and verdicts["e5.e4m3_rne_lt1pct"]
+    assert verdicts["e5.model_real"] and verdicts["e5.e4m3_rne_lt1pct"] and verdicts["e5.e4m3_two_grid_lt1pct"]
     assert verdicts["e5.two_grid_attn.e4m3"] and verdicts["e5.trunc_worst_attn"]
     assert verdicts["e5.half_free"]
     assert verdicts["e5.kernel_matches"]
     bad = [dict(r, bpb=2.5) if r["fmt"] == "reference" else r for r in rows]
     assert not {c.id: c.supported for c in claims(bad, manifest)}["e5.model_real"]
+    costly = [dict(r, bpb=r["bpb"] * 1.02) if (r["fmt"], r["rounding"]) == ("e4m3", "two_grid") and r["bpb"] else r
+              for r in rows]  # two-grid 2% over the reference
+    assert not {c.id: c.supported for c in claims(costly, manifest)}["e5.e4m3_two_grid_lt1pct"]
     draw(rows, manifest, tmp_path / "fig")
     assert (tmp_path / "fig.pdf").stat().st_size > 1000 and (tmp_path / "fig.png").exists()

@@ -137,11 +137,11 @@ def claims(rows: list[dict[str, Any]], manifest: dict[str, Any]) -> list[Claim]:
         out.append(Claim("e5.half_free", "Storing the KV cache in bf16 or fp16 costs less than 0.1% "
                          "bits per byte.", all(p < 0.1 for _, p in half),
                          ", ".join(f"{f} {p:+.3f}%" for f, p in half)))
-    if pct("e4m3", "rne") is not None:
-        p = pct("e4m3", "rne")
-        out.append(Claim("e5.e4m3_rne_lt1pct", "Storing the whole KV cache, anchors included, in E4M3 "
-                         "with round-to-nearest-even costs less than 1% bits per byte.", p < 1.0,
-                         f"{p:+.3f}%"))
+    for rounding, name in (("rne", "round-to-nearest-even"), ("two_grid", "two-grid rounding (the committed format)")):
+        p = pct("e4m3", rounding)
+        if p is not None:
+            out.append(Claim(f"e5.e4m3_{rounding}_lt1pct", "Storing the whole KV cache, anchors included, in "
+                             f"E4M3 with {name} costs less than 1% bits per byte.", p < 1.0, f"{p:+.3f}%"))
     for fmt in ("e4m3", "int8"):
         a, b = pct(fmt, "two_grid"), pct(fmt, "rne")
         if a is not None and b is not None:

@@ -200,13 +200,16 @@ AE_CLAIMS: tuple[AeClaim, ...] = (
     AeClaim("C11", "The batch-invariant mode costs the reported prefill and decode time ratios.", (
         Check("e4_recompute", "e4r.cost.prefill.ratio", RATIO, "prefill time, invariant / default"),
         Check("e4_recompute", "e4r.cost.decode.ratio", RATIO, "decode time, invariant / default"))),
-    AeClaim("C12", "Storing the KV cache in bf16, fp16 or E4M3 costs the byte-level model a negligible "
-            "fraction of its bits per byte, two-grid rounding no more than RNE, and evaluating through "
-            "the fused kernel changes the result negligibly.", (
+    # Not a claim here: two-grid costing no more bits per byte than RNE (e5.two_grid_lm.*, still in
+    # the claims report). The roundings differ by about 0.1% at the model level, in an order that
+    # changed between two training runs of the time-budgeted model (3badf7b's run has RNE ahead).
+    AeClaim("C12", "Storing the KV cache in bf16, fp16 or E4M3 (round-to-nearest-even or the committed "
+            "two-grid rounding) costs the byte-level model a negligible fraction of its bits per byte, and "
+            "evaluating through the fused kernel changes the result negligibly.", (
                 Check("e5_accuracy", "e5.model_real", Holds()),
                 Check("e5_accuracy", "e5.half_free", Holds()),
                 Check("e5_accuracy", "e5.e4m3_rne_lt1pct", Holds()),
-                Check("e5_accuracy", "e5.two_grid_lm.e4m3", Holds()),
+                Check("e5_accuracy", "e5.e4m3_two_grid_lt1pct", Holds()),
                 Check("e5_accuracy", "e5.kernel_matches", Holds()))),
     AeClaim("C13", "The attention error of each rounding follows theory: two-grid halves RNE's, stochastic "
             "rounding raises it by about the square root of two, truncation gives the largest.", (
