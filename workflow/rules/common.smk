@@ -87,6 +87,13 @@ def report_code(exp):
     return [f"src/fieldprint/report/{exp}.py", "src/fieldprint/report/__init__.py"]
 
 
+def verdict_code():
+    """The modules behind the claims report, the reproduction report and the artifact appendix:
+    every experiment's report module and the AE claims table (a change to a claim remakes them)."""
+    return sorted({f for exp in PAPER_EXPERIMENTS for f in report_code(exp)}
+                  | {"src/fieldprint/report/reproduction.py", "src/fieldprint/report/__main__.py"})
+
+
 def plot_code(exp):
     """The modules that draw ``exp``'s figure (the figure labels come from its report module)."""
     return [f"src/fieldprint/plots/{exp}.py", "src/fieldprint/plots/style.py", *report_code(exp)]

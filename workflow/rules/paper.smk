@@ -72,6 +72,7 @@ rule artifact_macros:
     input:
         h200=sorted(glob.glob(f"{REFERENCE}/*.csv") + glob.glob(f"{REFERENCE}/*.manifest.json")),
         cpu=sorted(glob.glob(f"{CPU_REFERENCE}/*.csv") + glob.glob(f"{CPU_REFERENCE}/*.manifest.json")),
+        code=verdict_code(),
     output:
         "paper/generated/artifact.tex",
     params:
@@ -112,7 +113,8 @@ rule all_macros:
 
 rule claims:
     input:
-        [with_manifest(paper_source(exp)) for exp in PAPER_EXPERIMENTS],
+        results=[with_manifest(paper_source(exp)) for exp in PAPER_EXPERIMENTS],
+        code=verdict_code(),
     output:
         f"{RESULTS}/claims.md",
     params:
@@ -138,6 +140,7 @@ rule reproduction:
     input:
         fresh=[with_manifest(paper_source(exp)) for exp in FRESH],
         reference=[with_manifest(f"{REFERENCE}/{exp}.csv") for exp in GPU_EXPERIMENTS],
+        code=verdict_code(),
     output:
         f"{RESULTS}/reproduction.md",
     params:
