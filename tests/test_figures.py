@@ -197,10 +197,11 @@ def _e2_rows():
     cfg = e2_experiment.E2Config(hbm_contexts=[1024, 32768, 1048576])
     base = {"kind": "variant", "kernel": "attention", "mode": "decode", "head_dim": 128, "kv_dtype": "bf16",
             "varied": None, "block_size": 16, "group": 4, "block_m": 16, "tile_n": 64,
-            "shared_bytes": 39936, "model_bytes": 36864, "model_ratio": 1.0833, "registers": 122,
+            "shared_bytes": 39936, "model_bytes": 36864, "model_ratio": 1.0833, "registers": 122, "num_warps": 4,
             "spill_stores": 0, "spill_loads": 0}
     sweeps = [dict(base, block_size=32), dict(base, block_size=64), dict(base, group=1),
-              dict(base, group=8), dict(base, varied="tile_n=32", tile_n=32)]
+              dict(base, group=8), dict(base, varied="tile_n=32", tile_n=32),
+              dict(base, varied="anchor_groups=1", registers=233, shared_bytes=82944)]
     flat = [{"kind": "flat", "head_dim": 128, "anchors": a, "context": c, "hash": "h", "shared_bytes": 39936,
              "registers": 122, "grid": f"1x8x{c // 4096 + 1}"} for a, c in ((0, 1024), (64, 4096), (64, 1 << 20))]
     return [base, *sweeps, *flat, *e2_experiment._hbm_rows(cfg)]
@@ -239,7 +240,7 @@ def test_e2_table_labels_every_variant():
     manifest = {"config": {"block_size": 16, "group": 4}}
     table = e2_report.macros(rows, manifest)["e2.table"].splitlines()
     labels = [line.split(" & ")[3] for line in table]
-    assert labels == ["default", "page 32", "page 64", "group 1", "group 8", "$T_N$ 32"]
+    assert labels == ["default", "page 32", "page 64", "group 1", "group 8", "$T_N$ 32", "read-once groups"]
     with pytest.raises(ValueError, match="config.block_size and config.group"):
         e2_report.macros(rows, {})
     names = " ".join(c.evidence for c in e2_report.claims([dict(rows[1], spill_stores=8), *rows[2:]], manifest))
