@@ -24,7 +24,7 @@ and over the anchor-dominated shapes (:func:`anchor_dominated`, the one definiti
 or "not tested" (no shape where both sides ran; prefix blocks does not run where the anchors are
 not block-aligned, FlashInfer only where it is installed). A value the rows lack prints as "n/a"
 (results without the shared-prefix regime or without FlashInfer rows). The read-once groups alone:
-``e1.groups_graph`` ("40 of 40": their timed rows that were graph-replayed) and, over the
+``e1.groups_graph`` ("20 of 20": their timed rows that were graph-replayed) and, over the
 anchor-dominated shapes, ``e1.shared.groups_vs_{fused,cascade}`` (time(baseline) / time(groups)).
 
 Its chunked-prefill form (mode ``shared_prefill``, no target set): per shape, keyed by
@@ -248,9 +248,9 @@ def _groups_macros(rows) -> dict[str, str]:
     grouped = [r for r in rows if r["impl"] == "fused_groups" and _value(r, "ms") is not None]
     m = {"e1.groups_graph": f"{sum(r.get('timing') == 'graph' for r in grouped)} of {len(grouped)}"}
     dominated = [s for s in shared_shapes(rows) if anchor_dominated(s[1], s[2])]
-    for base, name in (("fused", "fused"), ("cascade", "cascade")):
+    for base in ("fused", "cascade"):
         found = [_ratio(_shared_row(rows, "fused_groups", s), _shared_row(rows, base, s)) for s in dominated]
-        m[f"e1.shared.groups_vs_{name}"] = _span([x for x in found if x is not None])
+        m[f"e1.shared.groups_vs_{base}"] = _span([x for x in found if x is not None])
     return m
 
 

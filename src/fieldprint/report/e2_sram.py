@@ -48,8 +48,12 @@ def variant_label(row, defaults: dict[str, int]) -> str:
     knobs = variant_knobs(row, defaults)
     if not knobs:
         return DEFAULT_LABEL
-    return ", ".join(KNOB_NAMES[k] if k in FLAG_KNOBS else f"{KNOB_NAMES.get(k, latex_escape(k))} {latex_escape(v)}"
-                     for k, v in knobs)
+    return ", ".join(_knob_label(k, v) for k, v in knobs)
+
+
+def _knob_label(knob: str, value: str) -> str:
+    name = KNOB_NAMES.get(knob, latex_escape(knob))
+    return name if knob in FLAG_KNOBS else f"{name} {latex_escape(value)}"
 
 
 def programs_per_sm(registers: int, num_warps: int, shared_bytes: int) -> int:
