@@ -6,6 +6,10 @@ One pool of pages per layer, as in PagedAttention (Kwon et al. 2023)::
                          dtype=torch.bfloat16, device="cuda")
     cache.k, cache.v          # [L, N, S, Hkv, D]; cache.k_cache(l) is layer l's [N, S, Hkv, D] view
 
+``v_layout="hdn"`` stores each V page with its tokens contiguous (``fieldprint.page_layout``);
+``cache.v`` is then a non-contiguous view of the same logical shape, which the attention kernel
+reads by its strides and a commit hashes in storage order (the leaf header names the layout).
+
 Pages are handed out by a :class:`BlockAllocator` (free list + reference counts + pins). A
 sequence owns a *block table* (its pages, in token order); its token ``t`` lives in page
 ``table[t // S]`` at offset ``t % S``.
@@ -52,6 +56,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from fieldprint.page_layout import check_layout, empty_pool
 
 CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn)
 
@@ -189,12 +195,13 @@ class KernelArgs:
 
 
 class PagedKVCache:
-    """Per-layer page pools ``k, v: [L, num_blocks, block_size, Hkv, D]`` (see the module doc)."""
+    """Per-layer page pools ``k, v: [L, num_blocks, block_size, Hkv, D]`` (see the module doc;
+    ``v_layout``: the V pool's page layout, ``"nhd"`` or ``"hdn"``)."""
 
     def __init__(
         self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
         dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", *,
-        seed: int | None = None, poison: bool = False,
+        seed: int | None = None, poison: bool = False, v_layout: str = "nhd",
     ) -> None:
         for name, val in (("num_layers", num_layers), ("block_size", block_size),
                           ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
@@ -204,6 +211,7 @@ class PagedKVCache:
             raise ValueError(f"block_size must be a power of two, got {block_size}")
         if dtype not in CACHE_DTYPES:
             raise TypeError(f"dtype must be one of {CACHE_DTYPES}, got {dtype}")
+        self.v_layout = check_layout("v_layout", v_layout)
         self.allocator = BlockAllocator(num_blocks, seed)
         # poison: pages hold NaN until written, and again once freed, so that a read of a slot
         # never written (or of a freed page) shows up in any result instead of passing silently
@@ -214,7 +222,7 @@ class PagedKVCache:
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
         fill = float("nan") if poison else 0.0
         self.k = torch.full(shape, fill, dtype=dtype, device=self.device)
-        self.v = torch.full(shape, fill, dtype=dtype, device=self.device)
+        self.v = empty_pool(shape, v_layout, fill, dtype, self.device)
         self.sequences: dict[int, Sequence] = {}
         self.anchors: dict[int, Anchor] = {}
         self._sealed: list[PageRef] = []
@@ -284,10 +292,7 @@ class PagedKVCache:
         n = self._check_kv(k, v, leading=None)
         if n != a.length:
             raise ValueError(f"k/v hold {n} tokens but anchor {anchor} has {a.length}")
-        shape = (self.num_blocks * self.block_size, self.num_kv_heads, self.head_dim)
-        slots = self._slots(a.blocks, 0, n)
-        self.k[layer].view(shape).index_copy_(0, slots, k.to(self.dtype))
-        self.v[layer].view(shape).index_copy_(0, slots, v.to(self.dtype))
+        self._store_layer(layer, self._slots(a.blocks, 0, n), k, v)
         a.written.add(layer)
 
     def anchor_complete(self, anchor: int) -> bool:
@@ -422,9 +427,7 @@ class PagedKVCache:
         if slots is not self._writable:
             raise ValueError("slots must be the tensor returned by the latest extend() of this cache "
                              "(slots the writing sequences own); anchors are written with write_anchor()")
-        shape = (self.num_blocks * self.block_size, self.num_kv_heads, self.head_dim)
-        self.k[layer].view(shape).index_copy_(0, slots, k.to(self.dtype))
-        self.v[layer].view(shape).index_copy_(0, slots, v.to(self.dtype))
+        self._store_layer(layer, slots, k, v)
 
     def append(self, seq: int, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Append ``k, v: [L, n, Hkv, D]`` (all layers) to ``seq``; returns the slots ``[n]``."""
@@ -511,11 +514,25 @@ class PagedKVCache:
         flat = [blocks[t // S] * S + t % S for t in range(start, start + n)]
         return self._to_device(torch.tensor(flat, dtype=torch.int64)) if as_tensor else flat
 
+    def _store_layer(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """``k, v: [T, Hkv, D]`` into layer ``layer`` at the flat ``slots [T]``: one indexed write
+        per tensor (the pool's layer viewed as ``[N * S, Hkv, D]``; an ``"hdn"`` V pool, whose
+        tokens are not rows, by page and offset)."""
+        shape = (self.num_blocks * self.block_size, self.num_kv_heads, self.head_dim)
+        self.k[layer].view(shape).index_copy_(0, slots, k.to(self.dtype))
+        if self.v_layout == "nhd":
+            self.v[layer].view(shape).index_copy_(0, slots, v.to(self.dtype))
+        else:
+            self.v[layer][slots // self.block_size, slots % self.block_size] = v.to(self.dtype)
+
     def _write_all_layers(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         # One indexed write per tensor for all layers: pool viewed as [L, N*S, Hkv, D].
         shape = (self.num_layers, self.num_blocks * self.block_size, self.num_kv_heads, self.head_dim)
         self.k.view(shape)[:, slots] = k.to(self.dtype)
-        self.v.view(shape)[:, slots] = v.to(self.dtype)
+        if self.v_layout == "nhd":
+            self.v.view(shape)[:, slots] = v.to(self.dtype)
+        else:
+            self.v[:, slots // self.block_size, slots % self.block_size] = v.to(self.dtype)
 
     def _check_kv(self, k, v, leading: int | None) -> int:
         for name, x in (("k", k), ("v", v)):

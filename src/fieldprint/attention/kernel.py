@@ -76,6 +76,7 @@ import triton
 import triton.language as tl
 
 from fieldprint.attention.inputs import AttentionShapes, check_shapes, check_values
+from fieldprint.page_layout import check_layout, layout_of
 
 KV_SPLIT_TOKENS = 2048
 """Default split length (tokens of the combined anchor + context range) of split-KV decode."""
@@ -186,12 +187,30 @@ def _e4m3_to_fp16(x):
 
 
 @triton.jit
+def _load_v_hdn(v_ptr, page, slot, tok_ok, v_head, stride_vb, stride_vd, offs_d, BS: tl.constexpr,
+                TILE_N: tl.constexpr, MASKED: tl.constexpr):
+    """The [TILE_N, D] V tile of a pool in the ``"hdn"`` layout (pages ``[Hkv, D, BS]``: a
+    page's tokens contiguous, so that the tile is loaded in runs of up to ``BS`` tokens). The page
+    ids are constant over ``min(BS, TILE_N)`` tokens (told to the compiler, which cannot see it
+    through the block-table load). Masked tiles load every slot of their pages (the page ids past
+    ``n_tokens`` are 0: in bounds) and zero the tokens past it afterwards, so that the mask does
+    not split the runs; a NaN in an unwritten slot is zeroed with them."""
+    base = page * stride_vb + v_head
+    if TILE_N > BS:
+        base = tl.max_constancy(base, [BS])
+    v = tl.load(v_ptr + (base + slot)[:, None] + offs_d[None, :] * stride_vd)
+    if MASKED:
+        v = tl.where(tok_ok[:, None], v, 0.0)
+    return v
+
+
+@triton.jit
 def _attend_tile(
     acc, l_i, m_i, q, k_ptr, v_ptr, table_row, tile, n_tokens, pos, window, k_head, v_head,
-    stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_mul, softcap,
+    stride_kb, stride_ks, stride_vb, stride_vs, stride_vd, qk_scale, cap_mul, softcap,
     offs_n, offs_d,
     BS: tl.constexpr, TILE_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, E4M3_ASM: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, E4M3_ASM: tl.constexpr, V_HDN: tl.constexpr,
     pages=0, GIVEN_PAGES: tl.constexpr = False,
 ):
     """One online-softmax step over KV tile ``tile`` of a block table row.
@@ -241,10 +260,12 @@ def _attend_tile(
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if MASKED:
-        v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :], mask=tok_ok[:, None], other=0.0)
+    if V_HDN:
+        v = _load_v_hdn(v_ptr, page, slot, tok_ok, v_head, stride_vb, stride_vd, offs_d, BS, TILE_N, MASKED)
+    elif MASKED:
+        v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :] * stride_vd, mask=tok_ok[:, None], other=0.0)
     else:
-        v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :])
+        v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :] * stride_vd)
     if E4M3_ASM:
         v = _e4m3_to_fp16(v)
     acc = acc * alpha[:, None]
@@ -279,10 +300,10 @@ def _nth_split_tile(i, t_lo, n_anchor, c_lo, a_row, c_row, A, L):
 @triton.jit
 def _attend_split_one_loop(
     acc, l_i, m_i, q, k_ptr, v_ptr, a_row, c_row, t_lo, a_hi, c_lo, c_hi, A, L, pos, window,
-    k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_mul, softcap,
+    k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs, stride_vd, qk_scale, cap_mul, softcap,
     offs_n, offs_d,
     BS: tl.constexpr, TILE_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    E4M3_ASM: tl.constexpr,
+    E4M3_ASM: tl.constexpr, V_HDN: tl.constexpr,
 ):
     """The pipelined walk of one split (decode, ``kernel_config(pipelined=True)``): anchor tiles
     ``[t_lo, a_hi)`` then context tiles ``[c_lo, c_hi)`` in ONE loop, so that Triton's software
@@ -316,8 +337,8 @@ def _attend_split_one_loop(
         row_window = tl.where(in_anchor, (1 << 31) - 1, window)  # row_pos - row_window < 0
         acc, l_i, m_i = _attend_tile(
             acc, l_i, m_i, q, k_ptr, v_ptr, row, tile, n_tok, row_pos, row_window, k_head, v_head,
-            stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_mul, softcap, offs_n, offs_d,
-            BS, TILE_N, True, True, HAS_WINDOW, HAS_SOFTCAP, E4M3_ASM, pages, True)
+            stride_kb, stride_ks, stride_vb, stride_vs, stride_vd, qk_scale, cap_mul, softcap, offs_n, offs_d,
+            BS, TILE_N, True, True, HAS_WINDOW, HAS_SOFTCAP, E4M3_ASM, V_HDN, pages, True)
         in_anchor, row, tile, n_tok, pages = next_in_anchor, next_row, next_tile, next_n_tok, next_pages
     return acc, l_i, m_i
 
@@ -363,11 +384,11 @@ def _anchor_group_tile(
     q_ptr, k_ptr, v_ptr, part_out_ptr, part_lse_ptr, qsl_ptr, anchor_table_ptr, anchor_lens_ptr,
     groups_ptr, group_tok_ptr, group_tile_ptr, gtile, kvh, split, num_seqs, num_groups, group_width,
     search_steps, anchor_splits_wanted, max_splits, num_q_heads, qk_scale, cap_mul, softcap, vs,
-    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_at,
+    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd, stride_at,
     stride_g, stride_gt,
     GROUP: tl.constexpr, GP: tl.constexpr, GROUP_BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     BS: tl.constexpr, TILE_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_FP16: tl.constexpr,
-    E4M3_ASM: tl.constexpr,
+    E4M3_ASM: tl.constexpr, V_HDN: tl.constexpr,
 ):
     """Anchor split ``split`` of group tile ``gtile``, read once for every row of the tile.
 
@@ -439,13 +460,13 @@ def _anchor_group_tile(
         for t in range(t_lo, t_full):
             acc, l_i, m_i = _attend_tile(
                 acc, l_i, m_i, q, k_ptr, v_ptr, a_row, t, A, offs_m, 0, k_head, v_head,
-                stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_mul, softcap, offs_n, offs_d,
-                BS, TILE_N, False, False, False, HAS_SOFTCAP, E4M3_ASM)
+                stride_kb, stride_ks, stride_vb, stride_vs, stride_vd, qk_scale, cap_mul, softcap, offs_n, offs_d,
+                BS, TILE_N, False, False, False, HAS_SOFTCAP, E4M3_ASM, V_HDN)
         for t in range(t_full, t_hi):
             acc, l_i, m_i = _attend_tile(
                 acc, l_i, m_i, q, k_ptr, v_ptr, a_row, t, A, offs_m, 0, k_head, v_head,
-                stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_mul, softcap, offs_n, offs_d,
-                BS, TILE_N, True, False, False, HAS_SOFTCAP, E4M3_ASM)
+                stride_kb, stride_ks, stride_vb, stride_vs, stride_vd, qk_scale, cap_mul, softcap, offs_n, offs_d,
+                BS, TILE_N, True, False, False, HAS_SOFTCAP, E4M3_ASM, V_HDN)
         out, lse2 = _normalize(acc, l_i, m_i, vs)
         part = (tok_row * num_q_heads + head) * max_splits + split
         tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
@@ -460,13 +481,13 @@ def _paged_anchor_attn_kernel(
     k_scale_ptr, v_scale_ptr, k_scale_val, v_scale_val, sm_scale, softcap, window,
     num_seqs, num_seq_tiles, num_groups, group_width, search_steps, tiles_per_split,
     anchor_splits_wanted, max_splits, num_q_heads,
-    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ot, stride_oh, stride_bt, stride_at, stride_g, stride_gt,
     GROUP: tl.constexpr, GP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     GROUP_BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BS: tl.constexpr, TILE_N: tl.constexpr,
     HAS_ANCHORS: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, KS_MODE: tl.constexpr, VS_MODE: tl.constexpr, DOT_FP16: tl.constexpr,
-    E4M3_ASM: tl.constexpr, PIPELINED: tl.constexpr,
+    E4M3_ASM: tl.constexpr, V_HDN: tl.constexpr, PIPELINED: tl.constexpr,
 ):
     """q: [T, Hq, D]; k/v: [num_blocks, BS, Hkv, D]; out: [T, Hq, D]; lse: [T, Hq] fp32;
     part_out: [T, Hq, max_splits, D] fp32; part_lse: [T, Hq, max_splits] fp32 (log2 units).
@@ -493,9 +514,9 @@ def _paged_anchor_attn_kernel(
                 anchor_lens_ptr, groups_ptr, group_tok_ptr, group_tile_ptr, tile_idx - num_seq_tiles,
                 kvh, split, num_seqs, num_groups, group_width, search_steps, anchor_splits_wanted,
                 max_splits, num_q_heads, qk_scale, cap_mul, softcap, vs,
-                stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd,
                 stride_at, stride_g, stride_gt, GROUP, GP, GROUP_BLOCK_M, HEAD_DIM, BS, TILE_N, HAS_SOFTCAP, DOT_FP16,
-                E4M3_ASM)
+                E4M3_ASM, V_HDN)
             return
 
     # Sequence of this query tile: largest b with query_start_loc[b] // BLOCK_Q + b <= tile_idx.
@@ -576,16 +597,16 @@ def _paged_anchor_attn_kernel(
             c_lo = tl.maximum(c_lo, tl.maximum(p_lo - window + 1, 0) // TILE_N)
         acc, l_i, m_i = _attend_split_one_loop(
             acc, l_i, m_i, q, k_ptr, v_ptr, a_row, c_row, t_lo, a_hi, c_lo, c_hi, A, L, pos, window,
-            k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_mul, softcap,
-            offs_n, offs_d, BS, TILE_N, HAS_WINDOW, HAS_SOFTCAP, E4M3_ASM)
+            k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs, stride_vd, qk_scale, cap_mul, softcap,
+            offs_n, offs_d, BS, TILE_N, HAS_WINDOW, HAS_SOFTCAP, E4M3_ASM, V_HDN)
     else:
         if HAS_ANCHORS:
             a_row = anchor_table_ptr + b.to(tl.int64) * stride_at
             for t in range(t_lo, tl.minimum(t_hi, n_a)):
                 acc, l_i, m_i = _attend_tile(
                     acc, l_i, m_i, q, k_ptr, v_ptr, a_row, t, A, pos, window, k_head, v_head,
-                    stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_mul, softcap, offs_n, offs_d,
-                    BS, TILE_N, True, False, False, HAS_SOFTCAP, E4M3_ASM)
+                    stride_kb, stride_ks, stride_vb, stride_vs, stride_vd, qk_scale, cap_mul, softcap, offs_n, offs_d,
+                    BS, TILE_N, True, False, False, HAS_SOFTCAP, E4M3_ASM, V_HDN)
         # Context tiles of this split, clipped to what the tile's rows can see.
         c_lo = tl.maximum(t_lo - n_a, 0)
         c_hi = tl.minimum(t_hi - n_a, _cdiv(p_hi + 1, TILE_N))
@@ -601,18 +622,18 @@ def _paged_anchor_attn_kernel(
         for t in range(c_lo, mid_lo):
             acc, l_i, m_i = _attend_tile(
                 acc, l_i, m_i, q, k_ptr, v_ptr, c_row, t, L, pos, window, k_head, v_head,
-                stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_mul, softcap, offs_n, offs_d,
-                BS, TILE_N, True, True, HAS_WINDOW, HAS_SOFTCAP, E4M3_ASM)
+                stride_kb, stride_ks, stride_vb, stride_vs, stride_vd, qk_scale, cap_mul, softcap, offs_n, offs_d,
+                BS, TILE_N, True, True, HAS_WINDOW, HAS_SOFTCAP, E4M3_ASM, V_HDN)
         for t in range(mid_lo, mid_hi):
             acc, l_i, m_i = _attend_tile(
                 acc, l_i, m_i, q, k_ptr, v_ptr, c_row, t, L, pos, window, k_head, v_head,
-                stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_mul, softcap, offs_n, offs_d,
-                BS, TILE_N, False, False, False, HAS_SOFTCAP, E4M3_ASM)
+                stride_kb, stride_ks, stride_vb, stride_vs, stride_vd, qk_scale, cap_mul, softcap, offs_n, offs_d,
+                BS, TILE_N, False, False, False, HAS_SOFTCAP, E4M3_ASM, V_HDN)
         for t in range(mid_hi, c_hi):
             acc, l_i, m_i = _attend_tile(
                 acc, l_i, m_i, q, k_ptr, v_ptr, c_row, t, L, pos, window, k_head, v_head,
-                stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_mul, softcap, offs_n, offs_d,
-                BS, TILE_N, True, True, HAS_WINDOW, HAS_SOFTCAP, E4M3_ASM)
+                stride_kb, stride_ks, stride_vb, stride_vs, stride_vd, qk_scale, cap_mul, softcap, offs_n, offs_d,
+                BS, TILE_N, True, True, HAS_WINDOW, HAS_SOFTCAP, E4M3_ASM, V_HDN)
 
     out, lse2 = _normalize(acc, l_i, m_i, vs)
     row_hd = tok_row * num_q_heads + head
@@ -783,6 +804,10 @@ def _e4m3_asm(kv_dtype: torch.dtype, device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+# The V stride equal to 1 in each page layout, which a launch specializes (a constexpr 1).
+_UNIT_V_STRIDE = {"nhd": "stride_vd", "hdn": "stride_vs"}
+
+
 def _scale_arg(scale):
     """k_scale / v_scale as (tensor or None, float): a tensor is read by the kernel (one element
     or one per KV head), a Python number is passed by value."""
@@ -887,14 +912,14 @@ def _launch(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, anchor_
         B, n_tiles, G, group_width, max(group_width - 1, 0).bit_length(), tiles_per_split, anchor_splits_wanted,
         max_splits, Hq,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
         out.stride(0), out.stride(1), block_table.stride(0), atab.stride(0), stride_g, stride_gt,
         GROUP=group, GP=cfg["group_pad"], BLOCK_Q=cfg["block_q"], BLOCK_M=cfg["block_m"],
         GROUP_BLOCK_M=cfg["group_block_m"], HEAD_DIM=D, BS=BS, TILE_N=TN, HAS_ANCHORS=has_anchors,
         HAS_GROUPS=has_groups,
         HAS_WINDOW=bool(sliding_window), HAS_SOFTCAP=bool(logit_softcap),
         KS_MODE=ks_mode, VS_MODE=vs_mode, DOT_FP16=_dot_fp16(q.dtype, k_cache.dtype),
-        E4M3_ASM=_e4m3_asm(k_cache.dtype, q.device), PIPELINED=cfg["pipelined"],
+        E4M3_ASM=_e4m3_asm(k_cache.dtype, q.device), V_HDN=layout_of(v_cache) == "hdn", PIPELINED=cfg["pipelined"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"],
     )
     if max_splits > 1:
@@ -943,8 +968,11 @@ def _check_kernel_inputs(q, k_cache, v_cache, block_table, seq_lens, query_start
              "seq_lens": seq_lens, "query_start_loc": query_start_loc,
              "anchor_block_table": anchor_block_table, "anchor_lens": anchor_lens}
     for name, x in named.items():
-        if x is not None and x.numel() > 0 and x.stride(-1) != 1:
+        if name != "v_cache" and x is not None and x.numel() > 0 and x.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dimension, got strides {x.stride()}")
+    if v_cache.numel() > 0 and layout_of(v_cache) is None:
+        raise ValueError(f"v_cache must be contiguous in its last dimension (page layout 'nhd') or in its "
+                         f"token dimension 1 (page layout 'hdn'), got strides {v_cache.stride()}")
     D, BS = q.shape[2], k_cache.shape[1]
     if D not in (64, 128, 256):
         raise ValueError(f"head dim must be 64, 128 or 256, got {D}")
@@ -1116,12 +1144,14 @@ _TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float8_e4
 def sm90_compile_specs(head_dim: int, block_size: int, kv_dtype: torch.dtype, group: int, mode: str,
                        q_dtype: torch.dtype = torch.bfloat16, anchors: bool = True,
                        sliding_window: bool = False, logit_softcap: bool = False,
-                       scale_mode: int = 0, anchor_groups: bool = False, **overrides) -> list[CompileSpec]:
+                       scale_mode: int = 0, anchor_groups: bool = False, v_layout: str = "nhd",
+                       **overrides) -> list[CompileSpec]:
     """The kernels ``paged_anchor_attention`` launches for these shapes (decode, and prefill with
     ``anchor_groups``: attention + split combine; prefill: attention), with the same constexprs
     and options. Nothing in them depends on the number of anchors, the context length or the
     group sizes: those are runtime loop bounds. ``anchor_groups``: the variant launched with
-    ``anchor_groups``."""
+    ``anchor_groups``. ``v_layout``: the V pool's page layout (:data:`V_LAYOUTS`), which a launch
+    specializes through the stride equal to 1 (D's in ``"nhd"``, the tokens' in ``"hdn"``)."""
     if anchor_groups and not anchors:
         raise ValueError("anchor_groups needs anchors=True")
     if not isinstance(_paged_anchor_attn_kernel, triton.runtime.jit.JITFunction):
@@ -1141,8 +1171,10 @@ def sm90_compile_specs(head_dim: int, block_size: int, kv_dtype: torch.dtype, gr
                   "TILE_N": cfg["tile_n"], "HAS_ANCHORS": anchors, "HAS_GROUPS": anchor_groups,
                   "HAS_WINDOW": sliding_window,
                   "HAS_SOFTCAP": logit_softcap, "KS_MODE": scale_mode, "VS_MODE": scale_mode,
-                  "DOT_FP16": _dot_fp16(q_dtype, kv_dtype), "E4M3_ASM": kv_dtype == torch.float8_e4m3fn,
-                  "PIPELINED": cfg["pipelined"]}
+                  "DOT_FP16": _dot_fp16(q_dtype, kv_dtype),
+                  "E4M3_ASM": kv_dtype == torch.float8_e4m3fn, "V_HDN": check_layout("v_layout", v_layout) == "hdn",
+                  "PIPELINED": cfg["pipelined"],
+                  _UNIT_V_STRIDE[v_layout]: 1}
     fn = _paged_anchor_attn_kernel
     sig = {}
     for name in fn.arg_names:
