@@ -1,8 +1,8 @@
 """The fused kernel on a CUDA GPU at realistic shapes (Hq=32, Hkv=8, D=128, pages of 16): long
 split-KV decode, fp8 KV, a 1K-token prefill chunk mixed with decode tokens, D=256 with window and
 softcap, bitwise determinism and batch invariance, CUDA-graph capture with ``validate=False``,
-torch.compile; read-once anchor groups and the shared-prefix kernel with splits (not yet run on a
-GPU when written). Skipped without CUDA (run on the H200: ``pytest -m gpu tests/test_attention_gpu.py``).
+torch.compile; the "hdn" V page layout; read-once anchor groups and the shared-prefix kernel
+with splits. Skipped without CUDA (run on the H200: ``pytest -m gpu tests/test_attention_gpu.py``).
 """
 
 from __future__ import annotations
@@ -93,6 +93,21 @@ def test_bitwise_determinism_and_batch_invariance(kv_dtype):
                    query_start_loc=torch.tensor([0, 1], dtype=torch.int32, device="cuda"),
                    anchor_block_table=big["anchor_block_table"][b:b + 1], anchor_lens=big["anchor_lens"][b:b + 1])
         assert torch.equal(paged_anchor_attention(**one), out[b:b + 1]), b
+
+
+@pytest.mark.parametrize("kv_dtype", [BF16, FP8])
+@pytest.mark.parametrize("config", [None, {"pipelined": True}])
+def test_hdn_v_layout(kv_dtype, config):
+    """A V pool in the "hdn" page layout (tokens contiguous) against float64 (decode with splits,
+    partial last pages, NaN in unowned slots) and against the default layout, which it should
+    equal (same tiles, same order; reported, the bound is the tolerance)."""
+    case = cuda(make_case(12, [1] * 6, [20_000, 4_096, 2_049, 31, 700, 9_000], [64, 64, 0, 100, 1000, 17],
+                          Hq=32, Hkv=8, D=128, kv_dtype=kv_dtype))
+    hdn = dict(case, v_cache=case["v_cache"].movedim(1, -1).contiguous().movedim(-1, 1))
+    out, _ = check(hdn, config=config)
+    plain = paged_anchor_attention(**case, config=config)
+    torch.testing.assert_close(out.float(), plain.float(), atol=1e-2, rtol=1e-2)
+    print(f"hdn {kv_dtype} {config}: bitwise equal to the default layout: {torch.equal(out, plain)}")
 
 
 def test_cuda_graph_capture_validate_false():

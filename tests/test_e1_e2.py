@@ -74,7 +74,7 @@ def test_e1_rounds_interleave_the_implementations_and_drop_one_that_fails():
 @pytest.mark.interpreted
 def test_e1_tiny_run_on_cpu():
     cfg = e1.E1Config(decode_shapes=[[2, 20]], anchors=[16], prefill_contexts=[], prefill_anchors=[],
-                      impls=["fused", "naive", "gather_sdpa", "cudnn_sdpa"], warmup_ms=1, rep_ms=1,
+                      impls=["fused", "naive", "gather_sdpa", "cudnn_sdpa", "fused_hdn"], warmup_ms=1, rep_ms=1,
                       reps=2, device="cpu", seed=3)
     rows = e1.run(cfg)
     by = {r["impl"]: r for r in rows}
@@ -86,6 +86,7 @@ def test_e1_tiny_run_on_cpu():
         assert 0 < float(by[name]["ms_q1"]) <= float(by[name]["ms"]) <= float(by[name]["ms_q3"])
     assert by["cudnn_sdpa"]["ms_q1"] == by["cudnn_sdpa"]["ms_q3"] == ""
     assert float(by["naive"]["rel_err_fused"]) < 2e-2
+    assert by["fused_hdn"]["skipped"] == "" and float(by["fused_hdn"]["rel_err_fused"]) == 0  # same bits
     assert by["fused"]["bytes"] == 2 * 2 * 36 * 2 * 64 * 2 + 2 * 2 * 4 * 64 * 2
 
 
@@ -155,6 +156,28 @@ def test_unfused_skip_reason_uses_memory_estimate():
     assert e1._skip_reason("fused_groups", "shared_decode", 64, "bf16", "cuda", 64, 1, 4096, cfg) == ""
     assert e1._skip_reason("fused_groups", "shared_prefill", 64, "bf16", "cuda", 64, 8, 4096, cfg) == ""
     assert e1._skip_reason("fused_pipelined", "shared_prefill", 64, "bf16", "cuda", 64, 8, 4096, cfg)
+    assert e1._skip_reason("fused_hdn", "decode", 64, "fp8", "cuda", 64, 1, 4096, cfg) == ""
+    assert e1._skip_reason("fused_hdn", "shared_decode", 64, "fp8", "cuda", 64, 1, 4096, cfg)
+
+
+def test_e1_hdn_layout_macros_and_claims():
+    """The "hdn" V layout: its speed over the default layout per shape and KV dtype, the fp8
+    target judged on the faster layout at each batched shape, and whether hdn wins everywhere."""
+    shapes = [(64, 4096), (16, 32768), (4, 131072)]
+    rows = []
+    for (B, L), hdn_ms in zip(shapes, (0.5, 0.6, 0.4), strict=True):
+        rows += [_row("fused", 1.0, B, L), _row("fused", 0.55, B, L, kv="fp8"),
+                 _row("fused_hdn", hdn_ms, B, L, kv="fp8"), _row("fused_hdn", 1.25, B, L)]
+    m = r1.macros(rows, GPU)
+    assert (m["e1.hdn_fp8_b64l4k"], m["e1.hdn_fp8_b16l32k"], m["e1.hdn_bf16_b64l4k"]) == ("1.10", "0.92", "0.80")
+    assert m["e1.hdn_fp8_range"] == "0.92--1.38" and m["e1.hdn_bf16_range"] == "0.80"
+    assert m["e1.hdn_fp8_b1l128k"] == "n/a"
+    got = {c.id: c for c in r1.claims(rows, GPU)}
+    assert not got["e1.hdn_fp8_faster"].supported  # 0.92x at B=16
+    assert got["e1.kernel_target.fp8"].evidence == "2.00, 1.82, 2.50"  # the faster layout at each shape
+    assert got["e1.kernel_target.fp8"].supported
+    rows[6]["ms"] = 0.5  # hdn now faster at B=16 too
+    assert {c.id: c for c in r1.claims(rows, GPU)}["e1.hdn_fp8_faster"].supported
 
 
 def _row(impl, ms, B=64, L=4096, A=64, kv="bf16", mode="decode", err=1e-3):
@@ -225,10 +248,26 @@ def test_e2_groups_macros_and_label():
     assert r2.macros(rows[:1], manifest)["e2.groups_decode_regs"] == "n/a"
 
 
+def test_e2_hdn_macros_and_sweep():
+    manifest = {"config": {"block_size": 16, "group": 4}}
+    rows = [dict(_e2_variant(None, 162, 74752), kv_dtype="fp8"),
+            dict(_e2_variant("v_hdn=1", 168, 74752), kv_dtype="fp8")]
+    m = r2.macros(rows, manifest)
+    got = [m[f"e2.{n}_fp8_decode_{k}"] for n in ("plain", "hdn") for k in ("regs", "programs")]
+    assert got == ["162", "3", "168", "3"]
+    assert r2.variant_label(rows[1], manifest["config"]) == "token-contiguous V"
+    e2.E2Config(sweeps=[["decode", "v_hdn", 1, "fp8"]]).validate()
+    for bad in (["decode", "v_hdn", 2], ["decode", "v_hdn", 1, "fp4"]):
+        with pytest.raises(ValueError, match="sweeps must be"):
+            e2.E2Config(sweeps=[bad]).validate()
+    assert [v[2:] for v in e2._variants(e2.E2Config(modes=["decode"], sweeps=[["decode", "v_hdn", 1, "fp8"]]))][-1] \
+        == ("fp8", 16, 4, {"v_hdn": 1})
+
+
 def test_e2_anchor_groups_sweep():
     """The sweep knob compiles the launch with read-once groups (fresh process: no interpreter);
     its Q tile is the group tile's, and only the value 1 is accepted."""
-    with pytest.raises(ValueError, match="anchor_groups: value 1"):
+    with pytest.raises(ValueError, match="anchor_groups and v_hdn: value 1"):
         e2.E2Config(sweeps=[["decode", "anchor_groups", 2]]).validate()
     kc = kernel_config(128, 16, 4, "decode", torch.bfloat16)
     assert (e2.q_rows(kc, False), e2.q_rows(kc, True)) == (16, 64)

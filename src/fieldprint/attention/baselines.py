@@ -10,6 +10,8 @@ state; ``run(state)`` is exactly what E1 times.
 * ``fused_groups``: the same kernel given the sequences that share anchor pages as
   ``anchor_groups`` (shared-prefix shapes, decode and chunked prefill): each anchor tile is read
   once per tile of grouped query rows.
+* ``fused_pipelined``: the kernel's opt-in pipelined decode walk.
+* ``fused_hdn``: the kernel on a V pool in the ``"hdn"`` page layout (tokens contiguous).
 * ``cudnn_sdpa``, ``flash_sdpa``: PyTorch SDPA on contiguous ``[B, Hkv, A+L, D]`` K/V gathered
   once in ``setup`` (no paging at all: the upper reference). Uniform batches only.
 * ``gather_sdpa``: gather pages + concatenate anchors + SDPA, all inside the timed region, as an
@@ -35,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -600,6 +602,13 @@ def _pipelined_run(state) -> torch.Tensor:
     return kernel(*case.args(), **scales.kwargs(), config={"pipelined": True}, validate=False)
 
 
+def _hdn_setup(case: PagedCase, scales: Scales):
+    """The fused kernel on the V pool stored in the ``"hdn"`` page layout (a page's tokens
+    contiguous, `fieldprint.page_layout`): the same logical pool, copied once."""
+    v = case.v_cache.movedim(1, -1).contiguous().movedim(-1, 1)  # storage [N, Hkv, D, S]
+    return _fused_setup(replace(case, v_cache=v), scales)
+
+
 def _groups_setup(case: PagedCase, scales: Scales):
     """The fused kernel with read-once anchor groups: the sequences that share anchor pages
     (`shared_anchor_sequences`) as its ``anchor_groups`` table [G, W] (-1 padded)."""
@@ -637,6 +646,7 @@ REGISTRY: dict[str, tuple[Setup, Run]] = {
     "fused": (_fused_setup, _fused_run),
     "fused_groups": (_groups_setup, _groups_run),
     "fused_pipelined": (_fused_setup, _pipelined_run),
+    "fused_hdn": (_hdn_setup, _fused_run),
     "cudnn_sdpa": (_contiguous_setup("cudnn"), _run_contiguous),
     "flash_sdpa": (_contiguous_setup("flash"), _run_contiguous),
     "gather_sdpa": (_gather_setup, _gather_run),
@@ -651,4 +661,4 @@ REGISTRY: dict[str, tuple[Setup, Run]] = {
 """name -> (setup(case, scales) -> state, run(state) -> out [T, Hq, D]); E1 times ``run``."""
 
 # Baselines that read the paged cache through the project's kernel (need Triton on a CPU).
-USES_KERNEL = frozenset({"fused", "fused_groups", "fused_pipelined", "cascade", "prefix_blocks"})
+USES_KERNEL = frozenset({"fused", "fused_groups", "fused_pipelined", "fused_hdn", "cascade", "prefix_blocks"})

@@ -114,13 +114,13 @@ def _shared_prefix_kernel(
     for t in range(t_lo, tl.minimum(t_hi, full_tiles)):
         acc, l_i, m_i = _attend_tile(
             acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, t, prefix_len, offs_m, 0, k_head, v_head,
-            stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, 1.0, 1.0, offs_n, offs_d,
-            BS, TILE_N, False, False, False, False, E4M3_ASM)
+            stride_kb, stride_ks, stride_vb, stride_vs, 1, qk_scale, 1.0, 1.0, offs_n, offs_d,
+            BS, TILE_N, False, False, False, False, E4M3_ASM, False)
     for t in range(tl.maximum(t_lo, full_tiles), t_hi):  # the partial last tile, if in this split
         acc, l_i, m_i = _attend_tile(
             acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, t, prefix_len, offs_m, 0, k_head, v_head,
-            stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, 1.0, 1.0, offs_n, offs_d,
-            BS, TILE_N, True, False, False, False, E4M3_ASM)
+            stride_kb, stride_ks, stride_vb, stride_vs, 1, qk_scale, 1.0, 1.0, offs_n, offs_d,
+            BS, TILE_N, True, False, False, False, E4M3_ASM, False)
 
     out, lse2 = _normalize(acc, l_i, m_i, vs)  # an empty prefix (one split): out 0, lse -inf
     row_hd = tok * num_q_heads + head  # [T, Hq] index of each row

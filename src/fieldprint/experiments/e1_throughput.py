@@ -52,12 +52,12 @@ from dataclasses import dataclass, field
 from fieldprint.experiments.common import ExperimentConfig, check, hydra_main, resolve_device
 from fieldprint.timing import bench_quartiles, quartiles
 
-IMPLS = ("fused", "fused_groups", "fused_pipelined", "cudnn_sdpa", "flash_sdpa", "gather_sdpa", "naive",
+IMPLS = ("fused", "fused_groups", "fused_pipelined", "fused_hdn", "cudnn_sdpa", "flash_sdpa", "gather_sdpa", "naive",
          "two_softmax", "cascade", "flashinfer_decode", "flashinfer_cascade", "prefix_blocks", "flex")
 KV_DTYPES = {"bf16": "bfloat16", "fp8": "float8_e4m3fn"}
 # The FlashInfer wrappers are planned in graph mode (fixed index buffers; run() reads nothing else).
-GRAPHABLE = {"fused", "fused_groups", "fused_pipelined", "cascade", "prefix_blocks", "cudnn_sdpa", "flash_sdpa",
-             "gather_sdpa", "flashinfer_decode", "flashinfer_cascade"}
+GRAPHABLE = {"fused", "fused_groups", "fused_pipelined", "fused_hdn", "cascade", "prefix_blocks", "cudnn_sdpa",
+             "flash_sdpa", "gather_sdpa", "flashinfer_decode", "flashinfer_cascade"}
 PREFILL_MODES = ("prefill", "shared_prefill")  # several query tokens per sequence
 FP8_SCALE = 0.5  # k_scale = v_scale for fp8 caches (values stored as x / 0.5)
 
@@ -271,6 +271,8 @@ def _skip_reason(name: str, mode: str, A: int, kv: str, device: str, B: int, q_l
         return "anchor groups: shared-prefix shapes only"
     if name == "fused_pipelined" and mode in PREFILL_MODES:
         return "pipelined walk: decode only"
+    if name == "fused_hdn" and mode != "decode":
+        return "hdn V layout: context-dominated decode only"
     return ""
 
 

@@ -4,7 +4,8 @@ Three kinds of rows:
 
 * ``variant``: every launch of :func:`sm90_compile_specs` (decode: attention + split combine;
   prefill: attention) over head dim, KV dtype, mode, block size, group and tile overrides, and
-  the launch with read-once anchor groups (``varied`` ``anchor_groups=1``), with shared memory,
+  the launch with read-once anchor groups (``varied`` ``anchor_groups=1``) and the one reading a
+  V pool in the "hdn" page layout (``v_hdn=1``), with shared memory,
   registers, spills (:func:`fieldprint.sram.compile_resources`) next to the analytic model
   (:func:`model_bytes`): the Q tile plus the K and V tiles of each pipeline buffer. The
   accumulator (Q rows x ``D`` fp32) and the softmax state live in registers; ``acc_regs`` is its
@@ -30,6 +31,7 @@ from fieldprint.experiments.common import ExperimentConfig, check, hydra_main
 
 H200_HBM_BYTES = 141e9
 KV_DTYPES = {"bf16": "bfloat16", "fp8": "float8_e4m3fn"}
+FLAG_KNOBS = {"anchor_groups", "v_hdn"}  # on/off launch variants (value 1), not kernel_config knobs
 
 
 @dataclass
@@ -40,9 +42,11 @@ class E2Config(ExperimentConfig):
     block_size: int = 16
     group: int = 4
     heads_q: int = 32
-    # Extra variants at head_dim 128, bf16: [mode, knob, value] with knob in block_size, group,
-    # tile_n, block_m, num_stages, num_warps, or anchor_groups (value 1: the launch with read-once
-    # anchor groups, whose one program holds both the group tiles' path and the plain one).
+    # Extra variants at head_dim 128: [mode, knob, value] or [mode, knob, value, kv dtype] (bf16
+    # unless given) with knob in block_size, group, tile_n, block_m, num_stages, num_warps,
+    # anchor_groups (value 1: the launch with read-once anchor groups, whose one program holds
+    # both the group tiles' path and the plain one) or v_hdn (value 1: a V pool in the "hdn"
+    # page layout, tokens contiguous).
     sweeps: list[Any] = field(default_factory=list)
     flat_pairs: list[list[int]] = field(default_factory=lambda: [[0, 1024], [64, 4096], [1024, 32768]])
     flat_head_dim: int = 64
@@ -56,10 +60,12 @@ class E2Config(ExperimentConfig):
         check(set(self.modes) <= {"decode", "prefill"} and self.modes, "modes: decode / prefill")
         check(self.block_size in (16, 32, 64, 128), "block_size must be 16, 32, 64 or 128")
         check(self.group > 0 and self.heads_q % self.group == 0, "group must divide heads_q")
-        knobs = {"block_size", "group", "tile_n", "block_m", "num_stages", "num_warps", "anchor_groups"}
-        check(all(len(s) == 3 and s[0] in ("decode", "prefill") and s[1] in knobs and int(s[2]) > 0
-                  and (s[1] != "anchor_groups" or int(s[2]) == 1) for s in self.sweeps),
-              f"sweeps must be [mode, knob in {sorted(knobs)}, value] (anchor_groups: value 1)")
+        knobs = {"block_size", "group", "tile_n", "block_m", "num_stages", "num_warps"} | FLAG_KNOBS
+        check(all(len(s) in (3, 4) and s[0] in ("decode", "prefill") and s[1] in knobs and int(s[2]) > 0
+                  and (s[1] not in FLAG_KNOBS or int(s[2]) == 1) and (len(s) == 3 or s[3] in KV_DTYPES)
+                  for s in self.sweeps),
+              f"sweeps must be [mode, knob in {sorted(knobs)}, value] or [mode, knob, value, kv dtype in "
+              f"{sorted(KV_DTYPES)}] ({' and '.join(sorted(FLAG_KNOBS))}: value 1)")
         check(all(len(p) == 2 and p[0] >= 0 and p[1] > 0 for p in self.flat_pairs),
               "flat_pairs must be [anchors >= 0, context > 0] pairs")
         check(self.flat_head_dim in (64, 128, 256), "flat_head_dim: 64, 128 or 256")
@@ -86,11 +92,11 @@ def _variants(cfg: E2Config):
         for D in cfg.head_dims:
             for kv in cfg.kv_dtypes:
                 yield mode, D, kv, cfg.block_size, cfg.group, {}
-    for mode, knob, value in cfg.sweeps:
+    for mode, knob, value, *kv in cfg.sweeps:
         bs = int(value) if knob == "block_size" else cfg.block_size
         group = int(value) if knob == "group" else cfg.group
         over = {} if knob in ("block_size", "group") else {knob: int(value)}
-        yield mode, 128, "bf16", bs, group, over
+        yield mode, 128, kv[0] if kv else "bf16", bs, group, over
 
 
 def _compile_rows(cfg: E2Config) -> list[dict]:
@@ -103,10 +109,12 @@ def _compile_rows(cfg: E2Config) -> list[dict]:
     for mode, D, kv, bs, group, over in _variants(cfg):
         kv_dtype = getattr(torch, KV_DTYPES[kv])
         groups = bool(over.get("anchor_groups"))
-        launch = {k: v for k, v in over.items() if k != "anchor_groups"}
+        v_layout = "hdn" if over.get("v_hdn") else "nhd"
+        launch = {k: v for k, v in over.items() if k not in FLAG_KNOBS}
         kc = kernel_config(D, bs, group, mode, kv_dtype, **launch)
         kvb = torch.empty(0, dtype=kv_dtype).element_size()
-        for i, spec in enumerate(sm90_compile_specs(D, bs, kv_dtype, group, mode, anchor_groups=groups, **launch)):
+        specs = sm90_compile_specs(D, bs, kv_dtype, group, mode, anchor_groups=groups, v_layout=v_layout, **launch)
+        for i, spec in enumerate(specs):
             res = compile_resources(*spec, attrs=spec.attrs)
             attn = i == 0
             threads = 32 * res["num_warps"]

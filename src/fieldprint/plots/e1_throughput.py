@@ -23,8 +23,8 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from fieldprint.plots.style import implementation, printed_figure, save, source_label, tokens_label
 
-ORDER = ["fused", "fused_groups", "fused_pipelined", "cudnn_sdpa", "flash_sdpa", "flashinfer_decode", "gather_sdpa",
-         "cascade", "flashinfer_cascade", "prefix_blocks", "flex", "naive", "two_softmax"]
+ORDER = ["fused", "fused_groups", "fused_pipelined", "fused_hdn", "cudnn_sdpa", "flash_sdpa", "flashinfer_decode",
+         "gather_sdpa", "cascade", "flashinfer_cascade", "prefix_blocks", "flex", "naive", "two_softmax"]
 VS_ANCHORS = ["fused", "cascade", "prefix_blocks", "flashinfer_decode", "cudnn_sdpa"]
 # what issue 12's shared targets compare
 SHARED = ["fused", "fused_groups", "fused_pipelined", "cascade", "flashinfer_cascade", "prefix_blocks",

@@ -59,6 +59,7 @@ IMPLEMENTATIONS = {
     "fused": Impl("fused kernel (ours)", "C0", "o"),
     "fused_groups": Impl("fused, read-once anchor groups (ours)", "C8", "P"),
     "fused_pipelined": Impl("fused, pipelined gather (ours)", "navy", "d"),
+    "fused_hdn": Impl("fused, token-contiguous V pages (ours)", "teal", "8"),
     "cudnn_sdpa": Impl("cuDNN SDPA (contiguous)", "k", "s"),
     "flash_sdpa": Impl("flash SDPA (contiguous)", "C7", "D"),
     "gather_sdpa": Impl("gather + SDPA", "C3", "v"),

@@ -8,8 +8,9 @@ H200_HBM = 141e9
 # The launch knobs a variant can change, as the table names them (keys: the config's and the
 # ``varied`` column's knob names).
 KNOB_NAMES = {"block_size": "page", "group": "group", "tile_n": "$T_N$", "block_m": "$B_M$",
-              "num_stages": "stages", "num_warps": "warps", "anchor_groups": "read-once groups"}
-FLAG_KNOBS = {"anchor_groups"}  # on/off knobs: the table names them without their value
+              "num_stages": "stages", "num_warps": "warps", "anchor_groups": "read-once groups",
+              "v_hdn": "token-contiguous V"}
+FLAG_KNOBS = {"anchor_groups", "v_hdn"}  # on/off knobs: the table names them without their value
 DEFAULT_LABEL = "default"
 # An H200 (sm_90) streaming multiprocessor: 64K 32-bit registers, allocated per warp in units of
 # 256; 228 KiB of shared memory, of which each resident program reserves 1 KiB more than it asks
@@ -121,12 +122,14 @@ def macros(rows, manifest) -> dict[str, str]:
 
 
 def _groups_macros(variants, defaults: dict[str, int]) -> dict[str, str]:
-    """Decode at D=128 with bf16 KV, the default launch and the one with read-once anchor groups:
-    ``e2.{plain,groups}_decode_{regs,smem_kib,programs}`` (registers per thread, shared memory per
-    program, programs per SM; "n/a" where the rows lack the variant)."""
+    """Decode at D=128, the default launch and the opt-in variants: with bf16 KV, read-once
+    anchor groups (``e2.{plain,groups}_decode_*``); with fp8 KV, the "hdn" V page layout
+    (``e2.{plain,hdn}_fp8_decode_*``); ``*`` = ``regs``, ``smem_kib``, ``programs`` (registers per
+    thread, shared memory per program, programs per SM; "n/a" where the rows lack the variant)."""
     m = {}
-    for name, want in (("plain", []), ("groups", [("anchor_groups", "1")])):
-        found = [r for r in variants if r["mode"] == "decode" and r["head_dim"] == 128 and r["kv_dtype"] == "bf16"
+    for name, kv, want in (("plain", "bf16", []), ("groups", "bf16", [("anchor_groups", "1")]),
+                           ("plain_fp8", "fp8", []), ("hdn_fp8", "fp8", [("v_hdn", "1")])):
+        found = [r for r in variants if r["mode"] == "decode" and r["head_dim"] == 128 and r["kv_dtype"] == kv
                  and variant_knobs(r, defaults) == want]
         r = found[0] if found else None
         m[f"e2.{name}_decode_regs"] = str(r["registers"]) if r else "n/a"
