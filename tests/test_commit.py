@@ -13,6 +13,7 @@ from fieldprint.cache import PagedKVCache, PageRef
 from fieldprint.commit import Committer, page_id
 from fieldprint.commit_pages import quantize_pages
 from fieldprint.merkle import DeviceMerkleTree, MerkleTree, hash_pages, page_leaf_bytes
+from fieldprint.page_layout import PAGE_LAYOUTS, page_elements
 from fieldprint.quant import quantize
 
 # Triton on CPU caches: only under the interpreter (conftest sets it on machines without CUDA)
@@ -21,13 +22,14 @@ interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reas
 L, S, HKV, D = 2, 4, 2, 8
 
 
-def _filled(seed: int, lens=(9, 13), anchor_len=6, order=None) -> tuple[PagedKVCache, list[int]]:
+def _filled(seed: int, lens=(9, 13), anchor_len=6, order=None, v_layout="nhd") -> tuple[PagedKVCache, list[int]]:
     """A cache with one shared anchor and sequences of ``lens`` tokens of seeded random K/V.
-    ``order`` permutes which sequence is created first (so physical pages differ)."""
+    ``order`` permutes which sequence is created first (so physical pages differ); ``v_layout``:
+    the V pool's page layout."""
     gen = torch.Generator().manual_seed(seed)
     kv = [(torch.randn(L, n, HKV, D, generator=gen), torch.randn(L, n, HKV, D, generator=gen)) for n in lens]
     ak, av = torch.randn(L, anchor_len, HKV, D, generator=gen), torch.randn(L, anchor_len, HKV, D, generator=gen)
-    cache = PagedKVCache(L, 64, S, HKV, D, dtype=torch.float32)
+    cache = PagedKVCache(L, 64, S, HKV, D, dtype=torch.float32, v_layout=v_layout)
     if order is not None:  # take some pages first so the physical block ids differ
         cache.allocator.allocate(order)
     anchor = cache.add_anchor(ak, av)
@@ -121,26 +123,66 @@ def test_random_single_bit_flips_are_detected_and_localized():
     assert c.verify().ok
 
 
+@pytest.mark.parametrize("v_layout", ["nhd", "hdn"])
 @pytest.mark.parametrize("fmt,rounding", [("e4m3", "two_grid"), ("bf16", "rne")])
-def test_leaves_are_merkle_page_leaves(fmt, rounding):
+def test_leaves_are_merkle_page_leaves(fmt, rounding, v_layout):
     """Every stored row is byte for byte fieldprint.merkle.page_leaf_bytes of the page quantized
-    on its own (anchor padding zeroed), and its digest is hash_pages'."""
-    cache, seqs = _filled(6)
+    on its own (anchor padding zeroed) in its pool's page layout (K "nhd"), and its digest is
+    hash_pages'."""
+    cache, seqs = _filled(6, v_layout=v_layout)
     c = _commit_all(cache, seqs, fmt=fmt, rounding=rounding)
     rows = torch.cat(c.store)
     assert len(c.leaves) == rows.shape[0] == (2 + 2 + 3) * L * 2  # anchor 2 pages, sequences 2 + 3
     for i, leaf in enumerate(c.leaves):
         pool = cache.k_cache(leaf.layer) if leaf.kind == "k" else cache.v_cache(leaf.layer)
+        layout = v_layout if leaf.kind == "v" else "nhd"
         page = pool[leaf.page.block].clone()
         page[leaf.page.tokens:] = 0
-        qt = quantize(page[None], fmt, rounding)
-        want = page_leaf_bytes(qt, page_ids=[page_id(leaf.page)], layer=leaf.layer, kind=leaf.kind)
+        qt = quantize(page_elements(page[None], layout), fmt, rounding)
+        want = page_leaf_bytes(qt, page_ids=[page_id(leaf.page)], layer=leaf.layer, kind=leaf.kind,
+                               page_layout=layout)
         assert torch.equal(rows[i], want[0]), (i, leaf)
         if i % 7 == 0:
             digest = hash_pages(qt, page_ids=[page_id(leaf.page)], layer=leaf.layer, kind=leaf.kind)
             assert torch.equal(MerkleTree(digest).root, digest[0])
     assert c.leaves[2].page.kind == "anchor" and c.leaves[2].page.tokens == S
     assert c.leaves[L * 2].page.tokens == 2  # the anchor's second page holds 2 of 6 tokens
+
+
+def _unpack_bits(b: torch.Tensor) -> torch.Tensor:
+    """[n] uint8 -> [8 n] bits, bit i of byte j at 8 j + i (the helper's order)."""
+    return ((b[:, None].int() >> torch.arange(8)) & 1).reshape(-1)
+
+
+@pytest.mark.parametrize("fmt,rounding", [("e4m3", "two_grid"), ("int8", "rne")])
+def test_hdn_v_leaves_are_the_nhd_leaves_in_storage_order(fmt, rounding):
+    """The same writes into an "nhd" and an "hdn" cache (a ragged anchor page included): the K
+    leaves are identical; a V leaf differs only in header byte 49 (the layout id) and in the order
+    of its codes and helper bits, which permuted back from [Hkv, D, S] to [S, Hkv, D] are the nhd
+    leaf's; so the roots differ."""
+    cs = {layout: _commit_all(*_filled(7, v_layout=layout), fmt=fmt, rounding=rounding) for layout in PAGE_LAYOUTS}
+    nhd, hdn = (torch.cat(cs[layout].store) for layout in ("nhd", "hdn"))
+    assert cs["nhd"].leaves == cs["hdn"].leaves and cs["nhd"].root() != cs["hdn"].root()
+    at = cs["nhd"]._store.spec.offsets()
+    back = torch.arange(S * HKV * D).reshape(S, HKV, D).permute(1, 2, 0).reshape(-1).argsort()  # hdn -> nhd
+    ragged = False
+    for i, leaf in enumerate(cs["nhd"].leaves):
+        a, b = nhd[i], hdn[i]
+        if leaf.kind == "k":
+            assert torch.equal(a, b), i
+            continue
+        ragged |= leaf.page.tokens < S
+        assert a[49] == PAGE_LAYOUTS["nhd"] and b[49] == PAGE_LAYOUTS["hdn"]
+        fields = {name: (a[o:o + n], b[o:o + n]) for name, (o, n) in at.items()}
+        assert torch.equal(torch.cat([a[:49], a[50:64]]), torch.cat([b[:49], b[50:64]])), i
+        codes_a, codes_b = fields["codes"]
+        assert not torch.equal(codes_a, codes_b) and torch.equal(codes_b[back], codes_a), i
+        if rounding == "two_grid":
+            helper_a, helper_b = (_unpack_bits(h) for h in fields["helper"])
+            assert torch.equal(helper_b[back], helper_a), i
+        for name in ("scale", "padding"):
+            assert torch.equal(*fields[name]), (i, name)
+    assert ragged  # the anchor's second page: 2 of 4 tokens, its padding zeroed in either order
 
 
 @pytest.mark.parametrize("fmt,rounding", [("e4m3", "rne"), ("int8", "two_grid"), ("bf16", "trunc")])
@@ -172,6 +214,24 @@ def test_triton_path_gives_the_same_root():
     x[1, 0, 0, 0] = float("inf")
     for backend in ("triton", "torch"):
         assert quantize_pages(x, "e4m3", "two_grid", backend)[3].tolist() == [True, False, True]
+
+
+def test_per_step_digests_do_not_depend_on_the_v_layout():
+    """The per-step baselines hash the step's tokens in token order: the same writes give the
+    same digests in an "nhd" and an "hdn" cache."""
+    digests = {}
+    for layout in PAGE_LAYOUTS:
+        cache, seqs = _filled(13, v_layout=layout)
+        gen = torch.Generator().manual_seed(13)
+        cs = [Committer(cache, mode=mode) for mode in ("per_step_copy_cpu", "per_step_gpu")]
+        for _ in range(2):
+            slots = cache.extend(seqs, [1, 1])
+            for layer in range(L):
+                cache.write(layer, slots, torch.randn(2, HKV, D, generator=gen), torch.randn(2, HKV, D, generator=gen))
+            for c in cs:
+                c.step(slots)
+        digests[layout] = [c.step_digests for c in cs]
+    assert digests["nhd"] == digests["hdn"]
 
 
 def test_per_step_modes_hash_every_step():

@@ -22,11 +22,12 @@ REFERENCE = dict(hash_backend="reference", quant_backend="torch")
 
 
 def _cache(seed: int, S: int, hkv: int, d: int, lens, anchor_len: int, layers: int = 2,
-           dtype=torch.bfloat16) -> tuple[PagedKVCache, list[int]]:
+           dtype=torch.bfloat16, **cache_kw) -> tuple[PagedKVCache, list[int]]:
     """Sequences of ``lens`` seeded random tokens sharing one anchor of ``anchor_len`` tokens,
-    in pool pages handed out in a scrambled order; later growth by `_grow`."""
+    in pool pages handed out in a scrambled order; later growth by `_grow`. ``cache_kw``: more
+    `PagedKVCache` arguments (v_layout, poison)."""
     gen = torch.Generator().manual_seed(seed)
-    cache = PagedKVCache(layers, 96, S, hkv, d, dtype=dtype, device=DEV, seed=seed)
+    cache = PagedKVCache(layers, 96, S, hkv, d, dtype=dtype, device=DEV, seed=seed, **cache_kw)
 
     def kv(n):
         scale = torch.exp2(torch.randint(-8, 9, (layers, n, hkv, 1), generator=gen).float())
@@ -58,6 +59,14 @@ def _run(backends: dict, seed: int, interval: int, steps: int, max_pages: int = 
     for _ in range(steps):
         c.step(_grow(cache, seqs, gen))
     c.commit()
+    return c
+
+
+def _commit_once(backends: dict, seed: int, **kw) -> Committer:
+    """One commit of the anchor and every full page of `_cache` ``(seed, **kw)``, in one batch."""
+    cache, seqs = _cache(seed, **kw)
+    c = Committer(cache, mode="commit_sync", fmt="e4m3", rounding="two_grid", max_pages=8, **backends)
+    c.commit([p for s in seqs for p in cache.complete_pages(s)])
     return c
 
 
@@ -99,6 +108,30 @@ def test_fused_leaves_of_two_chunks():
     inside the kernel."""
     kw = dict(S=4, hkv=1, d=224, lens=(5, 3), anchor_len=3)
     _same_commits(_run(FUSED, 4, interval=3, steps=3, **kw), _run(REFERENCE, 4, interval=3, steps=3, **kw))
+
+
+def test_fused_path_on_an_hdn_v_pool():
+    """A V pool in the "hdn" layout, unwritten slots poisoned with NaN, one commit of a ragged
+    anchor page (3 of 4 tokens) and two context pages: the fused kernel reads the V pages in
+    storage order and zeroes the anchor's last slot in that order (a slot of the wrong order would
+    read a NaN, or drop a valid value), giving the reference path's root, leaves and rows; its V
+    leaves name "hdn", its K leaves are the nhd cache's. verify_live localizes a changed V
+    element (and only it: no false alarm on the other leaves)."""
+    kw = dict(S=4, hkv=2, d=8, lens=(6, 7), anchor_len=3, layers=1, poison=True)
+    fused, ref, nhd = (_commit_once(backends, 6, **layout, **kw) for backends, layout in (
+        (FUSED, {"v_layout": "hdn"}), (REFERENCE, {"v_layout": "hdn"}), (REFERENCE, {})))
+    assert fused.fused and fused.roots() == ref.roots() and fused.leaves == ref.leaves == nhd.leaves
+    rows = torch.cat(fused.store).cpu()
+    assert torch.equal(rows, torch.cat(ref.store).cpu())
+    nhd_rows = torch.cat(nhd.store).cpu()
+    kinds = [leaf.kind for leaf in fused.leaves]
+    assert fused.leaves[0].page.tokens == 3 and len(kinds) == 6  # the ragged anchor page first
+    for i, kind in enumerate(kinds):
+        assert rows[i, 49] == (kind == "v") and torch.equal(rows[i], nhd_rows[i]) == (kind == "k"), i
+    i = len(kinds) - 1  # the last context page's V leaf
+    fused.cache.v[0, fused.leaves[i].page.block, 2, 1, 5] += 1.0
+    res = fused.verify_live()
+    assert not res.ok and res.tampered == [i]
 
 
 def test_nan_page_in_a_later_batch_rolls_the_whole_commit_back():

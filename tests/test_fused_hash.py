@@ -191,15 +191,18 @@ def test_header_words_are_the_leaf_modules_and_checked(monkeypatch):
 
 
 def _launch_case(fmt, rounding, *, layers, kinds, tokens_per_page, tok_elems, n_blocks, max_pages, blocks,
-                 tokens, base, capacity, seed=None, gen_seed=0):
+                 tokens, base, capacity, seed=None, gen_seed=0, v_layout="nhd"):
     """One `launch_leaves` on random pools (sentinel-filled outputs), checked leaf by leaf against
     quantize + page_leaf_bytes + BLAKE3 (the blake3 package) of the page with its slots past the
-    valid tokens zeroed. Returns (plan, n_programs, leaves) for the caller's own assertions."""
+    valid tokens zeroed. ``v_layout`` "hdn": the V pool is stored token-minor, [layers, n_blocks,
+    tok_elems, tokens_per_page] (one head of tok_elems dims), and its leaves' codes run in that
+    order. Returns (plan, n_programs, leaves) for the caller's own assertions."""
     import blake3 as ref
 
     from fieldprint.hashing.fused import LeafPlan, launch_leaves, program_split
     from fieldprint.leaf import LeafSpec
     from fieldprint.merkle import LEAF_KEY, page_leaf_bytes
+    from fieldprint.page_layout import page_elements
     from fieldprint.quant import quantize
 
     gen = torch.Generator().manual_seed(gen_seed)
@@ -207,9 +210,13 @@ def _launch_case(fmt, rounding, *, layers, kinds, tokens_per_page, tok_elems, n_
     spec = LeafSpec(fmt, rounding, elems=elems, seed=seed)
     layer_ids = tuple(range(7, 7 + layers))
     plan = LeafPlan(spec, layers=layers, kinds=kinds, max_pages=max_pages, tokens_per_page=tokens_per_page,
-                    layer_ids=layer_ids)
+                    layer_ids=layer_ids, v_layout=v_layout)
+    # logical pools [layers, n_blocks, tokens_per_page, tok_elems]; the kernel reads their storage
     pools = [_pages((layers * n_blocks, tokens_per_page, tok_elems), torch.bfloat16, gen, fmt)
              .reshape(layers, n_blocks, tokens_per_page, tok_elems).to(_device()) for _ in range(kinds)]
+    layouts = ["nhd", v_layout][:kinds]
+    storage = [p if layout == "nhd" else p.transpose(2, 3).contiguous()
+               for p, layout in zip(pools, layouts, strict=True)]
     ids = [2**40 + 11 * i for i in range(len(blocks))]
     desc = torch.zeros((max_pages, 3), dtype=torch.int64)
     desc[:len(blocks)] = torch.tensor([blocks, tokens, ids], dtype=torch.int64).T
@@ -217,7 +224,7 @@ def _launch_case(fmt, rounding, *, layers, kinds, tokens_per_page, tok_elems, n_
     bufs.rows.fill_(0x5A)  # sentinels: every byte of a built row is written, nothing else is
     bufs.digests.fill_(0xA5)
     bufs.finite.fill_(7)
-    launch_leaves(plan, bufs, pools[0], pools[1] if kinds == 2 else None, desc.to(_device()),
+    launch_leaves(plan, bufs, storage[0], storage[1] if kinds == 2 else None, desc.to(_device()),
                   torch.tensor([len(blocks)], dtype=torch.int32).to(_device()),
                   torch.tensor([base], dtype=torch.int64).to(_device()), seed)
     rows, digests, finite = bufs.rows.cpu(), bufs.digests.cpu(), bufs.finite.cpu()
@@ -231,8 +238,10 @@ def _launch_case(fmt, rounding, *, layers, kinds, tokens_per_page, tok_elems, n_
         layer, kind = divmod(lk, kinds)
         page = pools[kind][layer, blocks[p]].cpu().clone()
         page[tokens[p]:] = 0.0
-        qt = quantize(page[None], fmt, rounding, seed=seed, backend="torch")
-        leaf = page_leaf_bytes(qt, page_ids=[ids[p]], layer=layer_ids[layer], kind="kv"[kind])[0]
+        codes_order = page_elements(page[None, :, None, :], layouts[kind])  # [1, E] as stored
+        qt = quantize(codes_order, fmt, rounding, seed=seed, backend="torch")
+        leaf = page_leaf_bytes(qt, page_ids=[ids[p]], layer=layer_ids[layer], kind="kv"[kind],
+                               page_layout=layouts[kind])[0]
         assert torch.equal(rows[base + j], leaf), j
         assert bytes(digests[j].tolist()) == ref.blake3(bytes(leaf.tolist()), key=LEAF_KEY).digest(), j
         assert finite[j] == 1, j
@@ -281,6 +290,40 @@ def test_launch_16k_pages_two_tile_passes(rounding, chunks, programs):
                                              tok_elems=1024, n_blocks=5, max_pages=5, blocks=[4, 0, 3, 1],
                                              tokens=[16, 9, 0, 1], base=0, capacity=8, gen_seed=3)
     assert plan.chunks == chunks and programs_run == programs and built == 8
+
+
+@pytest.mark.parametrize("rounding,tok_elems,programs", [("two_grid", 16, 1), ("rne", 320, 1)])
+def test_launch_hdn_v_pool(rounding, tok_elems, programs):
+    """An "hdn" V pool (its pages token-minor): V leaves whose codes run in storage order and
+    name "hdn", the slots past ragged valid tokens (0 to all of 16) zeroed in that order; K leaves
+    as ever. 256-element pages (one phase-1 tile) and 5120-element pages (read in two tiles of
+    4096: the token mask at a tile offset, the second tile past the page's end)."""
+    tokens = [16, 5, 0, 1, 15, 9]
+    plan, programs_run, built = _launch_case("e4m3", rounding, layers=1, kinds=2, tokens_per_page=16,
+                                             tok_elems=tok_elems, n_blocks=7, max_pages=6, blocks=[6, 0, 3, 1, 2, 5],
+                                             tokens=tokens, base=0, capacity=12, gen_seed=4, v_layout="hdn")
+    assert programs_run == programs and built == 12
+
+
+def test_leaf_plan_and_launch_refuse_mismatched_layouts():
+    from fieldprint.hashing.fused import LeafPlan, launch_leaves
+    from fieldprint.leaf import LeafSpec
+
+    spec = LeafSpec("e4m3", "rne", elems=64)
+    with pytest.raises(ValueError, match="v_layout must be one of"):
+        LeafPlan(spec, layers=1, kinds=2, max_pages=1, tokens_per_page=4, v_layout="HDN")
+    with pytest.raises(ValueError, match="v_layout applies to a plan of K and V"):
+        LeafPlan(spec, layers=1, kinds=1, max_pages=1, tokens_per_page=4, v_layout="hdn")
+    with pytest.raises(ValueError, match="spec.page_layout must be 'nhd'"):
+        LeafPlan(LeafSpec("e4m3", "rne", elems=64, page_layout="hdn"), layers=1, kinds=1, max_pages=1,
+                 tokens_per_page=4)
+    plan = LeafPlan(spec, layers=1, kinds=2, max_pages=1, tokens_per_page=4, v_layout="hdn")
+    assert [row[49] for row in plan.headers().view(torch.uint8).reshape(2, 64).tolist()] == [0, 1]
+    k = torch.zeros((1, 3, 4, 2, 8))
+    v = torch.zeros((1, 3, 2, 8, 4)).movedim(-1, -3)  # the logical view of an hdn pool, not its storage
+    one = torch.ones(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="v_pool must be contiguous: the pool's storage"):
+        launch_leaves(plan, plan.buffers("cpu", 2), k, v, torch.zeros((1, 3), dtype=torch.int64), one, one * 0)
 
 
 def test_launch_refuses_a_chaining_buffer_of_another_shape():

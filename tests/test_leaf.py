@@ -1,7 +1,8 @@
 """Page leaves (fieldprint.leaf): the layout is pinned by digests computed before the leaf module
-existed, so leaves and committed roots stay byte-identical; the header table, the field table and
-input checks."""
+existed (and before the page layout byte), so leaves and committed roots stay byte-identical; the
+header table, the field table and input checks."""
 
+import dataclasses
 import struct
 
 import blake3
@@ -12,6 +13,7 @@ from fieldprint.cache import PagedKVCache
 from fieldprint.commit import Committer
 from fieldprint.leaf import HEADER, HEADER_BYTES, LeafSpec, check_page_ids, header_offset, header_rows
 from fieldprint.merkle import LEAF_KEY, hash_pages, page_leaf_bytes
+from fieldprint.page_layout import PAGE_LAYOUTS
 from fieldprint.quant import quantize
 
 
@@ -72,13 +74,15 @@ def test_header_table_is_the_documented_layout():
     want = {"magic": (0, 4), "version": (4, 2), "header_bytes": (6, 2), "page_id": (8, 8), "layer": (16, 4),
             "kind": (20, 1), "format": (21, 1), "rounding": (22, 1), "width": (23, 1), "elems": (24, 4),
             "code_bytes": (28, 4), "scales": (32, 4), "helper_bytes": (36, 4), "seed": (40, 8),
-            "has_seed": (48, 1), "zero": (49, 15)}
+            "has_seed": (48, 1), "page_layout": (49, 1), "zero": (50, 14)}
     assert {name: header_offset(name) for name in want} == want
     spec = LeafSpec("bf16", "stochastic", elems=24, scales=3, seed=2**64 - 1)
     row = spec.header(2**63 + 5, 2**32 - 1, "v")
-    assert struct.unpack_from("<4sHHQIBBBBIIIIQB", row) == (
-        b"FPKV", 1, 64, 2**63 + 5, 2**32 - 1, 1, 4, 2, 2, 24, 48, 3, 0, 2**64 - 1, 1)
-    assert row[49:] == bytes(15)
+    assert struct.unpack_from("<4sHHQIBBBBIIIIQBB", row) == (
+        b"FPKV", 1, 64, 2**63 + 5, 2**32 - 1, 1, 4, 2, 2, 24, 48, 3, 0, 2**64 - 1, 1, 0)
+    assert row[49:] == bytes(15)  # "nhd" (id 0): the header of the leaves before the layout byte
+    hdn = dataclasses.replace(spec, page_layout="hdn").header(2**63 + 5, 2**32 - 1, "v")
+    assert hdn[49] == PAGE_LAYOUTS["hdn"] == 1 and hdn[:49] == row[:49] and hdn[50:] == bytes(14)
     assert spec.fields() == [("header", 64), ("codes", 48), ("scale", 12), ("helper", 0), ("padding", 4)]
     assert spec.length == 128 and spec.offsets()["scale"] == (112, 12)
     tg = LeafSpec("e4m3", "two_grid", elems=64)
@@ -97,6 +101,8 @@ def test_header_table_is_the_documented_layout():
     (dict(fmt="e4m3", rounding="two_grid", elems=12), "multiple of 8"),
     (dict(fmt="e4m3", rounding="rne", elems=12, scales=5), "scales"),
     (dict(fmt="e4m3", rounding="stochastic", elems=8, seed=2**64), "seed"),
+    (dict(fmt="e4m3", rounding="rne", elems=8, page_layout="HND"), "page_layout"),
+    (dict(fmt="e4m3", rounding="rne", elems=8, page_layout=1), "page_layout"),
 ])
 def test_leaf_spec_rejects_bad_fields(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -119,3 +125,15 @@ def test_page_ids_must_be_ints():
     for field, args in (("layer", (0, -1, "k")), ("page_id", (2**64, 0, "k")), ("kind", (0, 0, "q"))):
         with pytest.raises(ValueError, match=field):
             spec.header(*args)
+
+
+def test_page_layout_names_the_layout_in_byte_49_only():
+    """The same codes as an "hdn" leaf: byte 49 is the layout's id, every other byte as the "nhd"
+    leaf's (the caller orders the codes; the leaf names the order)."""
+    qt = quantize(_det(4 * 4 * 2 * 8).reshape(4, 4, 2, 8), "e4m3", "two_grid")
+    nhd = page_leaf_bytes(qt, page_ids=[1, 2, 3, 4], layer=7, kind="v")
+    hdn = page_leaf_bytes(qt, page_ids=[1, 2, 3, 4], layer=7, kind="v", page_layout="hdn")
+    assert (nhd[:, 49] == 0).all() and (hdn[:, 49] == PAGE_LAYOUTS["hdn"]).all()
+    assert torch.nonzero(nhd != hdn)[:, 1].unique().tolist() == [49]
+    with pytest.raises(ValueError, match="page_layout"):
+        page_leaf_bytes(qt, page_ids=[1, 2, 3, 4], layer=7, kind="v", page_layout="nchw")

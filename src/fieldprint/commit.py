@@ -39,7 +39,8 @@ the decode stream waits for the gather. The stored leaf rows are read by :meth:`
 decode stream after a full synchronization, and ``record_stream`` marks each one used there.
 
 Parts (each its own module): `fieldprint.commit_pages` turns cache pages into page leaves
-(layout `fieldprint.leaf`; page ids, quantization with one power-of-two scale per half-page);
+(layout `fieldprint.leaf`; page ids, quantization with one power-of-two scale per half-page, codes
+in the storage order of the pool's page layout: an ``"hdn"`` V pool gives ``"hdn"`` V leaves);
 `fieldprint.commit_store.LeafStore` keeps the committed rows and the host copy of their digests
 and verifies them; `fieldprint.merkle.DeviceMerkleTree` is the tree on the device;
 `fieldprint.commit_baselines` holds the per-step modes. This module runs the commit stream and
@@ -331,8 +332,8 @@ class Committer:
     def _launch_unfused(self, todo: list[PageRef]) -> tuple[torch.Tensor, _Unfused]:
         """The commit's work on the current stream, kernel by kernel (`fieldprint.commit_pages`,
         `blake3_many`, `DeviceMerkleTree`): leaf rows [n, row bytes] and the work record."""
-        L, dev = self.cache.num_layers, self.device
-        header = leaf_headers(self._store.spec, todo, L)
+        dev = self.device
+        header = leaf_headers(self.cache, self._store.spec, todo)
         blocks = torch.tensor([p.block for p in todo], dtype=torch.int64)
         tokens = torch.tensor([p.tokens for p in todo], dtype=torch.int64)
         if dev.type == "cuda":

@@ -8,7 +8,10 @@ instead of committing sealed pages at a boundary.
   hashes each layer's K and V codes together, and fetches the digests synchronously.
 
 Both take ``slots [T]`` (the step's new tokens, from ``PagedKVCache.extend``) and return the
-step's digest bytes.
+step's digest bytes. They hash the step's tokens in token order, ``[L, T, Hkv, D]`` per pool,
+whatever the V pool's page layout: a step's tokens are no page (an ``"hdn"`` pool keeps no token's
+elements together), and these digests are no page leaves, so the same writes give the same digests
+in either layout.
 """
 
 from __future__ import annotations
@@ -17,16 +20,25 @@ import blake3
 import torch
 
 from fieldprint.cache import PagedKVCache
-from fieldprint.commit_pages import quantize_pages
+from fieldprint.commit_pages import half_layouts, quantize_pages
 from fieldprint.hashing import blake3_many
 from fieldprint.merkle import LEAF_KEY
 
 __all__ = ["PerStepCopyCPU", "PerStepGPU"]
 
 
-def _token_view(cache: PagedKVCache, pool: torch.Tensor) -> torch.Tensor:
-    """[L, N, S, Hkv, D] pool -> [L, N * S, Hkv, D] view indexed by slot."""
-    return pool.view(cache.num_layers, cache.num_blocks * cache.block_size, cache.num_kv_heads, cache.head_dim)
+def _new_tokens(cache: PagedKVCache, slots: torch.Tensor) -> list[torch.Tensor]:
+    """The step's new tokens at the flat ``slots [T]``: ``[L, T, Hkv, D]`` of K, then of V (copies).
+    An "nhd" pool is indexed as the view [L, N * S, Hkv, D]; an "hdn" pool, whose slots are no
+    rows, by page and offset."""
+    layouts, out = half_layouts(cache), []
+    for pool, kind in ((cache.k, "k"), (cache.v, "v")):
+        if layouts[kind] == "nhd":
+            shape = (cache.num_layers, cache.num_blocks * cache.block_size, cache.num_kv_heads, cache.head_dim)
+            out.append(pool.view(shape)[:, slots])
+        else:
+            out.append(pool[:, slots // cache.block_size, slots % cache.block_size])
+    return out
 
 
 class PerStepCopyCPU:
@@ -37,8 +49,8 @@ class PerStepCopyCPU:
 
     def step(self, slots: torch.Tensor) -> bytes:
         h = blake3.blake3(max_threads=blake3.blake3.AUTO)
-        for pool in (self.cache.k, self.cache.v):
-            new = _token_view(self.cache, pool)[:, slots].cpu()  # blocking device-to-host copy
+        for new in _new_tokens(self.cache, slots):
+            new = new.cpu()  # blocking device-to-host copy
             h.update(new.contiguous().view(torch.uint8).numpy().tobytes())
         return h.digest()
 
@@ -53,8 +65,7 @@ class PerStepGPU:
 
     def step(self, slots: torch.Tensor) -> bytes:
         rows, finite = [], []
-        for pool in (self.cache.k, self.cache.v):
-            x = _token_view(self.cache, pool)[:, slots]  # [L, T, Hkv, D]: one "page" per layer
+        for x in _new_tokens(self.cache, slots):  # [L, T, Hkv, D]: one "page" per layer
             codes, helper, scale, ok = quantize_pages(x, self.fmt, self.rounding, self.quant_backend)
             rows.append(torch.cat([codes, scale.view(torch.uint8), helper], dim=1))
             finite.append(ok)

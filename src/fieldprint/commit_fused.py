@@ -9,7 +9,8 @@ costs at a commit boundary, replayable from a CUDA graph.
 One batch is, in stream order: one host-to-device copy of the slot's page descriptors (a pinned
 ring of ``ring`` slots) and of its counts; one launch of the fused leaf kernel
 (`fieldprint.hashing.fused.launch_leaves`), which reads the pages straight from the cache's
-pools and writes each leaf row into the row store at the tree's leaf count, its digest and its
+pools as stored (`_storage`: an ``"hdn"`` V pool's pages token-minor, the order its leaves commit
+to) and writes each leaf row into the row store at the tree's leaf count, its digest and its
 finite flag; one launch that appends the digests to the Merkle frontier in preallocated levels
 (`fieldprint.merkle_frontier.MerkleFrontier`); copies of the root, the leaf digests and the
 finite flags into the slot's pinned buffers. Every size the work varies with is in device
@@ -26,9 +27,11 @@ import contextlib
 import torch
 
 from fieldprint.cache import PagedKVCache
+from fieldprint.commit_pages import half_layouts
 from fieldprint.hashing.fused import DESC_FIELDS, LeafPlan, launch_leaves
 from fieldprint.leaf import LeafSpec
 from fieldprint.merkle_frontier import MerkleFrontier
+from fieldprint.page_layout import page_elements
 
 __all__ = ["FusedCommitPath"]
 
@@ -46,7 +49,7 @@ class FusedCommitPath:
                  stream: torch.cuda.Stream | None, graphs: bool) -> None:
         self.cache, self.ring, self.stream = cache, ring, stream
         self.plan = LeafPlan(spec, layers=cache.num_layers, kinds=2, max_pages=max_pages,
-                             tokens_per_page=cache.block_size)
+                             tokens_per_page=cache.block_size, v_layout=half_layouts(cache)["v"])
         cuda = cache.device.type == "cuda"
         self.graphs = graphs and cuda
         dev = cache.device
@@ -104,8 +107,9 @@ class FusedCommitPath:
         """The batch's work, enqueued on the current stream (eagerly or under graph capture)."""
         self._desc.copy_(self.desc_host[slot], non_blocking=True)
         self._counts.copy_(self.counts_host[slot], non_blocking=True)
-        launch_leaves(self.plan, self.bufs, self.cache.k, self.cache.v, self._desc, self._counts[0:1],
-                      self.frontier.count)
+        layouts = half_layouts(self.cache)
+        k, v = _storage(self.cache.k, layouts["k"]), _storage(self.cache.v, layouts["v"])
+        launch_leaves(self.plan, self.bufs, k, v, self._desc, self._counts[0:1], self.frontier.count)
         self.frontier.append(self.bufs.digests, self._counts[1:2], self._root)
         self.root_host[slot].copy_(self._root, non_blocking=True)
         self.digests_host[slot].copy_(self.bufs.digests, non_blocking=True)
@@ -139,3 +143,13 @@ class FusedCommitPath:
                 [self.leaves], dtype=torch.int32, device=self.cache.device), self._root)
         self._replays = [None] * self.ring
 
+
+def _storage(pool: torch.Tensor, layout: str) -> torch.Tensor:
+    """A pool's logical view ``[L, N, S, Hkv, D]`` -> its storage ``[L, N, S * Hkv * D]``, each
+    page's elements in the order ``layout`` stores them (`fieldprint.page_layout.page_elements`).
+    A view, never a copy: the kernel (and a CUDA graph replaying it) must read the live pool."""
+    flat = page_elements(pool.flatten(0, 1), layout).view(pool.shape[0], pool.shape[1], -1)
+    if flat.data_ptr() != pool.data_ptr():  # page_elements copied: the pool is not stored that way
+        raise ValueError(f"the cache's pool of shape {tuple(pool.shape)}, strides {pool.stride()} is not "
+                         f"stored in its page layout {layout!r}")
+    return flat

@@ -5,10 +5,13 @@ layout of `fieldprint.leaf` (version 1). Each half of a page is quantized on its
 power-of-two scale (`fieldprint.leaf.page_scales`); the padding slots of an anchor's last page
 are zeroed first. The page id (`page_id`) names the logical page (anchor or context, owner, page
 index, valid tokens), so two caches with the same contents commit to the same leaves whatever
-physical pool pages they use.
+physical pool pages they use. A leaf's codes run in the storage order of its pool's page layout
+(`half_layouts`: K "nhd", V the cache's ``v_layout``), which its header names: the same K/V
+values give the same K leaves in either layout, and V leaves that differ by that header byte and
+the order of their codes.
 
     refs = leaf_refs(pages, num_layers)                         # what each leaf commits to (lazy)
-    header = leaf_headers(spec, pages, num_layers)              # [N, 64] uint8 (host)
+    header = leaf_headers(cache, spec, pages)                   # [N, 64] uint8 (host)
     rows, finite = page_leaf_rows(cache, spec, header, blocks, tokens, backend)   # on the device
     blocks = live_blocks(cache, pages)                          # where each page lives now
 """
@@ -17,13 +20,14 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from fieldprint.cache import PagedKVCache, PageRef
 from fieldprint.formats import get_format, pow2
-from fieldprint.leaf import LeafSpec, header_rows, leaf_bytes, page_scales
+from fieldprint.leaf import HEADER_BYTES, LeafSpec, header_rows, leaf_bytes, page_scales
+from fieldprint.page_layout import page_elements
 from fieldprint.quant import code_bytes, quantize
 from fieldprint.quant_kernels import launch_quantize
 
@@ -33,6 +37,7 @@ __all__ = [
     "LeafRefs",
     "check_pages",
     "gather_pages",
+    "half_layouts",
     "leaf_headers",
     "leaf_refs",
     "live_blocks",
@@ -140,10 +145,20 @@ def leaf_refs(pages: list[PageRef], num_layers: int) -> LeafRefs:
     return LeafRefs(pages, num_layers)
 
 
-def leaf_headers(spec: LeafSpec, pages: list[PageRef], num_layers: int) -> torch.Tensor:
-    """[P * num_layers * 2, 64] uint8 host headers of the leaves of ``pages``, in leaf order."""
-    refs = leaf_refs(pages, num_layers)
-    return header_rows(spec, [page_id(r.page) for r in refs], [r.layer for r in refs], [r.kind for r in refs])
+def half_layouts(cache: PagedKVCache) -> dict[str, str]:
+    """The page layout (`fieldprint.page_layout`) of each half's pool, in leaf order: K "nhd"
+    (the cache stores K no other way), V the cache's ``v_layout``."""
+    return {"k": "nhd", "v": cache.v_layout}
+
+
+def leaf_headers(cache: PagedKVCache, spec: LeafSpec, pages: list[PageRef]) -> torch.Tensor:
+    """[P * L * 2, 64] uint8 host headers of the leaves of ``pages`` of ``cache`` (L layers), in
+    leaf order: ``spec`` with the page layout of each half's pool (`half_layouts`)."""
+    ids = [page_id(p) for p in pages for _ in range(cache.num_layers)]
+    layers = list(range(cache.num_layers)) * len(pages)
+    layouts = half_layouts(cache)
+    halves = [header_rows(replace(spec, page_layout=layouts[kind]), ids, layers, [kind] * len(ids)) for kind in KV]
+    return torch.stack(halves, dim=1).reshape(-1, HEADER_BYTES)  # [P * L, 2, 64]: K before V
 
 
 def quantize_pages(x: torch.Tensor, fmt: str, rounding: str, backend: str = "auto"):
@@ -183,13 +198,17 @@ def quantize_pages(x: torch.Tensor, fmt: str, rounding: str, backend: str = "aut
 
 def gather_pages(cache: PagedKVCache, blocks: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """A copy of the pool pages ``blocks [P]`` (int64, ``tokens [P]`` valid tokens each, the
-    slots after them zeroed) as ``[P * L * 2, S * Hkv * D]``, one row per leaf in leaf order."""
+    slots after them zeroed) as ``[P * L * 2, S * Hkv * D]``, one row per leaf in leaf order,
+    each row the page's elements in the storage order of its pool's layout (`half_layouts`)."""
     c = cache
     P, L = blocks.shape[0], c.num_layers
-    # [L, P, S, Hkv, D] twice -> [P, L, 2, S, Hkv, D], the order of the leaves
-    x = torch.stack([c.k[:, blocks], c.v[:, blocks]], dim=2).transpose(0, 1)
     valid = torch.arange(c.block_size, device=blocks.device)[None, :] < tokens[:, None]  # [P, S]
-    return x.masked_fill(~valid[:, None, None, :, None, None], 0).reshape(P * L * 2, -1)
+    layouts, halves = half_layouts(c), []
+    for pool, kind in zip((c.k, c.v), KV, strict=True):
+        x = pool[:, blocks].masked_fill(~valid[None, :, :, None, None], 0)  # [L, P, S, Hkv, D]
+        halves.append(page_elements(x.flatten(0, 1), layouts[kind]).reshape(L, P, -1))
+    # [L, P, 2, E] -> [P, L, 2, E], the order of the leaves
+    return torch.stack(halves, dim=2).transpose(0, 1).reshape(P * L * 2, -1)
 
 
 def live_blocks(cache: PagedKVCache, pages: list[PageRef]) -> list[int | None]:
@@ -214,7 +233,8 @@ def page_leaf_rows(cache: PagedKVCache, spec: LeafSpec, header: torch.Tensor, bl
     """Leaf rows ``[P * L * 2, spec.length]`` uint8 of the pool pages ``blocks [P]`` (int64, with
     ``tokens [P]`` valid tokens each), read from the live cache, in leaf order, and ``finite
     [P * L * 2]`` bool (see `quantize_pages`); header: their `leaf_headers`. All on the cache's
-    device. Byte for byte `fieldprint.merkle.page_leaf_bytes` of each half-page on its own."""
+    device. Byte for byte `fieldprint.merkle.page_leaf_bytes` of each half-page on its own, in
+    its pool's page layout (`half_layouts`)."""
     x = gather_pages(cache, blocks, tokens)
     codes, helper, scale, finite = quantize_pages(x, spec.fmt, spec.rounding, backend)
     return leaf_bytes(spec, header, codes, scale, helper), finite

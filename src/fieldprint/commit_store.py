@@ -163,7 +163,7 @@ class LeafStore:
             helper = stored[:, at["helper"][0]:at["helper"][0] + spec.helper_bytes].contiguous()
         qt = quantize(x, spec.fmt, spec.rounding, scale=torch.where(scale_ok, scale, 1.0) if f.scaled else None,
                       helper=None if helper is None else helper.reshape(-1))
-        header = leaf_headers(spec, pages, L).to(x.device)
+        header = leaf_headers(cache, spec, pages).to(x.device)
         rows = leaf_bytes(spec, header, code_bytes(qt.codes), torch.where(scale_ok, scale, 1.0), helper)
         fresh = blake3_many(rows, key=LEAF_KEY, backend=self.hash_backend)
         return self._result(root, n, tree, fresh, torch.nonzero(bad.cpu()).flatten().tolist())

@@ -3,7 +3,8 @@ page, and the scale of a page. The one owner of this layout: `fieldprint.merkle`
 `QTensor`), `fieldprint.commit` (leaves of cache pages) and the fused Triton kernel
 (`fieldprint.hashing.fused`, which takes its header words from here) all build leaves with it.
 
-    spec = LeafSpec(fmt="e4m3", rounding="two_grid", elems=E)       # E elements per page
+    spec = LeafSpec(fmt="e4m3", rounding="two_grid", elems=E)       # E elements per page ("nhd")
+    v_spec = dataclasses.replace(spec, page_layout="hdn")           # codes of pages stored [Hkv, D, S]
     spec.fields()        # [("header", 64), ("codes", E), ("scale", 4), ("helper", E // 8), ("padding", ...)]
     header = header_rows(spec, page_ids, layers, kinds)              # [N, 64] uint8, host
     rows = leaf_bytes(spec, header, codes, scales, helper)           # [N, spec.length] uint8
@@ -27,15 +28,22 @@ Layout (all integers little-endian; the header is the struct `HEADER`, fields `H
     36     4     helper bytes (u32): E / 8 for two_grid, else 0
     40     8     rounding seed (u64), 0 when none
     48     1     1 if a seed is present, else 0
-    49     15    zero
-    64     E*w   codes in row-major order (`fieldprint.quant.code_bytes`: 16-bit codes as two
-                 little-endian bytes)
+    49     1     page layout: its id in fieldprint.page_layout.PAGE_LAYOUTS
+    50     14    zero
+    64     E*w   codes: the page's elements in the storage order its page layout names (nhd:
+                 row-major [block_size, Hkv, D]; hdn: [Hkv, D, block_size];
+                 `fieldprint.page_layout.page_elements`), as `fieldprint.quant.code_bytes` (16-bit
+                 codes as two little-endian bytes)
     ...    4*S   scales as IEEE-754 binary32, little-endian
-    ...    H     helper bits (bit i of byte j = element 8j + i of the page)
+    ...    H     helper bits (bit i of byte j = element 8j + i of the page, in the codes' order)
     ...          zero padding to a multiple of 64 bytes (whole BLAKE3 blocks)
 
 Every byte that decides the dequantized values is in the leaf, so a flipped bit anywhere in the
 page, its scale or its helper changes the leaf digest.
+
+The page layout byte came after version 1's first leaves: byte 49 was zero before it existed and
+the id of "nhd" (the order every leaf had) is 0, so those leaves are byte-identical with it and
+the version stays 1.
 
 Page scale: a page of fp8/int8 codes is quantized with one power-of-two scale, the rule of
 `fieldprint.formats.scale_exponent` applied to the page's largest magnitude (`page_scales`);
@@ -52,6 +60,7 @@ from dataclasses import dataclass
 import torch
 
 from fieldprint.formats import FORMAT_IDS, ROUNDING_IDS, get_format, scale_exponent
+from fieldprint.page_layout import PAGE_LAYOUTS, check_layout
 
 __all__ = [
     "HEADER",
@@ -78,7 +87,7 @@ HEADER_FIELDS = (
     ("magic", "4s"), ("version", "H"), ("header_bytes", "H"), ("page_id", "Q"), ("layer", "I"),
     ("kind", "B"), ("format", "B"), ("rounding", "B"), ("width", "B"), ("elems", "I"),
     ("code_bytes", "I"), ("scales", "I"), ("helper_bytes", "I"), ("seed", "Q"), ("has_seed", "B"),
-    ("zero", "15x"),
+    ("page_layout", "B"), ("zero", "14x"),
 )
 HEADER = struct.Struct("<" + "".join(code for _, code in HEADER_FIELDS))
 assert HEADER.size == HEADER_BYTES
@@ -104,13 +113,15 @@ def _check_int(name: str, value, upper: int) -> int:
 @dataclass(frozen=True)
 class LeafSpec:
     """What the leaves of one batch of pages share: format, rounding, elements per page, scales
-    per page, stochastic seed. Validated on construction."""
+    per page, stochastic seed, and the page layout (`fieldprint.page_layout`) whose storage order
+    their codes follow. Validated on construction."""
 
     fmt: str
     rounding: str
     elems: int
     scales: int = 1
     seed: int | None = None
+    page_layout: str = "nhd"
 
     def __post_init__(self) -> None:
         get_format(self.fmt)
@@ -126,6 +137,7 @@ class LeafSpec:
             raise ValueError(f"two_grid pages need a multiple of 8 elements per page, got {self.elems}")
         if self.seed is not None:
             _check_int("seed", self.seed, 2**64)
+        check_layout("page_layout", self.page_layout)
 
     @property
     def width(self) -> int:
@@ -156,14 +168,14 @@ class LeafSpec:
 
     def header(self, page_id: int, layer: int, kind: str) -> bytes:
         """The 64 header bytes of the leaf of page ``page_id`` (u64) in ``layer`` (u32), ``kind``
-        "k" or "v"."""
+        "k" or "v" (its page layout: the spec's)."""
         if kind not in KIND_IDS:
             raise ValueError(f"kind must be 'k' or 'v', got {kind!r}")
         return HEADER.pack(
             MAGIC, LAYOUT_VERSION, HEADER_BYTES, _check_int("page_id", page_id, 2**64),
             _check_int("layer", layer, 2**32), KIND_IDS[kind], FORMAT_IDS[self.fmt], ROUNDING_IDS[self.rounding],
             self.width, self.elems, self.elems * self.width, self.scales, self.helper_bytes,
-            0 if self.seed is None else self.seed, self.seed is not None)
+            0 if self.seed is None else self.seed, self.seed is not None, PAGE_LAYOUTS[self.page_layout])
 
 
 def check_page_ids(page_ids, n: int) -> list[int]:

@@ -18,7 +18,8 @@ Domain separation (BLAKE3 keyed mode, O'Connor et al. 2020):
 A leaf can therefore never be read as a node, nor a node as a leaf.
 
 Page leaves: the bytes of a leaf (layout version 1: header, codes, scales, helper bits, padding)
-are defined by `fieldprint.leaf`; `page_leaf_bytes` builds them for a `QTensor` of pages.
+are defined by `fieldprint.leaf`; `page_leaf_bytes` builds them for a `QTensor` of pages (codes in
+the storage order of the page layout it names).
 """
 
 from __future__ import annotations
@@ -209,13 +210,15 @@ def verify_proof(root, leaf_digest, i: int, n: int, proof) -> bool:
     return sn == 0 and r == root_b
 
 
-def page_leaf_bytes(qt: QTensor, *, page_ids, layer: int, kind: str) -> torch.Tensor:
+def page_leaf_bytes(qt: QTensor, *, page_ids, layer: int, kind: str, page_layout: str = "nhd") -> torch.Tensor:
     """Leaf bytes of P quantized KV pages (layout of `fieldprint.leaf`).
 
     qt: a fieldprint.quant.QTensor whose codes are [P, ...] (one page per leading index,
     e.g. [P, block_size, Hkv, D]), quantized in one call so its helper bits run page after page;
     its scale is per tensor or per row of the pages. page_ids: [P] ints (integer tensor or
-    sequence of ints); layer: int in [0, 2**32); kind: "k" or "v".
+    sequence of ints); layer: int in [0, 2**32); kind: "k" or "v"; page_layout: the pages'
+    layout (`fieldprint.page_layout`), which the header names: each page's codes must already
+    run in its storage order (for "hdn", quantize ``page_layout.page_elements(pages, "hdn")``).
     Returns [P, L] uint8 on the codes' device, L a multiple of 64.
     """
     if not isinstance(qt, QTensor):
@@ -231,7 +234,7 @@ def page_leaf_bytes(qt: QTensor, *, page_ids, layer: int, kind: str) -> torch.Te
         scales = scale.reshape(n_pages, -1)
     else:
         raise ValueError(f"qt.scale must be per tensor or per row of the pages, got {tuple(scale.shape)}")
-    spec = LeafSpec(qt.fmt, qt.rounding, elems=e, scales=scales.shape[1], seed=qt.seed)
+    spec = LeafSpec(qt.fmt, qt.rounding, elems=e, scales=scales.shape[1], seed=qt.seed, page_layout=page_layout)
     ids = check_page_ids(page_ids, n_pages)
     header = header_rows(spec, ids, [layer] * n_pages, [kind] * n_pages)
     helper = None if qt.helper is None else qt.helper.reshape(n_pages, spec.helper_bytes)
@@ -239,9 +242,10 @@ def page_leaf_bytes(qt: QTensor, *, page_ids, layer: int, kind: str) -> torch.Te
     return leaf_bytes(spec, header.to(dev), code_bytes(codes.reshape(n_pages, e)), scales.to(dev), helper)
 
 
-def hash_pages(qt, *, page_ids, layer: int, kind: str, backend: str = "auto") -> torch.Tensor:
+def hash_pages(qt, *, page_ids, layer: int, kind: str, page_layout: str = "nhd",
+               backend: str = "auto") -> torch.Tensor:
     """Leaf digests [P, 32] uint8 of P quantized pages: BLAKE3(page_leaf_bytes(...), LEAF_KEY),
     all pages in one `blake3_many` launch (Triton on CUDA). Arguments as in `page_leaf_bytes`."""
-    return blake3_many(page_leaf_bytes(qt, page_ids=page_ids, layer=layer, kind=kind),
+    return blake3_many(page_leaf_bytes(qt, page_ids=page_ids, layer=layer, kind=kind, page_layout=page_layout),
                        key=LEAF_KEY, backend=backend)
 

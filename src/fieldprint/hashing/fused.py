@@ -3,7 +3,7 @@
     # the committer's form: pages read straight from the cache's pools, fixed shapes, no allocation
     plan = LeafPlan(spec, layers=L, kinds=2, max_pages=P)
     bufs = plan.buffers(device, capacity=N)
-    launch_leaves(plan, bufs, k_pool, v_pool, desc, n_pages, base)
+    launch_leaves(plan, bufs, k_pool, v_pool, desc, n_pages, base)  # pools: storage [L, NB, E]
 
     # one call per batch of pages (E3, tests): pages [P, ...] -> codes, scales, helper, digests
     codes, scales, helper, digests = quantize_hash_pages(pages, "e4m3", "two_grid", page_ids=ids, layer=3, kind="k")
@@ -14,6 +14,12 @@ padding). Bit for bit the same as quantizing each leaf's page on its own (`field
 scale rule of `fieldprint.formats`, the slots past the page's valid tokens zeroed) and hashing
 its leaf bytes with BLAKE3 keyed by ``merkle.LEAF_KEY``. Formats: the 1-byte codes (e4m3, e5m2,
 int8); bf16/fp16 codes are not fused.
+
+The kernel reads each pool as its storage ``[L, NB, E]``: a page is E contiguous elements, and
+its codes run in that order. K pages are ``"nhd"`` (`fieldprint.page_layout`: a token's
+elements contiguous, the valid ones the first ``tokens * Hkv * D``); a V pool may be ``"hdn"``
+(`LeafPlan.v_layout`: ``[Hkv, D, block_size]``, element e is of token ``e % block_size``), which
+the V leaves' headers name and the kernel's valid-token mask follows.
 
 `_leaf_kernel`: a program of 128 lanes (4 warps) builds G consecutive leaves (`program_split`:
 as many as have their full 1 KiB chunks fill the 128 lanes once; 8 for 16K-element e4m3 rne
@@ -43,7 +49,7 @@ pages, the store row of the first leaf), so a CUDA graph can replay it for every
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -54,6 +60,7 @@ from fieldprint.hashing import _kernels as K
 from fieldprint.hashing import _key_args, _key_bytes
 from fieldprint.leaf import KIND_IDS, LeafSpec, check_page_ids, header_offset
 from fieldprint.merkle import LEAF_KEY
+from fieldprint.page_layout import check_layout
 from fieldprint.quant import check_seed, seed_keys
 from fieldprint.quant_kernels import counter_bits, hardware_fp8, quant_code, quant_code_fast, to_float32
 
@@ -105,11 +112,16 @@ def _codes(x, elem, k, key0, key1, MBITS: tl.constexpr, EMIN: tl.constexpr, CMAX
 
 
 @triton.jit
-def _page_tile(src, n_valid, ok, t0, E, TILE: tl.constexpr):
+def _page_tile(src, tokens, hdn, ok, t0, E, TOK_ELEMS, TILE: tl.constexpr, V_HDN: tl.constexpr, TPP: tl.constexpr):
     """Elements [t0, t0 + TILE) of each of the PG pages at ``src`` ([PG] pointers) as [PG, TILE]
-    float32, zeros past a page's ``n_valid`` ([PG] int32) valid elements and past E."""
+    float32, zeros past E and in the slots past a page's ``tokens`` ([PG] int32) valid tokens of
+    its TPP: an "nhd" page's elements from ``tokens * TOK_ELEMS`` on; with ``V_HDN``, an "hdn"
+    page's (``hdn`` [PG] bool; token-minor) those whose ``element % TPP >= tokens``."""
     elem = t0 + tl.arange(0, TILE)[None, :]
-    mask = ok[:, None] & (elem < n_valid[:, None]) & (elem < E)
+    valid = elem < (tokens * TOK_ELEMS)[:, None]
+    if V_HDN:
+        valid = tl.where(hdn[:, None], elem % TPP < tokens[:, None], valid)
+    mask = ok[:, None] & valid & (elem < E)
     return to_float32(tl.load(src[:, None] + elem, mask=mask, other=0.0))
 
 
@@ -163,7 +175,7 @@ def _load4_cg(ptr, ok):
 @triton.jit(do_not_specialize=_SCALAR_ARGS)
 def _leaf_kernel(
     k_ptr,  # [L, NB, E] K pool (fp16/bf16/fp32)
-    v_ptr,  # [L, NB, E] V pool, same shape and dtype (KINDS == 1: unused, pass k_ptr)
+    v_ptr,  # [L, NB, E] V pool storage, same dtype, "hdn" pages if V_HDN (KINDS == 1: unused, pass k_ptr)
     desc_ptr,  # [max_pages, 3] int64: pool page, valid tokens, page id
     n_pages_ptr,  # [1] int32: pages described (leaves = pages * L * KINDS)
     base_ptr,  # [1] int32/int64: store row of this launch's first leaf
@@ -178,15 +190,18 @@ def _leaf_kernel(
     KINDS: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, CMAX: tl.constexpr,
     SIGN_SHIFT: tl.constexpr, TWOS: tl.constexpr, ROUNDING: tl.constexpr, HW: tl.constexpr,
     SIG: tl.constexpr, EXP: tl.constexpr, SCALED: tl.constexpr, PAGE_ID_WORD: tl.constexpr,
+    V_HDN: tl.constexpr, TPP: tl.constexpr,  # TPP a constant: a power-of-two page size makes V_HDN's `%` a mask
     G: tl.constexpr, PG: tl.constexpr, TILE: tl.constexpr, ONE_TILE: tl.constexpr, LANES: tl.constexpr,
 ):
     """Leaves of the described pages, in leaf order (page, then layer, then K before V): leaf
     rows, digests and finite flags; program p builds leaves [p G, p G + G). Leaf j reads page
-    ``desc[j // (L * KINDS)]`` of the pool of its kind in its layer; elements past ``tokens *
-    TOK_ELEMS`` count as zeros. A leaf row is ROW_WORDS words (ROW_WORDS / 16 64-byte blocks, C
-    chunks): words [0, 16) the header, bytes [64, 64 + E) the codes, word code_end the scale,
-    bytes [4 code_end + 4, pad_at) the helper bits, zeros after. Leaves past the page count or
-    whose row base + j is at or past ``capacity`` are skipped (no row, digest or flag)."""
+    ``desc[j // (L * KINDS)]`` of the pool of its kind in its layer, a page of TPP token slots of
+    TOK_ELEMS elements; the elements of the slots past ``tokens`` count as zeros (in the order of
+    an "hdn" page for the V leaves when V_HDN, `_page_tile`). A leaf row is ROW_WORDS words
+    (ROW_WORDS / 16 64-byte blocks, C chunks): words [0, 16) the header, bytes [64, 64 + E) the
+    codes, word code_end the scale, bytes [4 code_end + 4, pad_at) the helper bits, zeros after.
+    Leaves past the page count or whose row base + j is at or past ``capacity`` are skipped (no
+    row, digest or flag)."""
     n_leaves = tl.load(n_pages_ptr) * (L * KINDS)
     base = tl.load(base_ptr)
     first = tl.program_id(0) * G
@@ -209,18 +224,19 @@ def _leaf_kernel(
                 layer = lk // KINDS
                 d = desc_ptr + page * 3
                 block = tl.load(d, mask=ok, other=0)
-                n_valid = tl.load(d + 1, mask=ok, other=0).to(tl.int32) * TOK_ELEMS
+                tokens = tl.load(d + 1, mask=ok, other=0).to(tl.int32)
                 pid64 = tl.load(d + 2, mask=ok, other=0)
                 src_off = (layer.to(tl.int64) * NB + block) * E
+                is_v = lk - layer * KINDS == 1  # kind 1 is V (only with KINDS == 2)
                 if KINDS == 1:
                     src = k_ptr + src_off
                 else:
-                    src = tl.where(lk - layer * KINDS == 0, k_ptr + src_off, v_ptr + src_off)
+                    src = tl.where(is_v, v_ptr + src_off, k_ptr + src_off)
                 row = (base + leaf).to(tl.int64)
                 row_w = rows_ptr + row * ROW_WORDS
                 row_b = row_bytes_ptr + row * row_bytes
                 if ONE_TILE:
-                    x = _page_tile(src, n_valid, ok, 0, E, TILE)
+                    x = _page_tile(src, tokens, is_v, ok, 0, E, TOK_ELEMS, TILE, V_HDN, TPP)
                     amax = tl.max(_magnitude_bits(x), axis=1)
                     k = scale_exponent_bits(amax, SIG, EXP, SCALED)
                     _write_codes(x, 0, k, row_b, ok, E, helper_at, key0, key1,
@@ -229,13 +245,14 @@ def _leaf_kernel(
                     am = tl.zeros([PG, TILE], tl.int32)
                     ti = 0
                     while ti * TILE < E:
-                        am = tl.maximum(am, _magnitude_bits(_page_tile(src, n_valid, ok, ti * TILE, E, TILE)))
+                        x = _page_tile(src, tokens, is_v, ok, ti * TILE, E, TOK_ELEMS, TILE, V_HDN, TPP)
+                        am = tl.maximum(am, _magnitude_bits(x))
                         ti += 1
                     amax = tl.max(am, axis=1)
                     k = scale_exponent_bits(amax, SIG, EXP, SCALED)
                     ti = 0
                     while ti * TILE < E:
-                        x = _page_tile(src, n_valid, ok, ti * TILE, E, TILE)
+                        x = _page_tile(src, tokens, is_v, ok, ti * TILE, E, TOK_ELEMS, TILE, V_HDN, TPP)
                         _write_codes(x, ti * TILE, k, row_b, ok, E, helper_at, key0, key1,
                                      MBITS, EMIN, CMAX, SIGN_SHIFT, TWOS, ROUNDING, HW, TILE)
                         ti += 1
@@ -407,7 +424,10 @@ def header_words(spec: LeafSpec, layers: list[int], kinds: list[str]) -> torch.T
 class LeafPlan:
     """The fixed shapes of one fused launch: leaves of ``spec`` for up to ``max_pages`` pages,
     each page giving ``layers * kinds`` leaves (kinds 2: K then V; 1: K only), with the header
-    layer of leaf ``(layer, kind)`` being ``layer_ids[layer]`` (default: the layer index)."""
+    layer of leaf ``(layer, kind)`` being ``layer_ids[layer]`` (default: the layer index).
+    ``spec`` is in the "nhd" page layout, the kernel's order of K pages (and of a K-only plan's);
+    ``v_layout`` is the V pool's (kinds 2), which the V leaves' headers name and their
+    valid-token mask follows (`fieldprint.page_layout`)."""
 
     spec: LeafSpec
     layers: int
@@ -417,8 +437,16 @@ class LeafPlan:
     key: bytes | None = LEAF_KEY
     layer_ids: tuple[int, ...] | None = None
     kind_ids: tuple[str, ...] = ("k", "v")
+    v_layout: str = "nhd"
 
     def __post_init__(self) -> None:
+        if self.spec.page_layout != "nhd":
+            raise ValueError(f"spec.page_layout must be 'nhd' (the kernel reads K pages in that order; a V pool's "
+                             f"layout is v_layout), got {self.spec.page_layout!r}")
+        check_layout("v_layout", self.v_layout)
+        if self.kinds == 1 and self.v_layout != "nhd":
+            raise ValueError(f"v_layout applies to a plan of K and V leaves (kinds=2), got {self.v_layout!r} "
+                             "for a K-only plan")
         if self.spec.fmt not in FUSED_FORMATS:
             raise ValueError(f"fmt must be one of {list(FUSED_FORMATS)} for the fused path, got {self.spec.fmt!r} "
                              "(bf16/fp16 codes: use fieldprint.quant.quantize + merkle.hash_pages)")
@@ -453,10 +481,12 @@ class LeafPlan:
         return -(-self.spec.length // K.CHUNK_LEN)
 
     def headers(self) -> torch.Tensor:
-        """[layers * kinds, 16] int32 header words (host), row ``layer * kinds + kind``."""
-        ids = self.layer_ids or tuple(range(self.layers))
-        return header_words(self.spec, [ids[i] for i in range(self.layers) for _ in range(self.kinds)],
-                            [self.kind_ids[k] for _ in range(self.layers) for k in range(self.kinds)])
+        """[layers * kinds, 16] int32 header words (host), row ``layer * kinds + kind``; the V
+        rows in ``v_layout``."""
+        ids = list(self.layer_ids or range(self.layers))
+        specs = (self.spec, replace(self.spec, page_layout=self.v_layout))
+        rows = [header_words(specs[k], ids, [self.kind_ids[k]] * self.layers) for k in range(self.kinds)]
+        return torch.stack(rows, dim=1).reshape(-1, 16)  # [layers, kinds, 16]
 
     def buffers(self, device: torch.device | str, capacity: int) -> LeafBuffers:
         """The launch's device buffers, for a store of ``capacity`` leaf rows."""
@@ -482,6 +512,8 @@ class LeafBuffers:
 
 
 def _check_pool(name: str, pool: torch.Tensor, plan: LeafPlan) -> None:
+    """``pool``: the storage of a pool, [layers, num_blocks, ...] contiguous with ``spec.elems``
+    elements per page (of any shape: an "hdn" V pool's is [layers, num_blocks, Hkv, D, S])."""
     if not isinstance(pool, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(pool).__name__}")
     if pool.dtype not in POOL_DTYPES:
@@ -490,7 +522,9 @@ def _check_pool(name: str, pool: torch.Tensor, plan: LeafPlan) -> None:
         raise ValueError(f"{name} must be [layers={plan.layers}, num_blocks, ...] with {plan.spec.elems} elements "
                          f"per page, got shape {tuple(pool.shape)}")
     if not pool.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
+        raise ValueError(f"{name} must be contiguous: the pool's storage, each page's elements in the order of its "
+                         "page layout (an 'hdn' pool's logical view [L, N, S, Hkv, D] is not: pass its storage "
+                         "[L, N, Hkv, D, S])")
     if pool.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"{name} must be on a CUDA device, or TRITON_INTERPRET=1 must be set before triton is "
                          "imported to run the kernels on the CPU; use quantize + merkle.hash_pages otherwise")
@@ -501,8 +535,10 @@ def launch_leaves(plan: LeafPlan, bufs: LeafBuffers, k_pool: torch.Tensor, v_poo
     """One launch of `_leaf_kernel`: no allocation, no host sync (capturable in a CUDA graph).
 
     Arguments:
-        k_pool: [layers, num_blocks, ...] fp16/bf16/fp32, ``spec.elems`` elements per page.
-        v_pool: the same shape and dtype (kinds 2), or None (kinds 1).
+        k_pool: [layers, num_blocks, ...] fp16/bf16/fp32, contiguous, ``spec.elems`` elements per
+            page ("nhd" pages: row-major [S, Hkv, D], their valid tokens' elements first).
+        v_pool: the same, with the same dtype, layers and num_blocks, its pages in ``plan.v_layout``
+            (kinds 2: an "hdn" pool's storage [layers, num_blocks, Hkv, D, S]), or None (kinds 1).
         desc: [max_pages, 3] int64: pool page, valid tokens, page id of each described page.
         n_pages: [1] int32: pages described (only those leaves are built).
         base: [1] int32 or int64: the store row of the first leaf (rows past ``capacity`` are not written).
@@ -512,8 +548,8 @@ def launch_leaves(plan: LeafPlan, bufs: LeafBuffers, k_pool: torch.Tensor, v_poo
     _check_pool("k_pool", k_pool, plan)
     if plan.kinds == 2:
         _check_pool("v_pool", v_pool, plan)
-        if v_pool.shape != k_pool.shape or v_pool.dtype != k_pool.dtype or v_pool.device != k_pool.device:
-            raise ValueError("v_pool must have k_pool's shape, dtype and device")
+        if v_pool.shape[:2] != k_pool.shape[:2] or v_pool.dtype != k_pool.dtype or v_pool.device != k_pool.device:
+            raise ValueError("v_pool must have k_pool's layers, num_blocks, dtype and device")
     elif v_pool is not None:
         raise ValueError("v_pool must be None for a K-only plan (kinds=1)")
     for name, t, dtypes, shape in (("desc", desc, (torch.int64,), (plan.max_pages, DESC_FIELDS)),
@@ -547,8 +583,8 @@ def launch_leaves(plan: LeafPlan, bufs: LeafBuffers, k_pool: torch.Tensor, v_poo
         k0=kw[0], k1=kw[1], k2=kw[2], k3=kw[3], k4=kw[4], k5=kw[5], k6=kw[6], k7=kw[7], key_flags=kf,
         KINDS=plan.kinds, **format_constants(spec.fmt), ROUNDING=ROUNDING_IDS[spec.rounding],
         HW=hardware_fp8(k_pool.device), SIG=sig, EXP=exp, SCALED=FORMATS[spec.fmt].scaled,
-        PAGE_ID_WORD=_PAGE_ID_WORD, G=g, PG=pg, TILE=tile, ONE_TILE=spec.elems <= tile, LANES=_LANES,
-        num_warps=_LANES // 32)
+        PAGE_ID_WORD=_PAGE_ID_WORD, V_HDN=plan.v_layout == "hdn", TPP=plan.tokens_per_page, G=g, PG=pg, TILE=tile,
+        ONE_TILE=spec.elems <= tile, LANES=_LANES, num_warps=_LANES // 32)
 
 
 def quantize_hash_pages(pages: torch.Tensor, fmt: str = "e4m3", rounding: str = "rne", *,
