@@ -172,6 +172,7 @@ def test_e1_hdn_layout_macros_and_claims():
     assert (m["e1.hdn_fp8_b64l4k"], m["e1.hdn_fp8_b16l32k"], m["e1.hdn_bf16_b64l4k"]) == ("1.10", "0.92", "0.80")
     assert m["e1.hdn_fp8_range"] == "0.92--1.38" and m["e1.hdn_bf16_range"] == "0.80"
     assert m["e1.hdn_fp8_b1l128k"] == "n/a"
+    assert (m["e1.hdn_fp8_faster_at"], m["e1.hdn_bf16_faster_at"]) == ("2 of 3", "0 of 3")
     got = {c.id: c for c in r1.claims(rows, GPU)}
     assert not got["e1.hdn_fp8_faster"].supported  # 0.92x at B=16
     assert got["e1.kernel_target.fp8"].evidence == "2.00, 1.82, 2.50"  # the faster layout at each shape

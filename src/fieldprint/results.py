@@ -397,6 +397,18 @@ def _expect_e1(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
         for impl in cfg["impls"]]
 
 
+def e2_sweep_variant(sweep: Sequence[Any], block_size: int, group: int) -> tuple[str, str, int, int, dict[str, int]]:
+    """One E2 sweep entry ``[mode, knob, value(, kv dtype)]`` at head_dim 128: one knob changed.
+
+    Returns (mode, kv dtype, block size, group, launch knobs changed); the kv dtype is bf16 unless
+    the entry names one, and a knob other than block_size/group is the one launch knob changed.
+    """
+    mode, knob, value, *kv = sweep
+    return (mode, kv[0] if kv else "bf16", int(value) if knob == "block_size" else block_size,
+            int(value) if knob == "group" else group,
+            {} if knob in ("block_size", "group") else {knob: int(value)})
+
+
 def _expect_e2(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The attention variants of the paper's table, the flatness pairs, the HBM sweep."""
     cfg = manifest["config"]
@@ -404,11 +416,10 @@ def _expect_e2(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
     out = [{**variant, "mode": m, "head_dim": d, "kv_dtype": kv, "block_size": cfg["block_size"],
             "group": cfg["group"], "varied": None}
            for m, d, kv in product(cfg["modes"], cfg["head_dims"], cfg["kv_dtypes"])]
-    for mode, knob, value in cfg["sweeps"]:  # at head_dim 128, bf16: one knob changed
-        out.append({**variant, "mode": mode, "head_dim": 128, "kv_dtype": "bf16",
-                    "block_size": int(value) if knob == "block_size" else cfg["block_size"],
-                    "group": int(value) if knob == "group" else cfg["group"],
-                    "varied": None if knob in ("block_size", "group") else f"{knob}={int(value)}"})
+    for sweep in cfg["sweeps"]:
+        mode, kv, bs, group, over = e2_sweep_variant(sweep, cfg["block_size"], cfg["group"])
+        out.append({**variant, "mode": mode, "head_dim": 128, "kv_dtype": kv, "block_size": bs,
+                    "group": group, "varied": ",".join(f"{k}={v}" for k, v in over.items()) or None})
     out += [{"kind": "flat", "anchors": a, "context": c} for a, c in cfg["flat_pairs"]]
     out += [{"kind": "hbm", "form": f, "mode": m, "context": c}
             for f, c, m in product(("naive", "two_softmax"), cfg["hbm_contexts"], ("prefill", "decode"))]

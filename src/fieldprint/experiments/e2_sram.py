@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fieldprint.experiments.common import ExperimentConfig, check, hydra_main
+from fieldprint.results import e2_sweep_variant
 
 H200_HBM_BYTES = 141e9
 KV_DTYPES = {"bf16": "bfloat16", "fp8": "float8_e4m3fn"}
@@ -92,11 +93,9 @@ def _variants(cfg: E2Config):
         for D in cfg.head_dims:
             for kv in cfg.kv_dtypes:
                 yield mode, D, kv, cfg.block_size, cfg.group, {}
-    for mode, knob, value, *kv in cfg.sweeps:
-        bs = int(value) if knob == "block_size" else cfg.block_size
-        group = int(value) if knob == "group" else cfg.group
-        over = {} if knob in ("block_size", "group") else {knob: int(value)}
-        yield mode, 128, kv[0] if kv else "bf16", bs, group, over
+    for sweep in cfg.sweeps:
+        mode, kv, bs, group, over = e2_sweep_variant(sweep, cfg.block_size, cfg.group)
+        yield mode, 128, kv, bs, group, over
 
 
 def _compile_rows(cfg: E2Config) -> list[dict]:

@@ -1,7 +1,8 @@
 """E1 numbers for the paper and the kernel targets (claims) judged from the rows.
 
 The opt-in "hdn" V page layout (``fused_hdn``): ``e1.hdn_<kv>_<shape>`` (time(default layout) /
-time(hdn), decode, 64 anchors) and ``e1.hdn_<kv>_range`` over the batched shapes; issue 12's fp8
+time(hdn), decode, 64 anchors), ``e1.hdn_<kv>_range`` over the batched shapes and
+``e1.hdn_<kv>_faster_at`` ("2 of 3": batched shapes where hdn is faster); issue 12's fp8
 target is judged on the faster layout at each shape.
 
 Context-dominated decode (mode ``decode``): per shape of :data:`KEY_SHAPE`, ``e1.<name>_<shape>``.
@@ -232,8 +233,9 @@ def macros(rows, manifest) -> dict[str, str]:
         for kv in ("bf16", "fp8"):
             m[f"e1.hdn_{kv}_{key}"] = _fmt(hdn_speed(rows, B, L, kv))
     for kv in ("bf16", "fp8"):
-        m[f"e1.hdn_{kv}_range"] = _span([x for x in (hdn_speed(rows, B, L, kv) for B, L in _batched())
-                                         if x is not None])
+        found = [x for x in (hdn_speed(rows, B, L, kv) for B, L in _batched()) if x is not None]
+        m[f"e1.hdn_{kv}_range"] = _span(found)
+        m[f"e1.hdn_{kv}_faster_at"] = f"{sum(x > 1.0 for x in found)} of {len(found)}"
     for L in (8192, 32768):
         key = f"{L // 1024}k"
         fused = _row(rows, "fused", mode="prefill", context=L)
