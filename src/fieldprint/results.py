@@ -409,6 +409,11 @@ def e2_sweep_variant(sweep: Sequence[Any], block_size: int, group: int) -> tuple
             {} if knob in ("block_size", "group") else {knob: int(value)})
 
 
+def e2_varied(over: Mapping[str, int]) -> str | None:
+    """An E2 row's ``varied`` cell: the launch knobs changed (``"anchor_groups=1"``), None if none."""
+    return ",".join(f"{k}={v}" for k, v in over.items()) or None
+
+
 def _expect_e2(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The attention variants of the paper's table, the flatness pairs, the HBM sweep."""
     cfg = manifest["config"]
@@ -419,7 +424,7 @@ def _expect_e2(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
     for sweep in cfg["sweeps"]:
         mode, kv, bs, group, over = e2_sweep_variant(sweep, cfg["block_size"], cfg["group"])
         out.append({**variant, "mode": mode, "head_dim": 128, "kv_dtype": kv, "block_size": bs,
-                    "group": group, "varied": ",".join(f"{k}={v}" for k, v in over.items()) or None})
+                    "group": group, "varied": e2_varied(over)})
     out += [{"kind": "flat", "anchors": a, "context": c} for a, c in cfg["flat_pairs"]]
     out += [{"kind": "hbm", "form": f, "mode": m, "context": c}
             for f, c, m in product(("naive", "two_softmax"), cfg["hbm_contexts"], ("prefill", "decode"))]

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fieldprint.experiments.common import ExperimentConfig, check, hydra_main
-from fieldprint.results import e2_sweep_variant
+from fieldprint.results import e2_sweep_variant, e2_varied
 
 H200_HBM_BYTES = 141e9
 KV_DTYPES = {"bf16": "bfloat16", "fp8": "float8_e4m3fn"}
@@ -119,7 +119,7 @@ def _compile_rows(cfg: E2Config) -> list[dict]:
             threads = 32 * res["num_warps"]
             row = {"kind": "variant", "mode": mode, "kernel": "attention" if attn else "combine",
                    "head_dim": D, "kv_dtype": kv, "block_size": bs, "group": group,
-                   "varied": ",".join(f"{k}={v}" for k, v in over.items()) or "",
+                   "varied": e2_varied(over) or "",
                    "tile_n": kc["tile_n"], "block_m": kc["block_m"], "num_warps": res["num_warps"],
                    "num_stages": spec.options["num_stages"],
                    **{k: res[k] for k in ("shared_bytes", "registers", "spill_stores", "spill_loads",

@@ -230,10 +230,11 @@ def macros(rows, manifest) -> dict[str, str]:
         m[f"e1.ratio_flex_{key}"] = _fmt(_ratio(fused, _row(rows, "flex", batch=B, context=L)), 1)
         fp8 = _row(rows, "fused", batch=B, context=L, kv="fp8")
         m[f"e1.fp8_speedup_{key}"] = _fmt(_ratio(fp8, fused))
-        for kv in ("bf16", "fp8"):
-            m[f"e1.hdn_{kv}_{key}"] = _fmt(hdn_speed(rows, B, L, kv))
+    hdn = {(B, L, kv): hdn_speed(rows, B, L, kv) for B, L in KEY_SHAPE for kv in ("bf16", "fp8")}
+    for (B, L, kv), speed in hdn.items():
+        m[f"e1.hdn_{kv}_{KEY_SHAPE[B, L]}"] = _fmt(speed)
     for kv in ("bf16", "fp8"):
-        found = [x for x in (hdn_speed(rows, B, L, kv) for B, L in _batched()) if x is not None]
+        found = [x for x in (hdn[B, L, kv] for B, L in _batched()) if x is not None]
         m[f"e1.hdn_{kv}_range"] = _span(found)
         m[f"e1.hdn_{kv}_faster_at"] = f"{sum(x > 1.0 for x in found)} of {len(found)}"
     for L in (8192, 32768):
